@@ -1,0 +1,1 @@
+"""Converters of public and custom datasets into the imcl_tf TFRecord schema."""
