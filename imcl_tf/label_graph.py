@@ -1,0 +1,328 @@
+"""Label graphs: builders (identity, co-occurrence, .npy), normalisation and the masked Keras layer.
+
+A graph is a NumPy float32 [L, L] matrix G in the code's row-vector convention (method spec 1 and
+3.4): a label-state row y is propagated as (y G)_j = sum_l y_l G_lj, so column j says how label j is
+predicted from its related labels. After `normalize_graph` every column sums to 1 and the
+propagated score of label j is a weighted average of the predictions of j and its related labels.
+`LabelGraph` holds the normalised matrix; only its initially non-zero entries are parameters.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterable
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from imcl_tf.data import DataError
+
+GRAPH_KINDS = ("identity", "cooccurrence")
+
+
+# ---- Builders ----------------------------------------------------------------------------------
+
+
+def build_label_graph(spec: str, num_classes: int, train_label_rows=None, top_k: int | None = None,
+                      normalize: bool = True) -> np.ndarray:
+    """The initial label graph named by a `--label_graph` value, float32 [L, L].
+
+    Args:
+      spec: "identity", "cooccurrence" (needs `train_label_rows`) or a path ending in ".npy".
+      num_classes: L.
+      train_label_rows: training-split label rows for "cooccurrence" (see `cooccurrence_graph`).
+      top_k: for "cooccurrence", how many related labels each column keeps.
+      normalize: apply `normalize_graph` (what `LabelGraph` expects); False gives the raw matrix.
+    """
+    if not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
+        raise ValueError(f"build_label_graph: num_classes must be a positive integer. "
+                         f"Received: num_classes={num_classes!r}.")
+    if spec == "identity":
+        graph = identity_graph(num_classes)
+    elif spec == "cooccurrence":
+        if train_label_rows is None:
+            raise ValueError("build_label_graph: spec='cooccurrence' needs the training label rows "
+                             "(train_label_rows); pass the TRAINING split only, never test labels.")
+        graph = cooccurrence_graph(train_label_rows, top_k=top_k)
+        if graph.shape[0] != num_classes:
+            raise ValueError(f"build_label_graph: the training label rows have {graph.shape[0]} "
+                             f"classes but num_classes={num_classes}.")
+    elif isinstance(spec, (str, os.PathLike)) and os.fspath(spec).endswith(".npy"):
+        graph = load_graph_npy(spec, num_classes)
+    else:
+        raise ValueError(f"build_label_graph: spec must be one of {GRAPH_KINDS} or a path ending "
+                         f"in '.npy'. Received: spec={spec!r}.")
+    return normalize_graph(graph) if normalize else graph
+
+
+def identity_graph(num_classes: int) -> np.ndarray:
+    """The identity graph (no propagation, the CUB setting), float32 [L, L]."""
+    return np.eye(num_classes, dtype=np.float32)
+
+
+def cooccurrence_graph(label_rows, top_k: int | None = None) -> np.ndarray:
+    """Co-occurrence graph from KNOWN POSITIVES, float32 [L, L] with entries in [0, 1].
+
+    G[l, j] = (number of images where l and j are both known positive) /
+              (number of images where j is known positive),
+    i.e. how often l is a known positive among the images where j is one; the diagonal is 1. Known
+    negatives and unknown entries are ignored, so pass the TRAINING split only. A label without
+    any known positive gets an identity column.
+
+    Args:
+      label_rows: [N, L] label rows in {+1, -1, 0}, or an iterable of such [n, L] chunks (to stream
+        a large training set).
+      top_k: keep only the top_k largest off-diagonal entries of each column (ties to the lower
+        label index); None keeps every co-occurring label.
+    """
+    if top_k is not None and (not isinstance(top_k, (int, np.integer)) or top_k < 0):
+        raise ValueError(f"cooccurrence_graph: top_k must be None or an integer >= 0. "
+                         f"Received: top_k={top_k!r}.")
+    chunks = [label_rows] if isinstance(label_rows, np.ndarray) or _is_2d_list(label_rows) \
+        else label_rows
+    counts = None  # [L, L] float64: counts[l, j] = #images with l and j both known positive
+    for index, chunk in enumerate(chunks):
+        chunk = np.asarray(chunk)
+        if chunk.ndim != 2:
+            raise ValueError(f"cooccurrence_graph: label rows must be [N, L]. Received: chunk "
+                             f"{index} with shape {chunk.shape}.")
+        if not np.all(np.isin(chunk, (-1, 0, 1))):
+            bad = np.unique(chunk[~np.isin(chunk, (-1, 0, 1))])[:5]
+            raise ValueError(f"cooccurrence_graph: label rows must contain only +1, -1 and 0. "
+                             f"Received other values in chunk {index}, e.g. {bad.tolist()}.")
+        if counts is None:
+            counts = np.zeros([chunk.shape[1]] * 2, np.float64)
+        elif chunk.shape[1] != counts.shape[0]:
+            raise ValueError(f"cooccurrence_graph: chunk {index} has {chunk.shape[1]} classes, "
+                             f"the first had {counts.shape[0]}.")
+        positives = (chunk > 0).astype(np.float32)  # [n, L]
+        counts += positives.T @ positives  # exact: float32 integers are exact up to 2^24 per chunk
+    if counts is None:
+        raise ValueError("cooccurrence_graph: no label rows were given.")
+    positives_per_label = np.diag(counts).copy()  # [L]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        graph = np.where(positives_per_label[None, :] > 0,
+                         counts / positives_per_label[None, :], 0.0)  # [L, L], column-wise
+    np.fill_diagonal(graph, 1.0)
+    if top_k is not None:
+        graph = _keep_top_k_per_column(graph, top_k)
+    return graph.astype(np.float32)
+
+
+def load_graph_npy(path, num_classes: int) -> np.ndarray:
+    """Loads an [L, L] nonnegative graph from a .npy file (code convention: column j feeds label j).
+
+    Raises:
+      FileNotFoundError: no such file.
+      DataError: not a readable .npy array, wrong shape, non-finite or negative values.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"load_graph_npy: label-graph file {path!r} does not exist; give "
+                                "--label_graph=identity, cooccurrence or an existing .npy path.")
+    try:
+        graph = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as error:
+        raise DataError(f"load_graph_npy: {path!r} is not a readable .npy array ({error}); save "
+                        "it with numpy.save(path, matrix) as a plain float array.") from error
+    if not isinstance(graph, np.ndarray) or graph.dtype.kind not in "biuf":
+        raise DataError(f"load_graph_npy: {path!r} must hold a numeric array. Received dtype "
+                        f"{getattr(graph, 'dtype', type(graph))}.")
+    if graph.shape != (num_classes, num_classes):
+        raise DataError(f"load_graph_npy: {path!r} has shape {graph.shape} but the dataset has "
+                        f"{num_classes} classes; expected ({num_classes}, {num_classes}).")
+    graph = graph.astype(np.float32)
+    if not np.all(np.isfinite(graph)):
+        bad = np.argwhere(~np.isfinite(graph))[:3].tolist()
+        raise DataError(f"load_graph_npy: {path!r} has non-finite values (NaN or inf), e.g. at "
+                        f"[row, column] {bad}.")
+    if np.any(graph < 0):
+        bad = np.argwhere(graph < 0)[:3].tolist()
+        raise DataError(f"load_graph_npy: {path!r} has negative values, e.g. at [row, column] "
+                        f"{bad}; label-graph weights must be >= 0.")
+    return graph
+
+
+def normalize_graph(graph) -> np.ndarray:
+    """Sets the diagonal to 1, then divides every column by its sum (spec 3.4), float32 [L, L].
+
+    Afterwards every column sums to 1 and G[j, j] = 1 / (sum of column j with its diagonal set to 1).
+    """
+    graph = np.array(graph, dtype=np.float64)  # a copy; float64 so the column sums are exact
+    if graph.ndim != 2 or graph.shape[0] != graph.shape[1]:
+        raise ValueError(f"normalize_graph: the graph must be a square [L, L] matrix. "
+                         f"Received: shape {graph.shape}.")
+    if not np.all(np.isfinite(graph)) or np.any(graph < 0):
+        raise ValueError("normalize_graph: graph entries must be finite and >= 0 so that column "
+                         "sums are positive.")
+    np.fill_diagonal(graph, 1.0)
+    return (graph / graph.sum(axis=0, keepdims=True)).astype(np.float32)
+
+
+# ---- The masked, learnable graph layer ---------------------------------------------------------
+
+
+@keras.saving.register_keras_serializable(package="imcl_tf")
+class LabelGraph(keras.layers.Layer):
+    """The label graph G as a Keras layer: `layer(states [..., L]) -> states @ G`.
+
+    Only the entries that are non-zero in the initial matrix are parameters: the forward pass uses
+    G * mask and a variable constraint re-applies the mask (and, with clip=True, the projection to
+    [0, 1]) after every optimizer step; Keras 3 optimizers call `variable.constraint` after each
+    update. The mask comes from the initial matrix, which is kept as a non-trainable weight, so the
+    zero pattern survives saving and reloading and entries clipped to 0 stay parameters.
+
+    Args:
+      initial_matrix: the normalised [L, L] matrix (`build_label_graph`); None creates an identity
+        placeholder of size num_classes whose values are then restored from saved weights.
+      num_classes: L, required when initial_matrix is None.
+      learnable: whether G is trainable.
+      clip: project G to [0, 1] after every optimizer step.
+      matrix_in_config: put the initial matrix into get_config() (small L only; otherwise the
+        weights carry it, as in any saved Keras model).
+
+    Example:
+      >>> layer = LabelGraph(normalize_graph([[1.0, 1.0], [0.0, 1.0]]), learnable=False)
+      >>> layer(np.array([[1.0, 0.0]], np.float32)).numpy().tolist()
+      [[1.0, 0.5]]
+    """
+
+    def __init__(self, initial_matrix=None, num_classes: int | None = None, learnable: bool = True,
+                 clip: bool = True, matrix_in_config: bool = False, **kwargs):
+        # The graph works on float32 label states even under a mixed-precision policy.
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+        initial = _initial_matrix(initial_matrix, num_classes)
+        self.num_classes = int(initial.shape[0])
+        self.learnable = bool(learnable)
+        self.clip = bool(clip)
+        self.matrix_in_config = bool(matrix_in_config)
+        self._initial_values = initial if matrix_in_config else None
+        self.initial_matrix = self.add_weight(
+            name="initial_matrix", shape=initial.shape, dtype="float32",
+            initializer=keras.initializers.Constant(initial), trainable=False)
+        self.graph_matrix = self.add_weight(
+            name="graph_matrix", shape=initial.shape, dtype="float32",
+            initializer=keras.initializers.Constant(initial), trainable=self.learnable,
+            constraint=_SupportConstraint(self, self.clip))
+        self.built = True
+
+    def call(self, states):
+        states = tf.cast(states, tf.float32)
+        return tf.tensordot(states, self.matrix, axes=1)  # [..., L] @ [L, L]
+
+    @property
+    def support_mask(self) -> tf.Tensor:
+        """float32 [L, L]: 1 where the initial matrix is non-zero (the trainable entries)."""
+        return tf.cast(tf.not_equal(self.initial_matrix, 0.0), tf.float32)
+
+    @property
+    def matrix(self) -> tf.Tensor:
+        """The effective graph G (masked by the initial support), float32 [L, L]."""
+        return self.graph_matrix * self.support_mask
+
+    def reset_to_initial(self) -> None:
+        """Restores G to its initial values (e.g. after a NaN loss, as the official OI run does)."""
+        self.graph_matrix.assign(self.initial_matrix)
+
+    def statistics(self) -> dict[str, float]:
+        """Scalars describing G for TensorBoard (eager only), over the support entries.
+
+        Keys: mean_diagonal, mean_offdiagonal_mass (per-column sum of off-diagonal weights,
+        averaged over columns), mean_abs_change and max_abs_change (|G - G0| over the support),
+        mean_abs_column_sum_error (|column sum - 1|), fraction_at_zero and fraction_at_one
+        (support entries at the clip bounds), min_value, max_value, num_parameters.
+        """
+        matrix = self.matrix.numpy().astype(np.float64)
+        initial = self.initial_matrix.numpy().astype(np.float64)
+        support = initial != 0
+        values = matrix[support]
+        diagonal = np.diag(matrix)
+        change = np.abs(matrix - initial)[support]
+        return {
+            "mean_diagonal": float(diagonal.mean()),
+            "mean_offdiagonal_mass": float((matrix.sum(axis=0) - diagonal).mean()),
+            "mean_abs_change": float(change.mean()) if change.size else 0.0,
+            "max_abs_change": float(change.max()) if change.size else 0.0,
+            "mean_abs_column_sum_error": float(np.abs(matrix.sum(axis=0) - 1.0).mean()),
+            "fraction_at_zero": float(np.mean(values <= 0.0)) if values.size else 0.0,
+            "fraction_at_one": float(np.mean(values >= 1.0)) if values.size else 0.0,
+            "min_value": float(values.min()) if values.size else 0.0,
+            "max_value": float(values.max()) if values.size else 0.0,
+            "num_parameters": float(values.size),
+        }
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({"num_classes": self.num_classes, "learnable": self.learnable,
+                       "clip": self.clip, "matrix_in_config": self.matrix_in_config})
+        if self.matrix_in_config:
+            config["initial_matrix"] = self._initial_values.tolist()
+        return config
+
+
+class _SupportConstraint(keras.constraints.Constraint):
+    """Re-applies the support mask (and the optional [0, 1] projection) to the graph variable."""
+
+    def __init__(self, layer: LabelGraph, clip: bool):
+        self._layer = layer
+        self._clip = clip
+
+    def __call__(self, weight):
+        weight = weight * self._layer.support_mask
+        if self._clip:
+            weight = tf.clip_by_value(weight, 0.0, 1.0)
+        return weight
+
+    def get_config(self):
+        # Rebuilt by LabelGraph itself from its own config; nothing to serialise here.
+        return {"clip": self._clip}
+
+
+# ---- Helpers -----------------------------------------------------------------------------------
+
+
+def _initial_matrix(initial_matrix, num_classes):
+    if initial_matrix is None:
+        if num_classes is None or int(num_classes) < 1:
+            raise ValueError("LabelGraph: give initial_matrix, or num_classes >= 1 to create a "
+                             f"placeholder restored from saved weights. Received: "
+                             f"num_classes={num_classes!r}.")
+        return identity_graph(int(num_classes))
+    initial = np.asarray(initial_matrix, dtype=np.float32)
+    if initial.ndim != 2 or initial.shape[0] != initial.shape[1]:
+        raise ValueError(f"LabelGraph: initial_matrix must be a square [L, L] matrix. "
+                         f"Received: shape {initial.shape}.")
+    if num_classes is not None and initial.shape[0] != int(num_classes):
+        raise ValueError(f"LabelGraph: initial_matrix is {initial.shape} but "
+                         f"num_classes={num_classes}.")
+    if not np.all(np.isfinite(initial)):
+        raise ValueError("LabelGraph: initial_matrix has non-finite values (NaN or inf).")
+    return initial
+
+
+def _keep_top_k_per_column(graph, top_k):
+    """Keeps the diagonal and the top_k largest positive off-diagonal entries of every column."""
+    num_labels = graph.shape[0]
+    off_diagonal = graph.copy()
+    np.fill_diagonal(off_diagonal, -np.inf)  # never selected; the diagonal is kept separately
+    # Stable sort of the negated column: equal values keep the lower row index first.
+    order = np.argsort(-off_diagonal, axis=0, kind="stable")[:top_k]  # [top_k, L] row indices
+    kept = np.zeros_like(graph)
+    columns = np.broadcast_to(np.arange(num_labels), order.shape)
+    kept[order, columns] = graph[order, columns]
+    np.fill_diagonal(kept, np.diag(graph))
+    return kept
+
+
+def _is_2d_list(value) -> bool:
+    """True for a nested Python list/tuple of rows (one chunk), False for an iterable of chunks."""
+    if not isinstance(value, (list, tuple)) or not value:
+        return False
+    first = value[0]
+    return isinstance(first, (list, tuple)) and (not first or not isinstance(
+        first[0], (list, tuple, np.ndarray)))

@@ -1,0 +1,297 @@
+"""Tests of imcl_tf.label_graph: builders, normalisation and the masked LabelGraph layer."""
+
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from imcl_tf.data import DataError
+from imcl_tf.label_graph import (LabelGraph, build_label_graph, cooccurrence_graph,
+                                 identity_graph, load_graph_npy, normalize_graph)
+
+
+def sparse_nonnegative(rng, size, density=0.35):
+    return (rng.random((size, size)) * (rng.random((size, size)) < density)).astype(np.float32)
+
+
+def label_rows(rng, num_images, num_labels):
+    values = rng.choice([-1.0, 0.0, 1.0], size=(num_images, num_labels), p=[0.3, 0.4, 0.3])
+    return values.astype(np.float32)
+
+
+# ---- normalisation and builders ----------------------------------------------------------------
+
+
+def test_normalize_graph_columns_sum_to_one_and_diagonal_is_inverse_sum(rng):
+    raw = sparse_nonnegative(rng, 9)
+    normalized = normalize_graph(raw)
+    with_unit_diagonal = raw.astype(np.float64).copy()
+    for j in range(9):
+        with_unit_diagonal[j, j] = 1.0
+    column_sums = with_unit_diagonal.sum(axis=0)
+    np.testing.assert_allclose(normalized.sum(axis=0), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(np.diag(normalized), 1.0 / column_sums, rtol=1e-6)
+    for l in range(9):
+        for j in range(9):
+            if l != j:
+                np.testing.assert_allclose(normalized[l, j], raw[l, j] / column_sums[j], rtol=1e-6)
+    assert normalized.dtype == np.float32
+
+
+def test_normalize_graph_does_not_modify_its_input(rng):
+    raw = sparse_nonnegative(rng, 5)
+    before = raw.copy()
+    normalize_graph(raw)
+    np.testing.assert_array_equal(raw, before)
+
+
+def test_normalize_graph_rejects_bad_matrices():
+    with pytest.raises(ValueError, match="square"):
+        normalize_graph(np.ones((2, 3)))
+    with pytest.raises(ValueError, match="finite and >= 0"):
+        normalize_graph(-np.ones((2, 2)))
+
+
+def reference_cooccurrence(rows, top_k=None):
+    num_labels = rows.shape[1]
+    graph = np.zeros((num_labels, num_labels))
+    for j in range(num_labels):
+        images_with_j = [i for i in range(rows.shape[0]) if rows[i, j] == 1]
+        if not images_with_j:
+            graph[j, j] = 1.0
+            continue
+        for l in range(num_labels):
+            both = sum(1 for i in images_with_j if rows[i, l] == 1)
+            graph[l, j] = both / len(images_with_j)
+        if top_k is not None:
+            candidates = sorted((l for l in range(num_labels) if l != j),
+                                key=lambda l: (-graph[l, j], l))
+            for l in candidates[top_k:]:
+                graph[l, j] = 0.0
+    return graph
+
+
+def test_cooccurrence_graph_matches_reference(rng):
+    rows = label_rows(rng, 40, 7)
+    rows[:, 6] = np.minimum(rows[:, 6], 0)  # a label with no known positive: identity column
+    np.testing.assert_allclose(cooccurrence_graph(rows), reference_cooccurrence(rows), rtol=1e-6)
+    np.testing.assert_allclose(cooccurrence_graph(rows, top_k=2),
+                               reference_cooccurrence(rows, top_k=2), rtol=1e-6)
+
+
+def test_cooccurrence_graph_uses_known_positives_only(rng):
+    rows = label_rows(rng, 30, 6)
+    graph = cooccurrence_graph(rows)
+    # Turning unknowns into negatives and vice versa changes nothing: only +1 entries count.
+    swapped = np.where(rows == 0, -1.0, np.where(rows == -1, 0.0, rows))
+    np.testing.assert_array_equal(cooccurrence_graph(swapped), graph)
+    # An extra known positive does change it.
+    changed = rows.copy()
+    zero_position = np.argwhere(rows[:, 1] != 1)[0, 0]
+    changed[zero_position, 1] = 1.0
+    assert not np.array_equal(cooccurrence_graph(changed), graph)
+
+
+def test_cooccurrence_graph_accepts_chunks(rng):
+    rows = label_rows(rng, 50, 5)
+    chunks = (rows[i:i + 7] for i in range(0, 50, 7))
+    np.testing.assert_allclose(cooccurrence_graph(chunks), cooccurrence_graph(rows), rtol=1e-6)
+
+
+def test_cooccurrence_graph_rejects_bad_rows():
+    with pytest.raises(ValueError, match="only \\+1, -1 and 0"):
+        cooccurrence_graph(np.array([[2.0, 0.0]]))
+    with pytest.raises(ValueError, match="must be \\[N, L\\]"):
+        cooccurrence_graph(np.zeros(3))
+
+
+def test_load_graph_npy_reads_a_good_file(tmp_path, rng):
+    raw = sparse_nonnegative(rng, 4)
+    path = tmp_path / "graph.npy"
+    np.save(path, raw.astype(np.float64))
+    loaded = load_graph_npy(path, 4)
+    assert loaded.dtype == np.float32
+    np.testing.assert_array_equal(loaded, raw)
+
+
+@pytest.mark.parametrize("content, message", [
+    (np.ones((3, 4)), "has shape \\(3, 4\\)"),
+    (np.full((4, 4), np.nan), "non-finite"),
+    (-np.eye(4), "negative values"),
+    (np.array(["a", "b"]), "numeric array"),
+])
+def test_load_graph_npy_rejects_bad_arrays(tmp_path, content, message):
+    path = tmp_path / "graph.npy"
+    np.save(path, content)
+    with pytest.raises(DataError, match=message):
+        load_graph_npy(path, 4)
+
+
+def test_load_graph_npy_rejects_missing_pickled_and_garbage_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_graph_npy(tmp_path / "missing.npy", 3)
+    pickled = tmp_path / "pickled.npy"
+    np.save(pickled, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(DataError, match="not a readable .npy array"):
+        load_graph_npy(pickled, 3)
+    garbage = tmp_path / "garbage.npy"
+    garbage.write_bytes(b"this is not numpy")
+    with pytest.raises(DataError, match="not a readable .npy array"):
+        load_graph_npy(garbage, 3)
+
+
+def test_build_label_graph_dispatches_and_normalizes(tmp_path, rng):
+    np.testing.assert_array_equal(build_label_graph("identity", 3), identity_graph(3))
+    rows = label_rows(rng, 20, 4)
+    np.testing.assert_allclose(build_label_graph("cooccurrence", 4, train_label_rows=rows),
+                               normalize_graph(cooccurrence_graph(rows)), rtol=1e-6)
+    raw = sparse_nonnegative(rng, 4)
+    path = os.path.join(tmp_path, "g.npy")
+    np.save(path, raw)
+    np.testing.assert_allclose(build_label_graph(path, 4), normalize_graph(raw), rtol=1e-6)
+    np.testing.assert_array_equal(build_label_graph(path, 4, normalize=False), raw)
+    with pytest.raises(ValueError, match="needs the training label rows"):
+        build_label_graph("cooccurrence", 4)
+    with pytest.raises(ValueError, match="spec must be one of"):
+        build_label_graph("wikipedia", 4)
+
+
+# ---- LabelGraph layer --------------------------------------------------------------------------
+
+
+def test_label_graph_call_is_row_vector_product(rng):
+    graph = normalize_graph(sparse_nonnegative(rng, 6))
+    layer = LabelGraph(graph)
+    states = rng.normal(size=(3, 6)).astype(np.float32)
+    np.testing.assert_allclose(layer(states).numpy(), states @ graph, rtol=1e-5, atol=1e-6)
+    stacked = rng.normal(size=(2, 3, 6)).astype(np.float32)
+    np.testing.assert_allclose(layer(stacked).numpy(), stacked @ graph, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("optimizer_name, clip", [("rmsprop", True), ("rmsprop", False),
+                                                  ("adam", True)])
+def test_label_graph_keeps_zero_pattern_after_optimizer_steps(rng, optimizer_name, clip):
+    graph = normalize_graph(sparse_nonnegative(rng, 8))
+    layer = LabelGraph(graph, clip=clip)
+    optimizer = {"rmsprop": keras.optimizers.RMSprop(0.5, momentum=0.9),
+                 "adam": keras.optimizers.Adam(0.5)}[optimizer_name]
+    for _ in range(5):
+        # Dense random gradients, also on the zero entries: the constraint alone must keep them 0.
+        gradient = tf.constant(rng.normal(scale=3.0, size=(8, 8)), tf.float32)
+        optimizer.apply([gradient], [layer.graph_matrix])
+    values = layer.graph_matrix.numpy()
+    np.testing.assert_array_equal(values[graph == 0], 0.0)
+    np.testing.assert_array_equal(layer.matrix.numpy()[graph == 0], 0.0)
+    assert np.abs(values - graph)[graph != 0].max() > 0.1  # the support did move
+    if clip:
+        assert values.min() >= 0.0 and values.max() <= 1.0
+        assert np.any(values[graph != 0] == 0.0) or np.any(values[graph != 0] == 1.0)
+    else:
+        assert values.min() < 0.0 or values.max() > 1.0
+
+
+def test_label_graph_gradient_is_zero_off_support(rng):
+    graph = normalize_graph(sparse_nonnegative(rng, 7))
+    layer = LabelGraph(graph)
+    states = tf.constant(rng.normal(size=(4, 7)), tf.float32)
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(layer(states) * rng.normal(size=(4, 7)))
+    gradient = tape.gradient(loss, layer.graph_matrix).numpy()
+    np.testing.assert_array_equal(gradient[graph == 0], 0.0)
+    assert np.all(gradient[graph != 0] != 0)
+
+
+def test_label_graph_forward_masks_off_support_values(rng):
+    graph = normalize_graph(sparse_nonnegative(rng, 5))
+    layer = LabelGraph(graph)
+    layer.graph_matrix.assign(np.ones((5, 5), np.float32))  # e.g. a bad manual assignment
+    states = rng.normal(size=(2, 5)).astype(np.float32)
+    np.testing.assert_allclose(layer(states).numpy(), states @ (graph != 0).astype(np.float32),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_label_graph_learnable_flag_and_reset(rng):
+    graph = normalize_graph(sparse_nonnegative(rng, 4))
+    frozen = LabelGraph(graph, learnable=False)
+    assert frozen.trainable_weights == []
+    learned = LabelGraph(graph)
+    assert [w.name for w in learned.trainable_weights] == ["graph_matrix"]
+    learned.graph_matrix.assign(learned.graph_matrix * 0.5)
+    learned.reset_to_initial()
+    np.testing.assert_array_equal(learned.matrix.numpy(), graph)
+
+
+def test_label_graph_statistics_match_numpy(rng):
+    graph = normalize_graph(sparse_nonnegative(rng, 6))
+    layer = LabelGraph(graph)
+    changed = np.clip(graph + (graph != 0) * rng.normal(scale=0.4, size=graph.shape), 0, 1)
+    layer.graph_matrix.assign(changed.astype(np.float32))
+    matrix = layer.matrix.numpy().astype(np.float64)
+    support = graph != 0
+    stats = layer.statistics()
+    assert all(isinstance(value, float) for value in stats.values())
+    np.testing.assert_allclose(stats["mean_diagonal"], np.diag(matrix).mean(), rtol=1e-6)
+    np.testing.assert_allclose(stats["mean_offdiagonal_mass"],
+                               np.mean([matrix[:, j].sum() - matrix[j, j] for j in range(6)]),
+                               rtol=1e-6)
+    np.testing.assert_allclose(stats["mean_abs_change"], np.abs(matrix - graph)[support].mean(),
+                               rtol=1e-5)
+    np.testing.assert_allclose(stats["fraction_at_zero"], np.mean(matrix[support] <= 0))
+    np.testing.assert_allclose(stats["fraction_at_one"], np.mean(matrix[support] >= 1))
+    assert stats["num_parameters"] == support.sum()
+
+
+def test_label_graph_saves_and_reloads_inside_a_keras_model(tmp_path, rng):
+    graph = normalize_graph(sparse_nonnegative(rng, 6))
+    inputs = keras.Input((6,))
+    model = keras.Model(inputs, LabelGraph(graph, clip=True)(inputs))
+    model.compile(optimizer=keras.optimizers.SGD(1.0), loss="mse")
+    x = rng.normal(size=(16, 6)).astype(np.float32)
+    model.fit(x, 3.0 * rng.normal(size=(16, 6)).astype(np.float32), epochs=2, batch_size=8,
+              verbose=0)
+    trained = model.layers[-1]
+    assert not np.array_equal(trained.matrix.numpy(), graph)
+    path = os.path.join(tmp_path, "graph_model.keras")
+    model.save(path)
+    reloaded = keras.saving.load_model(path)
+    layer = reloaded.layers[-1]
+    assert isinstance(layer, LabelGraph) and layer.clip and layer.learnable
+    np.testing.assert_array_equal(layer.graph_matrix.numpy(), trained.graph_matrix.numpy())
+    np.testing.assert_array_equal(layer.initial_matrix.numpy(), graph)
+    np.testing.assert_array_equal(reloaded.predict(x, verbose=0), model.predict(x, verbose=0))
+    np.testing.assert_array_equal(layer.support_mask.numpy(), (graph != 0).astype(np.float32))
+
+
+def test_label_graph_config_round_trip(rng):
+    graph = normalize_graph(sparse_nonnegative(rng, 4))
+    with_matrix = LabelGraph(graph, learnable=False, clip=False, matrix_in_config=True)
+    clone = LabelGraph.from_config(with_matrix.get_config())
+    assert (clone.learnable, clone.clip, clone.num_classes) == (False, False, 4)
+    np.testing.assert_array_equal(clone.matrix.numpy(), graph)
+    without_matrix = LabelGraph(graph)
+    config = without_matrix.get_config()
+    assert "initial_matrix" not in config and config["num_classes"] == 4
+    placeholder = LabelGraph.from_config(config)
+    placeholder.set_weights(without_matrix.get_weights())
+    np.testing.assert_array_equal(placeholder.matrix.numpy(), graph)
+
+
+def test_label_graph_computes_in_float32_under_mixed_precision(rng):
+    graph = normalize_graph(sparse_nonnegative(rng, 4))
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("mixed_float16")
+    try:
+        layer = LabelGraph(graph)
+        output = layer(tf.constant(rng.normal(size=(2, 4)), tf.float16))
+    finally:
+        keras.config.set_dtype_policy(previous)
+    assert output.dtype == tf.float32 and layer.graph_matrix.dtype == "float32"
+
+
+def test_label_graph_rejects_bad_initial_matrix():
+    with pytest.raises(ValueError, match="square"):
+        LabelGraph(np.ones((2, 3)))
+    with pytest.raises(ValueError, match="give initial_matrix, or num_classes"):
+        LabelGraph()
