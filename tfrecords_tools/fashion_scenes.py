@@ -1,0 +1,359 @@
+"""The demo dataset: multi-label RGB scenes composed of Fashion-MNIST items, built offline.
+
+Each 64x64 scene shows 1 to 4 tinted Fashion-MNIST items of distinct classes on a light plain or
+textured background. Most scenes follow an outfit template (t-shirt + trouser + sneaker, dress +
+sandal + bag, ...) with random additions and removals, so classes really co-occur and a
+co-occurrence label graph has something to learn; the rest are random class sets. Labels are FULL
+(every class known present or absent); tfrecords_tools.partial masks them afterwards.
+
+Train and val scenes take items from disjoint index ranges of Fashion-MNIST's 60k training file,
+test scenes from its 10k test file, so no item image is shared between splits.
+
+    python -m tfrecords_tools.fashion_scenes --output_dir /tmp/fashion_scenes
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import io
+import os
+import sys
+from typing import Sequence
+
+import numpy as np
+from absl import app, flags
+from PIL import Image
+
+from imcl_tf import data
+from tfrecords_tools.common import Progress
+
+CLASS_NAMES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+               "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+TSHIRT, TROUSER, PULLOVER, DRESS, COAT, SANDAL, SHIRT, SNEAKER, BAG, ANKLE_BOOT = range(10)
+
+# Outfits: the source of the real class co-occurrence of the dataset.
+OUTFIT_TEMPLATES = [
+    (TSHIRT, TROUSER, SNEAKER),
+    (DRESS, SANDAL, BAG),
+    (COAT, TROUSER, ANKLE_BOOT),
+    (SHIRT, TROUSER, SNEAKER),
+    (PULLOVER, TROUSER, ANKLE_BOOT),
+    (TSHIRT, BAG, SANDAL),
+    (COAT, DRESS, ANKLE_BOOT),
+]
+TEMPLATE_PROBABILITY = 0.8  # the rest of the scenes draw 1-4 classes uniformly at random
+ADD_PROBABILITY = 0.3  # a template scene gains one random extra item
+REMOVE_PROBABILITY = 0.3  # a template scene loses one of its items
+MAX_ITEMS = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitSource:
+    """Where a split's items come from: a Fashion-MNIST file and a half-open index range."""
+    file: str  # "train" or "t10k"
+    start: int
+    stop: int
+
+
+# Disjoint item sources: no Fashion-MNIST image appears in two splits.
+SPLIT_SOURCES = {
+    "train": SplitSource("train", 0, 50_000),
+    "val": SplitSource("train", 50_000, 60_000),
+    "test": SplitSource("t10k", 0, 10_000),
+}
+SPLIT_ORDER = ("train", "val", "test")
+
+DEFAULT_FASHION_MNIST_DIR = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "fashion-mnist")
+SOURCE_DESCRIPTION = ("Fashion-MNIST (Xiao, Rasul & Vollgraf 2017), "
+                      "github.com/zalandoresearch/fashion-mnist; MIT licence, Copyright 2017 "
+                      "Zalando SE")
+
+FLAGS = flags.FLAGS
+
+
+def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
+    """Defines this tool's flags (in `flag_values`, so tests can use a fresh FlagValues)."""
+    flags.DEFINE_string("output_dir", None, "Dataset folder to write (shards + dataset.json).",
+                        flag_values=flag_values)
+    flags.DEFINE_string("fashion_mnist_dir", DEFAULT_FASHION_MNIST_DIR,
+                        "Folder with the four Fashion-MNIST .gz files (defaults to the copy "
+                        "vendored in the repository's data/fashion-mnist).",
+                        flag_values=flag_values)
+    flags.DEFINE_integer("image_size", 64, "Side of the square scenes in pixels.",
+                         lower_bound=32, flag_values=flag_values)
+    flags.DEFINE_integer("num_train", 6000, "Training scenes.", lower_bound=0,
+                         flag_values=flag_values)
+    flags.DEFINE_integer("num_val", 1000, "Validation scenes.", lower_bound=0,
+                         flag_values=flag_values)
+    flags.DEFINE_integer("num_test", 2000, "Test scenes.", lower_bound=0,
+                         flag_values=flag_values)
+    flags.DEFINE_integer("seed", 0, "Seed of the scene composition (recorded in dataset.json).",
+                         flag_values=flag_values)
+    flags.DEFINE_integer("num_shards", 4, "TFRecord shards per split (>= the training workers).",
+                         lower_bound=1, flag_values=flag_values)
+    flags.mark_flag_as_required("output_dir", flag_values=flag_values)
+
+
+def build(output_dir: str,
+          *,
+          fashion_mnist_dir: str = DEFAULT_FASHION_MNIST_DIR,
+          image_size: int = 64,
+          num_examples: dict[str, int] | None = None,
+          seed: int = 0,
+          num_shards: int = 4,
+          progress_interval: float = 10.0,
+          stream=None) -> data.DatasetInfo:
+    """Composes the scenes of every split, writes the shards and dataset.json; returns the info.
+
+    Args:
+      output_dir: dataset folder to write.
+      fashion_mnist_dir: folder with the Fashion-MNIST .gz files.
+      image_size: side of the square scenes.
+      num_examples: scenes per split, {"train": ..., "val": ..., "test": ...}; a split with 0
+        scenes is not written. Defaults to 6000 / 1000 / 2000.
+      seed: composition seed; each split draws from its own stream, so changing one split's size
+        leaves the others unchanged.
+      num_shards: shards per split.
+    """
+    stream = stream if stream is not None else sys.stderr
+    num_examples = dict(num_examples or {"train": 6000, "val": 1000, "test": 2000})
+    unknown = sorted(set(num_examples) - set(SPLIT_SOURCES))
+    if unknown:
+        raise ValueError(f"unknown splits {unknown}; the demo has {list(SPLIT_ORDER)}.")
+    if image_size < 32:
+        raise ValueError(f"image_size must be >= 32 to fit the items. Received: {image_size}.")
+    fashion = {name: load_fashion_mnist(fashion_mnist_dir, name) for name in ("train", "t10k")}
+    splits = {}
+    for split in SPLIT_ORDER:
+        count = num_examples.get(split, 0)
+        if count <= 0:
+            continue
+        source = SPLIT_SOURCES[split]
+        images, labels = fashion[source.file]
+        rng = np.random.default_rng([seed, SPLIT_ORDER.index(split)])
+        progress = Progress(f"fashion_scenes {split}", total=count, interval=progress_interval,
+                            stream=stream)
+        with data.SplitWriter(output_dir, split, num_shards) as writer:
+            for index, scene in enumerate(compose_scenes(images, labels, source, count, rng,
+                                                         image_size)):
+                positives = sorted(scene.classes)
+                negatives = [c for c in range(len(CLASS_NAMES)) if c not in scene.classes]
+                writer.write(data.make_example(f"{split}-{index:06d}", positives, negatives,
+                                               len(CLASS_NAMES),
+                                               encoded_image=encode_png(scene.image)))
+                progress.update()
+        progress.close()
+        splits[split] = writer.split_info
+    info = data.DatasetInfo(
+        class_names=list(CLASS_NAMES),
+        splits=splits,
+        mode="image",
+        image_size=image_size,
+        labels={"source": "full labels of composed Fashion-MNIST scenes (every class known "
+                          "present or absent)",
+                "protocol": "full", "known_ratio": 1.0, "seed": seed},
+        provenance={
+            "converter": "tfrecords_tools.fashion_scenes",
+            "date": data.utc_now(),
+            "seed": seed,
+            "flags": {"image_size": image_size, "seed": seed, "num_shards": num_shards,
+                      **{f"num_{split}": num_examples.get(split, 0) for split in SPLIT_ORDER}},
+            "source": SOURCE_DESCRIPTION,
+            "item_sources": {split: dataclasses.asdict(SPLIT_SOURCES[split]) for split in splits},
+            "templates": [[CLASS_NAMES[c] for c in t] for t in OUTFIT_TEMPLATES],
+            "template_probability": TEMPLATE_PROBABILITY,
+        })
+    data.save_dataset_info(output_dir, info)
+    print(f"fashion_scenes: wrote {', '.join(f'{s} {i.num_examples}' for s, i in splits.items())}"
+          f" scenes to {output_dir}", file=stream)
+    return info
+
+
+@dataclasses.dataclass
+class Scene:
+    """One composed scene: the RGB image, its classes and the Fashion-MNIST items drawn."""
+    image: np.ndarray  # uint8 [S, S, 3]
+    classes: frozenset[int]
+    item_indices: tuple[int, ...]  # indices into the split's Fashion-MNIST file
+
+
+def compose_scenes(images: np.ndarray, labels: np.ndarray, source: SplitSource, count: int,
+                   rng: np.random.Generator, image_size: int = 64):
+    """Yields `count` Scenes whose items come only from `images[source.start:source.stop]`.
+
+    Args:
+      images: uint8 [N, 28, 28] Fashion-MNIST images (bright item on black).
+      labels: int [N] their classes.
+    """
+    # Per class, the item indices this split may use.
+    in_range = np.arange(source.start, source.stop)
+    by_class = [in_range[labels[source.start:source.stop] == c] for c in range(len(CLASS_NAMES))]
+    empty = [CLASS_NAMES[c] for c, items in enumerate(by_class) if not len(items)]
+    if empty:
+        raise data.DataError(f"Fashion-MNIST {source.file}[{source.start}:{source.stop}] has no "
+                             f"items of classes {empty}; the files look wrong.")
+    for _ in range(count):
+        classes = draw_classes(rng)
+        canvas = _background(rng, image_size)  # float32 [S, S, 3]
+        boxes: list[tuple[int, int, int]] = []
+        item_indices = []
+        for c in classes:
+            item = int(by_class[c][rng.integers(len(by_class[c]))])
+            item_indices.append(item)
+            _paste_item(canvas, images[item], rng, boxes)
+        yield Scene(image=np.clip(np.rint(canvas), 0, 255).astype(np.uint8),
+                    classes=frozenset(classes), item_indices=tuple(item_indices))
+
+
+def draw_classes(rng: np.random.Generator) -> list[int]:
+    """The distinct classes of one scene: a perturbed outfit template, or a random set."""
+    num_classes = len(CLASS_NAMES)
+    if rng.random() < TEMPLATE_PROBABILITY:
+        classes = list(OUTFIT_TEMPLATES[rng.integers(len(OUTFIT_TEMPLATES))])
+        if rng.random() < REMOVE_PROBABILITY and len(classes) > 1:
+            classes.pop(int(rng.integers(len(classes))))
+        if rng.random() < ADD_PROBABILITY and len(classes) < MAX_ITEMS:
+            others = [c for c in range(num_classes) if c not in classes]
+            classes.append(int(rng.choice(others)))
+    else:
+        size = int(rng.integers(1, MAX_ITEMS + 1))
+        classes = [int(c) for c in rng.choice(num_classes, size=size, replace=False)]
+    rng.shuffle(classes)  # drawing order = depth order
+    return classes
+
+
+def load_fashion_mnist(directory: str, kind: str) -> tuple[np.ndarray, np.ndarray]:
+    """Reads `<kind>-images-idx3-ubyte.gz` and `<kind>-labels-idx1-ubyte.gz` (kind: train, t10k).
+
+    Returns uint8 images [N, 28, 28] and uint8 labels [N].
+    """
+    image_path = os.path.join(directory, f"{kind}-images-idx3-ubyte.gz")
+    label_path = os.path.join(directory, f"{kind}-labels-idx1-ubyte.gz")
+    for path in (image_path, label_path):
+        if not os.path.exists(path):
+            raise data.DataError(f"{path} not found: --fashion_mnist_dir must hold the four "
+                                 "Fashion-MNIST .gz files (the repository has them in "
+                                 "data/fashion-mnist).")
+    images = _read_idx(image_path, magic=2051)
+    labels = _read_idx(label_path, magic=2049)
+    if images.ndim != 3 or images.shape[1:] != (28, 28) or len(images) != len(labels):
+        raise data.DataError(f"{image_path}: expected [N, 28, 28] images matching {len(labels)} "
+                             f"labels, got shape {images.shape}.")
+    return images, labels
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """uint8 [H, W, 3] -> PNG bytes."""
+    buffer = io.BytesIO()
+    # Level 3 is ~1.5x faster to write than the default 6 for 10% larger files.
+    Image.fromarray(image).save(buffer, format="PNG", compress_level=3)
+    return buffer.getvalue()
+
+
+def _read_idx(path: str, magic: int) -> np.ndarray:
+    """An IDX file (the MNIST format): big-endian magic, dims, then uint8 data."""
+    with gzip.open(path, "rb") as f:
+        raw = f.read()
+    found = int.from_bytes(raw[:4], "big")
+    if found != magic:
+        raise data.DataError(f"{path}: not an IDX file of the expected kind (magic {found}, "
+                             f"expected {magic}).")
+    ndim = raw[3]
+    dims = [int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
+    body = np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim)
+    if body.size != int(np.prod(dims)):
+        raise data.DataError(f"{path}: truncated ({body.size} bytes of data, dims {dims}).")
+    return body.reshape(dims)
+
+
+def _background(rng: np.random.Generator, size: int) -> np.ndarray:
+    """A light background, float32 [S, S, 3]: plain, a gradient, stripes or soft noise."""
+    base = rng.uniform(170, 250, size=3).astype(np.float32)
+    kind = rng.integers(4)
+    if kind == 0:
+        pattern = np.zeros([size, size], np.float32)
+    elif kind == 1:
+        axis = np.linspace(-1.0, 1.0, size, dtype=np.float32)
+        angle = rng.uniform(0, np.pi)
+        pattern = 20 * (np.cos(angle) * axis[None, :] + np.sin(angle) * axis[:, None])
+    elif kind == 2:
+        period = rng.integers(6, 16)
+        pattern = 10 * np.sign(np.sin(2 * np.pi * np.arange(size) / period)).astype(np.float32)
+        pattern = pattern[None, :] if rng.random() < 0.5 else pattern[:, None]
+        pattern = np.broadcast_to(pattern, [size, size])
+    else:
+        coarse = rng.normal(0, 12, size=[size // 8, size // 8]).astype(np.float32)
+        pattern = np.asarray(Image.fromarray(coarse).resize((size, size),
+                                                                      Image.BILINEAR))
+    return np.clip(base[None, None, :] + pattern[:, :, None], 0, 255).astype(np.float32)
+
+
+_ITEM_SIZE_RANGE = (22, 36)  # pixels of the pasted 28x28 item on a 64 canvas (scaled with S)
+_MAX_PLACEMENT_TRIES = 20
+_MAX_OVERLAP = 0.35  # of the smaller item's box, so every item stays recognisable
+
+
+def _paste_item(canvas: np.ndarray, item: np.ndarray, rng: np.random.Generator,
+                boxes: list[tuple[int, int, int]]) -> None:
+    """Draws a tinted, scaled item onto `canvas` in place, avoiding heavy overlap with `boxes`."""
+    size = canvas.shape[0]
+    scale = size / 64.0
+    side = int(round(rng.integers(_ITEM_SIZE_RANGE[0], _ITEM_SIZE_RANGE[1] + 1) * scale))
+    top = left = 0
+    for _ in range(_MAX_PLACEMENT_TRIES):
+        top, left = (int(v) for v in rng.integers(0, size - side + 1, size=2))
+        if all(_overlap(top, left, side, *box) <= _MAX_OVERLAP for box in boxes):
+            break
+    boxes.append((top, left, side))
+    resized = Image.fromarray(item).resize((side, side), Image.BILINEAR)
+    alpha = np.asarray(resized, np.float32)[:, :, None] / 255.0  # [s, s, 1] item intensity
+    # A saturated, darker-than-background tint keeps items visible on every background.
+    tint = rng.uniform(20, 160, size=3).astype(np.float32)
+    tint[rng.integers(3)] = rng.uniform(120, 230)
+    shading = 0.6 + 0.4 * alpha  # keeps the item's own texture visible inside its silhouette
+    region = canvas[top:top + side, left:left + side]
+    region[...] = (1.0 - alpha) * region + alpha * (tint[None, None, :] * shading)
+
+
+def _overlap(top: int, left: int, side: int, other_top: int, other_left: int,
+             other_side: int) -> float:
+    height = max(0, min(top + side, other_top + other_side) - max(top, other_top))
+    width = max(0, min(left + side, other_left + other_side) - max(left, other_left))
+    return height * width / float(min(side, other_side) ** 2)
+
+
+def run(argv: Sequence[str]) -> data.DatasetInfo:
+    """Parses `argv` (argv[0] = program name) with fresh flags and builds the dataset."""
+    flag_values = flags.FlagValues()
+    define_flags(flag_values)
+    rest = flag_values(list(argv))
+    if len(rest) > 1:
+        raise app.UsageError(f"unexpected positional arguments {rest[1:]}; every input is a flag.")
+    return _build_from_flags(flag_values)
+
+
+def _build_from_flags(flag_values: flags.FlagValues) -> data.DatasetInfo:
+    return build(flag_values.output_dir,
+                 fashion_mnist_dir=flag_values.fashion_mnist_dir,
+                 image_size=flag_values.image_size,
+                 num_examples={"train": flag_values.num_train, "val": flag_values.num_val,
+                               "test": flag_values.num_test},
+                 seed=flag_values.seed,
+                 num_shards=flag_values.num_shards)
+
+
+def main(argv: Sequence[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected positional arguments {argv[1:]}; every input is a flag.")
+    try:
+        _build_from_flags(FLAGS)
+    except (ValueError, data.DataError) as e:
+        print(f"fashion_scenes: error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)
