@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence, TextIO
 
 import numpy as np
 import tensorflow as tf
-from absl import flags
+from absl import app, flags
 
 from imcl_tf import data
 
@@ -67,7 +67,7 @@ def define_flag(define: Callable[..., Any], name: str, default: Any, help_text: 
     """Calls `flags.DEFINE_*` unless `name` already exists in `flag_values` (no double definition)."""
     if name in flag_values:
         return
-    define(name, default, help_text, flag_values=flag_values, **kwargs)
+    define(name, default, help=help_text, flag_values=flag_values, **kwargs)
     if required:
         flags.mark_flag_as_required(name, flag_values=flag_values)
 
@@ -94,6 +94,22 @@ def parse_flags(define_flags: Callable[[flags.FlagValues], None],
     if len(rest) > 1:
         raise data.DataError(f"unexpected positional arguments {rest[1:]}; every input is a flag.")
     return flag_values
+
+
+def run_main(convert_from_flags: Callable[[flags.FlagValues], Any], argv: Sequence[str]) -> None:
+    """Body of a converter's absl `main`: converts from the global flags.
+
+    A DataError ends the program with its message and exit status 1 (no traceback: the message
+    already says what, where and what to do).
+    """
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected positional arguments {list(argv[1:])}; every input is "
+                             "a flag.")
+    try:
+        convert_from_flags(flags.FLAGS)
+    except data.DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
 
 
 # ---- Records ------------------------------------------------------------------------------------
@@ -255,7 +271,7 @@ _SPLIT_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 
 def convert_split(records: Iterable[Record], *,
                   output_dir: str,
-                  split: str,
+                  split: str = "train",
                   class_names: Sequence[str],
                   converter: str,
                   num_shards: int = 1,
@@ -265,6 +281,8 @@ def convert_split(records: Iterable[Record], *,
                   skip_corrupt: bool = False,
                   inputs: dict[str, Any] | None = None,
                   label_source: str | None = None,
+                  label_info: dict[str, Any] | None = None,
+                  split_label_info: dict[str, Any] | None = None,
                   mode: str = "image",
                   image_size: int | None = None,
                   progress_interval: float = 10.0,
@@ -283,6 +301,8 @@ def convert_split(records: Iterable[Record], *,
       skip_corrupt: skip bad images (counted, printed, listed in dataset.json) instead of raising.
       inputs: the converter's own inputs (annotation paths, options) recorded in the provenance.
       label_source: how the labels were obtained, recorded in dataset.json `labels.source`.
+      label_info: more dataset-wide entries for dataset.json `labels` (e.g. Open Images MIDs).
+      split_label_info: more entries for `labels.splits[split]` (e.g. counts of ignored labels).
       mode: "image" (records carry images) or "features" (records carry embeddings).
       image_size: optional training input size hint for dataset.json.
       progress_interval, stream: progress lines on `stream` (stderr) every so many seconds.
@@ -349,6 +369,7 @@ def convert_split(records: Iterable[Record], *,
         "num_negative": num_negative,
         "known_ratio": ((num_positive + num_negative) / (num_written * len(class_names))
                         if num_written else 0.0),
+        **(split_label_info or {}),
     }
     run = {
         "converter": converter,
@@ -360,7 +381,7 @@ def convert_split(records: Iterable[Record], *,
         "skipped_by_kind": dict(sorted(skipped_by_kind.items())),
     }
     _merge_dataset_info(output_dir, existing, split, split_info, class_names, mode, embedding_dim,
-                        image_size, label_source, stats, run)
+                        image_size, label_source, label_info, stats, run)
     print(f"{label}: wrote {num_written} examples in {num_shards} shard(s) to {output_dir}",
           file=stream)
     return split_info
@@ -481,8 +502,8 @@ def _load_existing(output_dir: str, class_names: Sequence[str], mode: str,
 def _merge_dataset_info(output_dir: str, existing: data.DatasetInfo | None, split: str,
                         split_info: data.SplitInfo, class_names: Sequence[str], mode: str,
                         embedding_dim: int | None, image_size: int | None,
-                        label_source: str | None, stats: dict[str, Any],
-                        run: dict[str, Any]) -> None:
+                        label_source: str | None, label_info: dict[str, Any] | None,
+                        stats: dict[str, Any], run: dict[str, Any]) -> None:
     info = existing or data.DatasetInfo(class_names=list(class_names), splits={}, mode=mode)
     previous = info.splits.get(split)
     if previous is not None:
@@ -498,6 +519,7 @@ def _merge_dataset_info(output_dir: str, existing: data.DatasetInfo | None, spli
         info.image_size = image_size
     if label_source is not None:
         info.labels["source"] = label_source
+    info.labels.update(label_info or {})
     info.labels.setdefault("splits", {})[split] = stats
     info.provenance["converter"] = run["converter"]
     info.provenance["date"] = run["date"]
