@@ -130,7 +130,8 @@ def test_progress_lines_count_rate_and_eta():
     now[0] = 120.0
     progress.update(50)
     progress.close()
-    assert stream.getvalue().splitlines()[-1] == "coco train: 100/100 (100.0%) 5.0/s done in 0:00:20"
+    last_line = stream.getvalue().splitlines()[-1]
+    assert last_line == "coco train: 100/100 (100.0%) 5.0/s done in 0:00:20"
 
 
 def test_every_converter_defines_its_flags_once_in_one_process():

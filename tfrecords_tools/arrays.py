@@ -157,8 +157,9 @@ def _check_finite(matrix: np.ndarray, path: str) -> None:
         bad = np.argwhere(~np.isfinite(block))
         if bad.size:
             row, column = bad[0]
+            value = matrix[start + row, column].item()
             raise data.DataError(f"--features {path}: row {start + row} column {column} is "
-                                 f"{matrix[start + row, column].item()!r}; features must be finite "
+                                 f"{value!r}, not finite as float32; features must be finite "
                                  f"({len(bad)} non-finite values in rows {start}.."
                                  f"{start + len(block) - 1}).")
 

@@ -28,7 +28,7 @@ LABEL_SOURCE = ("coco instances (exhaustive): annotated categories positive, cro
 
 def convert(annotations: str, images_dir: str, *, output_dir: str,
             **write_options: Any) -> data.SplitInfo:
-    """Converts one COCO split; `write_options` are common.convert_split's (split, num_shards, ...)."""
+    """Converts one COCO split; `write_options` are common.convert_split's (split, ...)."""
     class_names, records = read_records(annotations, images_dir)
     return common.convert_split(
         records, output_dir=output_dir, class_names=class_names, converter=CONVERTER,
@@ -41,8 +41,9 @@ def read_records(annotations: str, images_dir: str) -> tuple[list[str], list[com
     coco = _load_json(annotations)
     for key in ("images", "annotations", "categories"):
         if not isinstance(coco.get(key), list):
-            raise data.DataError(f"{annotations}: no {key!r} list; expected a COCO instances_*.json "
-                                 "(captions and keypoints files are not instance annotations).")
+            raise data.DataError(f"{annotations}: no {key!r} list; expected a COCO "
+                                 "instances_*.json (captions and keypoints files are not "
+                                 "instance annotations).")
     categories = sorted(coco["categories"], key=lambda c: _field(c, "id", annotations, "category"))
     class_names = [str(_field(c, "name", annotations, "category")) for c in categories]
     class_of_category = {c["id"]: index for index, c in enumerate(categories)}
@@ -63,11 +64,12 @@ def read_records(annotations: str, images_dir: str) -> tuple[list[str], list[com
         image_id = _field(annotation, "image_id", annotations, where)
         category_id = _field(annotation, "category_id", annotations, where)
         if image_id not in images:
-            raise data.DataError(f"{annotations}: {where} refers to image_id {image_id!r}, which is "
-                                 "not in 'images'.")
+            raise data.DataError(f"{annotations}: {where} refers to image_id {image_id!r}, "
+                                 "which is not in 'images'.")
         if category_id not in class_of_category:
-            raise data.DataError(f"{annotations}: {where} has category_id {category_id!r}, which is "
-                                 f"not in 'categories' (ids {sorted(class_of_category)[:10]}...).")
+            raise data.DataError(f"{annotations}: {where} has category_id {category_id!r}, "
+                                 "which is not in 'categories' (ids "
+                                 f"{sorted(class_of_category)[:10]}...).")
         # iscrowd=1 marks a crowd of objects of the category: the category is present.
         present[image_id].add(class_of_category[category_id])
 

@@ -28,88 +28,8 @@ from absl import app, flags
 
 from imcl_tf import data
 
-# ---- Flags --------------------------------------------------------------------------------------
-
 DEFAULT_NUM_WORKERS = 8  # threads reading and decode-checking images (I/O bound, GIL released)
 MAX_SKIPPED_LISTED = 1000  # skipped inputs listed one by one in dataset.json; all are counted
-
-
-def define_common_flags(flag_values: flags.FlagValues = flags.FLAGS,
-                        default_split: str = "train") -> None:
-    """Defines the flags every converter has; a flag already defined is left as it is.
-
-    Safe to call from several converters in one process (each is defined once per FlagValues).
-    """
-    define_flag(flags.DEFINE_string, "output_dir", None,
-                "Dataset folder to write (shards + dataset.json). Splits already in it are kept; "
-                "the class names must match.", flag_values, required=True)
-    define_flag(flags.DEFINE_string, "split", default_split,
-                "Name of the split to write (e.g. train, validation, test).", flag_values)
-    define_flag(flags.DEFINE_integer, "num_shards", 1,
-                "Number of TFRecord shards of the split (>= the number of training workers).",
-                flag_values, lower_bound=1)
-    define_flag(flags.DEFINE_integer, "num_workers", DEFAULT_NUM_WORKERS,
-                "Threads reading and decode-checking images. The output does not depend on it.",
-                flag_values, lower_bound=1)
-    define_flag(flags.DEFINE_integer, "seed", 0,
-                "Seed of the record-order shuffle before writing (recorded in dataset.json).",
-                flag_values)
-    define_flag(flags.DEFINE_boolean, "shuffle", True,
-                "Shuffle the record order (seeded) so shards mix classes; --noshuffle keeps the "
-                "order of the annotation file.", flag_values)
-    define_flag(flags.DEFINE_boolean, "skip_corrupt", False,
-                "Skip missing, truncated or undecodable images instead of stopping; they are "
-                "counted, printed at the end and listed in dataset.json.", flag_values)
-
-
-def define_flag(define: Callable[..., Any], name: str, default: Any, help_text: str,
-                flag_values: flags.FlagValues, *, required: bool = False, **kwargs: Any) -> None:
-    """Calls `flags.DEFINE_*` unless `name` already exists in `flag_values` (no double definition)."""
-    if name in flag_values:
-        return
-    define(name, default, help=help_text, flag_values=flag_values, **kwargs)
-    if required:
-        flags.mark_flag_as_required(name, flag_values=flag_values)
-
-
-def write_options(flag_values: flags.FlagValues) -> dict[str, Any]:
-    """The common flags' values as keyword arguments of `convert_split`."""
-    return {name: flag_values[name].value
-            for name in ("output_dir", "split", "num_shards", "num_workers", "seed", "shuffle",
-                         "skip_corrupt")}
-
-
-def parse_flags(define_flags: Callable[[flags.FlagValues], None],
-                argv: Sequence[str]) -> flags.FlagValues:
-    """Parses `argv` (argv[0] = program name) into a fresh FlagValues; for `run(argv)` in tests.
-
-    Raises DataError on unknown flags, missing required flags or stray positional arguments.
-    """
-    flag_values = flags.FlagValues()
-    define_flags(flag_values)
-    try:
-        rest = flag_values(list(argv))
-    except flags.Error as e:
-        raise data.DataError(f"bad command line {list(argv[1:])}: {e}") from e
-    if len(rest) > 1:
-        raise data.DataError(f"unexpected positional arguments {rest[1:]}; every input is a flag.")
-    return flag_values
-
-
-def run_main(convert_from_flags: Callable[[flags.FlagValues], Any], argv: Sequence[str]) -> None:
-    """Body of a converter's absl `main`: converts from the global flags.
-
-    A DataError ends the program with its message and exit status 1 (no traceback: the message
-    already says what, where and what to do).
-    """
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected positional arguments {list(argv[1:])}; every input is "
-                             "a flag.")
-    try:
-        convert_from_flags(flags.FLAGS)
-    except data.DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
 
 
 # ---- Records ------------------------------------------------------------------------------------
@@ -148,120 +68,6 @@ class ImageError(data.DataError):
         self.detail = detail
         self.kind = kind
 
-
-# ---- Images -------------------------------------------------------------------------------------
-
-_JPEG_MAGIC = b"\xff\xd8\xff"
-_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-_PNG_END = b"IEND\xaeB`\x82"
-
-
-def read_image(path: str, source: str = "") -> bytes:
-    """Returns the bytes of an image file (local or any tf.io.gfile path); ImageError if missing."""
-    where = f"image file {path}" + (f" ({source})" if source else "")
-    try:
-        with tf.io.gfile.GFile(path, "rb") as f:
-            return f.read()
-    except tf.errors.NotFoundError as e:
-        raise ImageError(where, "not found", "missing",
-                         "check --images_dir and the file names in the annotations") from e
-    except (tf.errors.OpError, OSError) as e:
-        raise ImageError(where, f"cannot be read ({_op_message(e)})", "unreadable",
-                         "check its permissions") from e
-
-
-def check_image(encoded: bytes, source: str) -> tuple[bytes, str]:
-    """Decode-checks JPEG or PNG bytes with TensorFlow's decoder (the one training uses).
-
-    Returns (the same bytes, "jpeg" | "png"); the bytes are stored as they are, never re-encoded.
-    Raises ImageError naming `source` when the bytes are empty, not JPEG/PNG, truncated or
-    undecodable.
-    """
-    if not encoded:
-        raise ImageError(source, "empty image (0 bytes)", "truncated", "re-download it")
-    if encoded.startswith(_JPEG_MAGIC):
-        image_format = "jpeg"
-    elif encoded.startswith(_PNG_MAGIC):
-        image_format = "png"
-    else:
-        raise ImageError(source, f"not a JPEG or PNG file (starts with {encoded[:8]!r})",
-                         "unsupported", "convert it to JPEG or PNG")
-    try:
-        tf.io.decode_image(encoded, channels=3, expand_animations=False)
-    except tf.errors.OpError as e:
-        kind = "truncated" if _looks_truncated(encoded, image_format) else "undecodable"
-        raise ImageError(source, f"{kind} {image_format.upper()} image ({len(encoded)} bytes: "
-                         f"{_op_message(e)})", kind, "re-download or re-export it") from e
-    return encoded, image_format
-
-
-def _looks_truncated(encoded: bytes, image_format: str) -> bool:
-    # A complete JPEG ends with the EOI marker (some writers pad with zeros after it); a complete
-    # PNG ends with the IEND chunk. Used only to name the failure in messages and counts.
-    if image_format == "jpeg":
-        return not encoded.rstrip(b"\x00").endswith(b"\xff\xd9")
-    return not encoded.endswith(_PNG_END)
-
-
-def _op_message(error: Exception) -> str:
-    message = getattr(error, "message", None) or str(error)
-    # TF prefixes eager errors with "{{function_node __wrapped__...}} "; keep the readable part.
-    return re.sub(r"^\{\{function_node [^}]*\}\}\s*", "", message).split("[Op:")[0].strip()
-
-
-# ---- Progress -----------------------------------------------------------------------------------
-
-
-class Progress:
-    """Plain-text progress lines on stderr: count/total, rate per second and ETA.
-
-    A line is printed at most every `interval` seconds, plus a final one from `close()`.
-    """
-
-    def __init__(self, label: str, total: int | None = None, interval: float = 10.0,
-                 stream: TextIO | None = None, clock: Callable[[], float] = time.monotonic):
-        self.label = label
-        self.total = total
-        self.interval = interval
-        self.stream = stream if stream is not None else sys.stderr
-        self.clock = clock
-        self.count = 0
-        self.start = clock()
-        self._last_print = self.start
-
-    def update(self, n: int = 1) -> None:
-        self.count += n
-        now = self.clock()
-        if now - self._last_print >= self.interval:
-            self._last_print = now
-            self._print(now)
-
-    def close(self) -> None:
-        self._print(self.clock(), done=True)
-
-    def line(self, now: float | None = None) -> str:
-        now = self.clock() if now is None else now
-        elapsed = max(now - self.start, 1e-9)
-        rate = self.count / elapsed
-        if self.total:
-            text = f"{self.label}: {self.count}/{self.total} ({100.0 * self.count / self.total:.1f}%)"
-        else:
-            text = f"{self.label}: {self.count}"
-        text += f" {rate:.1f}/s"
-        if self.total and rate > 0 and self.count < self.total:
-            text += f" ETA {_format_seconds((self.total - self.count) / rate)}"
-        return text
-
-    def _print(self, now: float, done: bool = False) -> None:
-        suffix = f" done in {_format_seconds(now - self.start)}" if done else ""
-        print(self.line(now) + suffix, file=self.stream, flush=True)
-
-
-def _format_seconds(seconds: float) -> str:
-    seconds = int(round(seconds))
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    return f"{hours}:{minutes:02d}:{secs:02d}"
 
 
 # ---- The split runner ---------------------------------------------------------------------------
@@ -525,3 +331,202 @@ def _merge_dataset_info(output_dir: str, existing: data.DatasetInfo | None, spli
     info.provenance["date"] = run["date"]
     info.provenance.setdefault("splits", {})[split] = run
     data.save_dataset_info(output_dir, info)
+
+
+
+# ---- Images -------------------------------------------------------------------------------------
+
+_JPEG_MAGIC = b"\xff\xd8\xff"
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+_PNG_END = b"IEND\xaeB`\x82"
+
+
+def read_image(path: str, source: str = "") -> bytes:
+    """Returns the bytes of an image file (local or any tf.io.gfile path); ImageError if missing."""
+    where = f"image file {path}" + (f" ({source})" if source else "")
+    try:
+        with tf.io.gfile.GFile(path, "rb") as f:
+            return f.read()
+    except tf.errors.NotFoundError as e:
+        raise ImageError(where, "not found", "missing",
+                         "check --images_dir and the file names in the annotations") from e
+    except (tf.errors.OpError, OSError) as e:
+        raise ImageError(where, f"cannot be read ({_op_message(e)})", "unreadable",
+                         "check its permissions") from e
+
+
+def check_image(encoded: bytes, source: str) -> tuple[bytes, str]:
+    """Decode-checks JPEG or PNG bytes with TensorFlow's decoder (the one training uses).
+
+    Returns (the same bytes, "jpeg" | "png"); the bytes are stored as they are, never re-encoded.
+    Raises ImageError naming `source` when the bytes are empty, not JPEG/PNG, truncated or
+    undecodable.
+    """
+    if not encoded:
+        raise ImageError(source, "empty image (0 bytes)", "truncated", "re-download it")
+    if encoded.startswith(_JPEG_MAGIC):
+        image_format = "jpeg"
+    elif encoded.startswith(_PNG_MAGIC):
+        image_format = "png"
+    else:
+        raise ImageError(source, f"not a JPEG or PNG file (starts with {encoded[:8]!r})",
+                         "unsupported", "convert it to JPEG or PNG")
+    try:
+        tf.io.decode_image(encoded, channels=3, expand_animations=False)
+    except tf.errors.OpError as e:
+        kind = "truncated" if _looks_truncated(encoded, image_format) else "undecodable"
+        raise ImageError(source, f"{kind} {image_format.upper()} image ({len(encoded)} bytes: "
+                         f"{_op_message(e)})", kind, "re-download or re-export it") from e
+    return encoded, image_format
+
+
+def _looks_truncated(encoded: bytes, image_format: str) -> bool:
+    # A complete JPEG ends with the EOI marker (some writers pad with zeros after it); a complete
+    # PNG ends with the IEND chunk. Used only to name the failure in messages and counts.
+    if image_format == "jpeg":
+        return not encoded.rstrip(b"\x00").endswith(b"\xff\xd9")
+    return not encoded.endswith(_PNG_END)
+
+
+def _op_message(error: Exception) -> str:
+    message = getattr(error, "message", None) or str(error)
+    # TF prefixes eager errors with "{{function_node __wrapped__...}} "; keep the readable part.
+    return re.sub(r"^\{\{function_node [^}]*\}\}\s*", "", message).split("[Op:")[0].strip()
+
+
+
+# ---- Progress -----------------------------------------------------------------------------------
+
+
+class Progress:
+    """Plain-text progress lines on stderr: count/total, rate per second and ETA.
+
+    A line is printed at most every `interval` seconds, plus a final one from `close()`.
+    """
+
+    def __init__(self, label: str, total: int | None = None, interval: float = 10.0,
+                 stream: TextIO | None = None, clock: Callable[[], float] = time.monotonic):
+        self.label = label
+        self.total = total
+        self.interval = interval
+        self.stream = stream if stream is not None else sys.stderr
+        self.clock = clock
+        self.count = 0
+        self.start = clock()
+        self._last_print = self.start
+
+    def update(self, n: int = 1) -> None:
+        self.count += n
+        now = self.clock()
+        if now - self._last_print >= self.interval:
+            self._last_print = now
+            self._print(now)
+
+    def close(self) -> None:
+        self._print(self.clock(), done=True)
+
+    def line(self, now: float | None = None) -> str:
+        now = self.clock() if now is None else now
+        elapsed = max(now - self.start, 1e-9)
+        rate = self.count / elapsed
+        if self.total:
+            percent = 100.0 * self.count / self.total
+            text = f"{self.label}: {self.count}/{self.total} ({percent:.1f}%)"
+        else:
+            text = f"{self.label}: {self.count}"
+        text += f" {rate:.1f}/s"
+        if self.total and rate > 0 and self.count < self.total:
+            text += f" ETA {_format_seconds((self.total - self.count) / rate)}"
+        return text
+
+    def _print(self, now: float, done: bool = False) -> None:
+        suffix = f" done in {_format_seconds(now - self.start)}" if done else ""
+        print(self.line(now) + suffix, file=self.stream, flush=True)
+
+
+def _format_seconds(seconds: float) -> str:
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}"
+
+
+
+# ---- Command-line flags -------------------------------------------------------------------------
+
+
+def define_common_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    """Defines the flags every converter has; a flag already defined is left as it is.
+
+    Safe to call from several converters in one process (each is defined once per FlagValues).
+    """
+    define_flag(flags.DEFINE_string, "output_dir", None,
+                "Dataset folder to write (shards + dataset.json). Splits already in it are kept; "
+                "the class names must match.", flag_values, required=True)
+    define_flag(flags.DEFINE_string, "split", "train",
+                "Name of the split to write (e.g. train, validation, test).", flag_values)
+    define_flag(flags.DEFINE_integer, "num_shards", 1,
+                "Number of TFRecord shards of the split (>= the number of training workers).",
+                flag_values, lower_bound=1)
+    define_flag(flags.DEFINE_integer, "num_workers", DEFAULT_NUM_WORKERS,
+                "Threads reading and decode-checking images. The output does not depend on it.",
+                flag_values, lower_bound=1)
+    define_flag(flags.DEFINE_integer, "seed", 0,
+                "Seed of the record-order shuffle before writing (recorded in dataset.json).",
+                flag_values)
+    define_flag(flags.DEFINE_boolean, "shuffle", True,
+                "Shuffle the record order (seeded) so shards mix classes; --noshuffle keeps the "
+                "order of the annotation file.", flag_values)
+    define_flag(flags.DEFINE_boolean, "skip_corrupt", False,
+                "Skip missing, truncated or undecodable images instead of stopping; they are "
+                "counted, printed at the end and listed in dataset.json.", flag_values)
+
+
+def define_flag(define: Callable[..., Any], name: str, default: Any, help_text: str,
+                flag_values: flags.FlagValues, *, required: bool = False, **kwargs: Any) -> None:
+    """Calls `flags.DEFINE_*` unless `name` is already in `flag_values` (no double definition)."""
+    if name in flag_values:
+        return
+    define(name, default, help=help_text, flag_values=flag_values, **kwargs)
+    if required:
+        flags.mark_flag_as_required(name, flag_values=flag_values)
+
+
+def write_options(flag_values: flags.FlagValues) -> dict[str, Any]:
+    """The common flags' values as keyword arguments of `convert_split`."""
+    return {name: flag_values[name].value
+            for name in ("output_dir", "split", "num_shards", "num_workers", "seed", "shuffle",
+                         "skip_corrupt")}
+
+
+def parse_flags(define_flags: Callable[[flags.FlagValues], None],
+                argv: Sequence[str]) -> flags.FlagValues:
+    """Parses `argv` (argv[0] = program name) into a fresh FlagValues; for `run(argv)` in tests.
+
+    Raises DataError on unknown flags, missing required flags or stray positional arguments.
+    """
+    flag_values = flags.FlagValues()
+    define_flags(flag_values)
+    try:
+        rest = flag_values(list(argv))
+    except flags.Error as e:
+        raise data.DataError(f"bad command line {list(argv[1:])}: {e}") from e
+    if len(rest) > 1:
+        raise data.DataError(f"unexpected positional arguments {rest[1:]}; every input is a flag.")
+    return flag_values
+
+
+def run_main(convert_from_flags: Callable[[flags.FlagValues], Any], argv: Sequence[str]) -> None:
+    """Body of a converter's absl `main`: converts from the global flags.
+
+    A DataError ends the program with its message and exit status 1 (no traceback: the message
+    already says what, where and what to do).
+    """
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected positional arguments {list(argv[1:])}; every input is "
+                             "a flag.")
+    try:
+        convert_from_flags(flags.FLAGS)
+    except data.DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)

@@ -200,7 +200,8 @@ def _int_in(text: str, low: int, high: int, where: str, name: str) -> int:
     except ValueError:
         value = None
     if value is None or not low <= value <= high:
-        raise data.DataError(f"{where}: {name} must be an integer in [{low}, {high}], got {text!r}.")
+        raise data.DataError(f"{where}: {name} must be an integer in [{low}, {high}], got "
+                             f"{text!r}.")
     return value
 
 

@@ -44,7 +44,7 @@ LABEL_SOURCE = "manifest: listed positives and negatives, unlisted classes unkno
 
 def convert(manifest: str, images_dir: str, classes: str, *, output_dir: str,
             manifest_format: str | None = None, **write_options: Any) -> data.SplitInfo:
-    """Converts one manifest; `write_options` are common.convert_split's (split, num_shards, ...)."""
+    """Converts one manifest; `write_options` are common.convert_split's (split, ...)."""
     class_names = read_class_names(classes)
     records = read_records(manifest, images_dir, class_names, manifest_format)
     return common.convert_split(
@@ -89,7 +89,7 @@ def read_records(manifest: str, images_dir: str, class_names: Sequence[str],
     if not tf.io.gfile.exists(manifest):
         raise data.DataError(f"--manifest {manifest} not found.")
     with tf.io.gfile.GFile(manifest, "r") as f:
-        text = f.read()
+        text = f.read().lstrip("\ufeff")  # spreadsheet programs may start CSV files with a BOM
     rows = _csv_rows(text, manifest) if manifest_format == "csv" else _jsonl_rows(text, manifest)
     class_index = {name: i for i, name in enumerate(class_names)}
     records = []

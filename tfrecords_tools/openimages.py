@@ -193,7 +193,8 @@ def _read_class_descriptions(path: str) -> dict[str, str]:
                                      f"{row}.")
             mid, name = row[0].strip(), row[1].strip()
             if not mid or not name:
-                raise data.DataError(f"{path} line {number}: empty LabelName or DisplayName: {row}.")
+                raise data.DataError(f"{path} line {number}: empty LabelName or DisplayName: "
+                                     f"{row}.")
             if mid in display:
                 raise data.DataError(f"{path} line {number}: class {mid!r} is listed twice.")
             display[mid] = name

@@ -98,8 +98,8 @@ def parse_annotation(xml_path: str) -> tuple[set[int], set[int]]:
     for number, obj in enumerate(tree.iter("object"), start=1):
         name = (obj.findtext("name") or "").strip()
         if name not in VOC_CLASSES:
-            raise data.DataError(f"{xml_path}: object {number} has class {name!r}, which is not one "
-                                 f"of the 20 VOC classes {list(VOC_CLASSES)}.")
+            raise data.DataError(f"{xml_path}: object {number} has class {name!r}, which is not "
+                                 f"one of the 20 VOC classes {list(VOC_CLASSES)}.")
         flag = (obj.findtext("difficult") or "0").strip()
         if flag not in ("0", "1"):
             raise data.DataError(f"{xml_path}: object {number} ({name}) has <difficult>{flag}"
