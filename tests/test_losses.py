@@ -341,3 +341,29 @@ def test_lambda_calibrator_matches_resolve_lambdas(rng):
                                                       values[:, 2], 1.0, 0.5), rtol=1e-12)
     with pytest.raises(ValueError, match="no batch was added"):
         losses.LambdaCalibrator().means()
+
+
+# ---- compiled use ------------------------------------------------------------------------------
+
+
+def test_losses_compile_with_xla_and_match_eager(rng):
+    num_labels = 6
+    layer = LabelGraph(normalize_graph(rng.random((num_labels, num_labels)) *
+                                       (rng.random((num_labels, num_labels)) < 0.4)))
+    labels = random_labels(rng, (4, num_labels))
+    logits = rng.normal(size=(4, num_labels)).astype(np.float32)
+    inputs = smoothness_inputs(rng, batch=4, num_labels=num_labels)
+
+    def all_losses(logits, labels, asym_c):
+        states = losses.query_label_states(logits, labels, asym_c)
+        atoms = losses.atom_label_states(logits, labels, layer, asym_c)
+        loss_y, loss_f = losses.smoothness_losses(states, inputs["query_f"], atoms[:, None, :] +
+                                                  inputs["neighbor_y"], inputs["neighbor_f"],
+                                                  inputs["coef_y"], inputs["coef_f"],
+                                                  inputs["valid"])
+        return losses.masked_bce(labels, logits), states, atoms, loss_y, loss_f
+
+    eager = all_losses(logits, labels, 2.0)
+    compiled = tf.function(all_losses, jit_compile=True)(logits, labels, tf.constant(2.0))
+    for expected, got in zip(eager, compiled):
+        np.testing.assert_allclose(got.numpy(), expected.numpy(), rtol=1e-5, atol=1e-6)
