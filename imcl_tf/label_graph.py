@@ -10,7 +10,6 @@ propagated score of label j is a weighted average of the predictions of j and it
 from __future__ import annotations
 
 import os
-from typing import Iterable
 
 import keras
 import numpy as np
