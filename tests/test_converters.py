@@ -728,6 +728,7 @@ def test_arrays_bad_inputs_give_the_location(tmp_path, case, message):
 # ---- one real command line -----------------------------------------------------------------------
 
 
+@pytest.mark.slow  # a fresh interpreter imports TensorFlow: ~10-25 s on a busy 2-core machine
 def test_voc_command_line_in_a_subprocess(tmp_path):
     voc_root, _ = write_voc(tmp_path, {"000001": [("dog", False)], "000002": [("cat", True)]})
     out = str(tmp_path / "out")

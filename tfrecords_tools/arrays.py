@@ -1,4 +1,4 @@
-"""Precomputed features + label matrix (.npy or CSV) -> a features-mode imcl_tf dataset.
+r"""Precomputed features + label matrix (.npy or CSV) -> a features-mode imcl_tf dataset.
 
     python -m tfrecords_tools.arrays --features=X.npy --labels=Y.npy --label_format=partial \
         --class_names=classes.txt --ids=ids.txt --output_dir=data/feats --split=train

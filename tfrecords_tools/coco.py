@@ -1,4 +1,4 @@
-"""MS-COCO instances annotations -> imcl_tf TFRecords (one image-level multi-label row per image).
+r"""MS-COCO instances annotations -> imcl_tf TFRecords (one image-level multi-label row per image).
 
     python -m tfrecords_tools.coco --annotations=annotations/instances_train2017.json \
         --images_dir=train2017 --output_dir=data/coco --split=train --num_shards=64

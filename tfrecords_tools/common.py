@@ -35,7 +35,7 @@ MAX_SKIPPED_LISTED = 1000  # skipped inputs listed one by one in dataset.json; a
 # ---- Records ------------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)  # slots: millions of records stay small (Open Images)
 class Record:
     """One image (or feature vector) to convert: the lightweight description a converter yields.
 
@@ -487,9 +487,21 @@ def define_flag(define: Callable[..., Any], name: str, default: Any, help_text: 
     """Calls `flags.DEFINE_*` unless `name` is already in `flag_values` (no double definition)."""
     if name in flag_values:
         return
-    define(name, default, help=help_text, flag_values=flag_values, **kwargs)
+    # Register the flag under the converter that asked for it (not this module), so that
+    # `python -m tfrecords_tools.<converter> --help` lists it.
+    define(name, default, help=help_text, flag_values=flag_values,
+           module_name=_calling_module_name(), **kwargs)
     if required:
         flags.mark_flag_as_required(name, flag_values=flag_values)
+
+
+def _calling_module_name() -> str:
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_globals.get("__name__") == __name__:
+        frame = frame.f_back
+    name = frame.f_globals.get("__name__", __name__) if frame is not None else __name__
+    # absl files the flags of the main program under sys.argv[0], not "__main__".
+    return sys.argv[0] if name == "__main__" else name
 
 
 def write_options(flag_values: flags.FlagValues) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""A custom image list with partial labels (CSV or JSONL manifest) -> imcl_tf TFRecords.
+r"""A custom image list with partial labels (CSV or JSONL manifest) -> imcl_tf TFRecords.
 
     python -m tfrecords_tools.manifest --manifest=train.csv --images_dir=photos \
         --classes=classes.txt --output_dir=data/mine --split=train

@@ -1,4 +1,4 @@
-"""Open Images human-verified image labels -> imcl_tf TFRecords (partial labels, IMCL spec 6.3).
+r"""Open Images human-verified image labels -> imcl_tf TFRecords (partial labels, IMCL spec 6.3).
 
     python -m tfrecords_tools.openimages --image_labels=train/annotations-human.csv \
         --classes=class-descriptions.csv --trainable_classes=classes-trainable.txt \

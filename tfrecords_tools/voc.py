@@ -1,4 +1,4 @@
-"""PASCAL VOC 2007/2012 classification labels -> imcl_tf TFRecords.
+r"""PASCAL VOC 2007/2012 classification labels -> imcl_tf TFRecords.
 
     python -m tfrecords_tools.voc --voc_root=VOCdevkit --year=2007 --image_set=trainval \
         --output_dir=data/voc2007 --split=train
