@@ -353,3 +353,59 @@ def test_missing_split_and_folders_are_reported(setup, tmp_path):
         evaluate.evaluate_model_dir(str(tmp_path / "nowhere"), setup["data_dir"])
     with pytest.raises(evaluate.EvaluationError, match=r"--data_dir .*nodata.* does not exist"):
         evaluate.evaluate_model_dir(setup["model_dir"], str(tmp_path / "nodata"))
+
+
+def test_features_dataset_without_train_split(tmp_path, rng):
+    """Features mode end to end; without a train split the counts are blank and no groups made."""
+    import keras
+
+    dim, names = 8, ["a", "b", "c"]
+    labels = rng.choice([-1.0, 0.0, 1.0], size=[12, 3], p=[0.4, 0.2, 0.4]).astype(np.float32)
+    labels[:2] = [[1, -1, 1], [-1, 1, -1]]
+    embeddings = rng.normal(size=[12, dim]).astype(np.float32)
+    data_dir = str(tmp_path / "features")
+    with data.SplitWriter(data_dir, "test", num_shards=1) as writer:
+        for index, (row, embedding) in enumerate(zip(labels, embeddings)):
+            writer.write(data.make_example(f"f{index}", np.flatnonzero(row > 0),
+                                           np.flatnonzero(row < 0), 3, embedding=embedding))
+    data.save_dataset_info(data_dir, data.DatasetInfo(
+        class_names=names, splits={"test": writer.split_info}, mode="features", embedding_dim=dim))
+    run_dirs = []
+    for seed in (4, 5):
+        keras.utils.set_random_seed(seed)
+        model = models.IMCLModel(3, input_shape_=(dim,), backbone="features", method="logistic")
+        run_dirs.append(str(tmp_path / f"run{seed}"))
+        models.write_model_info(run_dirs[-1], {"class_names": names, "input_mode": "features",
+                                               "image_size": None, "feature_dim": dim})
+        models.save_model_file(model, os.path.join(run_dirs[-1], models.BEST_MODEL))
+
+    result = evaluate.evaluate_model_dir(run_dirs[0], data_dir, baseline_model_dir=run_dirs[1],
+                                         num_groups=2)
+    assert result["files"]["metrics_json"] == os.path.join(run_dirs[0], "eval", "test",
+                                                           evaluate.METRICS_JSON)
+    scores = tf.sigmoid(models.load_model_dir(run_dirs[0])[0](embeddings)).numpy()
+    want, ap = reference_metrics(scores.astype(np.float64), labels)
+    for key, value in want.items():
+        assert result[key] == pytest.approx(value, abs=1e-6), key
+    assert result["train_split"] is None
+    assert result["frequency_groups"]["num_groups"] == 0
+    assert "no 'train' split" in result["frequency_groups"]["note"]
+    assert not os.path.exists(os.path.join(run_dirs[0], "eval", "test",
+                                           evaluate.FREQUENCY_GROUPS_CSV))
+    rows = _read_csv(result["files"]["per_class_ap_csv"])
+    assert [row["training_positives"] for row in rows] == ["", "", ""]
+    np.testing.assert_allclose([_number(row["ap"]) for row in rows], ap, atol=1e-6)
+
+    # A features model cannot be evaluated on an image dataset.
+    wrong = str(tmp_path / "wrong_mode")
+    shutil.copytree(run_dirs[0], wrong)
+    models.write_model_info(wrong, {"class_names": CLASS_NAMES, "input_mode": "features",
+                                    "image_size": None, "feature_dim": dim})
+    image_data = str(tmp_path / "images")
+    with data.SplitWriter(image_data, "test", num_shards=1) as writer:
+        png = tf.io.encode_png(np.zeros([IMAGE_SIZE, IMAGE_SIZE, 3], np.uint8)).numpy()
+        writer.write(data.make_example("i0", [0], [1], NUM_CLASSES, png))
+    data.save_dataset_info(image_data, data.DatasetInfo(
+        class_names=CLASS_NAMES, splits={"test": writer.split_info}, image_size=IMAGE_SIZE))
+    with pytest.raises(evaluate.EvaluationError, match=r"takes 'features' inputs but .* 'image'"):
+        evaluate.evaluate_model_dir(wrong, image_data)
