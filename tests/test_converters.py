@@ -199,6 +199,10 @@ def test_convert_split_round_trips_labels_and_image_bytes(tmp_path, rng):
     run = info.provenance["splits"]["train"]
     assert run["converter"] == "test" and run["flags"]["num_shards"] == 3
     assert run["date"].endswith("Z")
+    # The training side reads it back: schema, counts per shard, ids, every image decodes.
+    stats = data.verify_dataset(out, check_images=True).splits["train"]
+    assert stats.num_examples == 9
+    assert stats.positives.tolist() == [sum(c in p for p, _ in expected.values()) for c in range(5)]
 
 
 def test_convert_split_output_does_not_depend_on_num_workers(tmp_path, rng):
@@ -671,6 +675,7 @@ def test_arrays_partial_npy_round_trip(tmp_path, rng):
         np.testing.assert_array_equal(row, labels[i])
         np.testing.assert_array_equal(record["embedding"], features[i])
         assert record["image"] == b""
+    assert data.verify_dataset(out).splits["train"].num_examples == 7
 
 
 def test_arrays_full_csv_with_header_class_names(tmp_path, rng):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
 import os
 import re
@@ -137,8 +138,10 @@ def convert_split(records: Iterable[Record], *,
     progress = Progress(label, total=len(records), interval=progress_interval, stream=stream)
     skipped_by_kind: collections.Counter[str] = collections.Counter()
     num_positive = num_negative = 0
-    with data.SplitWriter(output_dir, split, num_shards) as writer:
-        for record, future in _read_in_order(records, num_workers):
+    # closing(): on an error the reader stops at once (pending reads cancelled, threads joined).
+    with data.SplitWriter(output_dir, split, num_shards) as writer, \
+            contextlib.closing(_read_in_order(records, num_workers)) as checked_images:
+        for record, future in checked_images:
             try:
                 encoded = future.result()
             except ImageError as e:
