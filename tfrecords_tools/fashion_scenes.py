@@ -15,6 +15,7 @@ test scenes from its 10k test file, so no item image is shared between splits.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gzip
 import io
 import os
@@ -224,10 +225,12 @@ def draw_classes(rng: np.random.Generator) -> list[int]:
     return classes
 
 
+@functools.lru_cache(maxsize=4)
 def load_fashion_mnist(directory: str, kind: str) -> tuple[np.ndarray, np.ndarray]:
     """Reads `<kind>-images-idx3-ubyte.gz` and `<kind>-labels-idx1-ubyte.gz` (kind: train, t10k).
 
-    Returns uint8 images [N, 28, 28] and uint8 labels [N].
+    Returns read-only uint8 images [N, 28, 28] and uint8 labels [N] (cached: decompressing the
+    training file takes a second).
     """
     image_path = os.path.join(directory, f"{kind}-images-idx3-ubyte.gz")
     label_path = os.path.join(directory, f"{kind}-labels-idx1-ubyte.gz")
