@@ -1,0 +1,696 @@
+"""A TensorFlow-Serving-compatible gRPC server for the SavedModels written by `imcl_tf.export`.
+
+The real `tensorflow_model_server` cannot be installed here (serving/README.md has its Docker
+command), so development, tests and the demo use this server. It speaks the same protocol
+(`tensorflow.serving.PredictionService` Predict / Classify / GetModelMetadata and
+`tensorflow.serving.ModelService` GetModelStatus) over the same SavedModel, so one client works
+against both.
+
+    python -m serving.server --model_base_path=exports/demo --model_name=demo --port=8500
+
+Versions are the integer folders under the base path. The newest `--num_versions` are kept loaded;
+requests without a version go to the newest. A poller loads new versions fully (including the
+warm-up requests) before swapping them in, and a request keeps the version it started on, so a
+version change never fails a request. Bad requests get INVALID_ARGUMENT or NOT_FOUND with a message
+saying what was wrong; nothing a client sends stops the server. SIGTERM/SIGINT stop accepting
+requests, let the ones in flight finish, and exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import dataclasses
+import logging
+import os
+import re
+import signal
+import sys
+import threading
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+import grpc
+import numpy as np
+import tensorflow as tf
+from tensorflow.core.framework import types_pb2
+from tensorflow.core.protobuf import error_codes_pb2, saved_model_pb2
+from tensorflow_serving.apis import (classification_pb2, get_model_metadata_pb2,
+                                     get_model_status_pb2, model_service_pb2_grpc, predict_pb2,
+                                     prediction_log_pb2, prediction_service_pb2_grpc)
+
+from imcl_tf import export
+
+DEFAULT_PORT = 8500  # TF Serving's gRPC port
+DEFAULT_HOST = "127.0.0.1"  # loopback: exposing the server is an explicit choice
+SIGNATURE_DEF_FIELD = "signature_def"  # the one metadata field TF Serving knows
+MAX_WARMUP_RECORDS = 1000  # TF Serving's limit on warm-up records
+_State = get_model_status_pb2.ModelVersionStatus.State
+_LOG = logging.getLogger("serving.server")
+# First bytes of the formats imcl_tf.data.decode_image accepts (JPEG, PNG, GIF, BMP): a cheap check
+# that names the bad element before the graph runs.
+_IMAGE_MAGIC = (b"\xff\xd8", b"\x89PNG\r\n\x1a\n", b"GIF", b"BM")
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """Per-request limits applied to every Predict and Classify."""
+    max_batch_size: int = 64
+
+
+class RequestError(Exception):
+    """A request the server refuses; becomes the gRPC status `code` with `message`."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def start_server(model_base_path: str, model_name: str, *, port: int = 0,
+                 host: str = DEFAULT_HOST, max_batch_size: int = 64, max_message_mb: int = 64,
+                 poll_seconds: float = 1.0, num_versions: int = 2,
+                 num_threads: int = 16) -> tuple["ServingServer", int]:
+    """Loads the model's versions, starts serving, and returns (server, bound port).
+
+    `port=0` binds a free port. Call `server.stop(grace_seconds)` to shut it down.
+
+    Example:
+      >>> server, port = start_server("exports/demo", "demo")  # doctest: +SKIP
+      >>> server.stop(5)  # doctest: +SKIP
+    """
+    if not os.path.isdir(model_base_path):
+        raise ValueError(f"--model_base_path={model_base_path!r} is not a folder; give "
+                         "<export_base>/<model_name> as written by python -m imcl_tf.export.")
+    for name, value in (("max_batch_size", max_batch_size), ("max_message_mb", max_message_mb),
+                        ("num_versions", num_versions), ("num_threads", num_threads)):
+        if value < 1:
+            raise ValueError(f"--{name} must be at least 1. Received: {value}.")
+    if poll_seconds <= 0:
+        raise ValueError(f"--poll_seconds must be positive. Received: {poll_seconds}.")
+    limits = Limits(max_batch_size=max_batch_size)
+    manager = ModelManager(model_base_path, model_name, limits, num_versions=num_versions)
+    manager.refresh()
+    max_bytes = max_message_mb * 1024 * 1024
+    server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=num_threads),
+                         options=[("grpc.max_receive_message_length", max_bytes),
+                                  ("grpc.max_send_message_length", max_bytes)])
+    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
+        PredictionServicer(manager, limits), server)
+    model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(manager), server)
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        bound_port = server.add_insecure_port(address)
+    except RuntimeError as err:  # newer grpc raises instead of returning 0
+        raise OSError(f"cannot listen on {address}: {err}; is the port in use?") from err
+    if bound_port == 0:
+        raise OSError(f"cannot listen on {address}; is the port in use?")
+    server.start()
+    manager.start_polling(poll_seconds)
+    return ServingServer(server, manager), bound_port
+
+
+class ServingServer:
+    """A running server: the gRPC server plus the version poller."""
+
+    def __init__(self, grpc_server: grpc.Server, manager: "ModelManager"):
+        self.grpc_server = grpc_server
+        self.manager = manager
+
+    def stop(self, grace_seconds: float = 10.0) -> None:
+        """Stops accepting requests, waits up to `grace_seconds` for those in flight, stops polling."""
+        self.grpc_server.stop(grace_seconds).wait()
+        self.manager.stop_polling()
+
+
+# ---- Loaded versions ---------------------------------------------------------------------------
+
+
+class Servable:
+    """One loaded SavedModel version: its callable signatures and their SignatureDefs."""
+
+    def __init__(self, version: int, path: str):
+        self.version = version
+        self.path = path
+        self._loaded = tf.saved_model.load(path)  # keeps variables and tables alive
+        self.signatures: dict[str, Callable[..., Mapping[str, tf.Tensor]]] = dict(
+            self._loaded.signatures)
+        saved_model = saved_model_pb2.SavedModel()
+        with open(os.path.join(path, "saved_model.pb"), "rb") as f:
+            saved_model.ParseFromString(f.read())
+        # All SignatureDefs, as TF Serving lists them in GetModelMetadata (init op included).
+        self.signature_defs = dict(saved_model.meta_graphs[0].signature_def)
+
+    def signature_def(self, name: str):
+        """The SignatureDef of a callable signature, or INVALID_ARGUMENT naming the known ones."""
+        if name not in self.signatures:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"Serving signature key {name!r} not found in version "
+                               f"{self.version}; signatures: {sorted(self.signatures)}.")
+        return self.signature_defs[name]
+
+    def run(self, name: str, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Calls signature `name`; TensorFlow's own errors become gRPC errors of the same code."""
+        try:
+            result = self.signatures[name](**{key: tf.constant(value)
+                                               for key, value in inputs.items()})
+            return {key: value.numpy() for key, value in result.items()}
+        except tf.errors.OpError as err:
+            raise RequestError(_GRPC_CODE.get(err.error_code, grpc.StatusCode.INTERNAL),
+                               f"signature {name!r} of version {self.version} failed on this "
+                               f"input: {tf_error_summary(err.message or str(err))}") from err
+
+
+MAX_LOAD_ATTEMPTS = 5  # like TF Serving's --max_num_load_retries: one attempt per poll
+
+
+def tf_error_summary(message: str) -> str:
+    """The part of a TensorFlow runtime error a client can act on, without the graph trace.
+
+    "Graph execution error: ... assertion failed: [image] [image_bytes[0]] [: truncated JPEG]
+    [[{{node ...}}]] [Op:...]" becomes "image image_bytes[0]: truncated JPEG".
+    """
+    noise = ("Graph execution error", "Detected at node", "<stack traces unavailable>")
+    lines = [line.strip() for line in message.splitlines()]
+    text = " ".join(line for line in lines if line and not line.startswith(noise))
+    text = re.sub(r"\s*\[\[\{\{node [^}]*\}\}\]\]|\s*\[Op:[^\]]*\]", "", text).strip()
+    prefix = "assertion failed: "
+    if text.startswith(prefix + "[") and text.endswith("]"):
+        # tf.debugging.Assert prints each data item in brackets.
+        text = " ".join(text[len(prefix) + 1:-1].split("] [")).replace(" : ", ": ")
+    return text or message
+
+
+@dataclasses.dataclass
+class _VersionState:
+    state: int
+    error_code: int = 0
+    error_message: str = ""
+    attempts: int = 0  # failed loads so far
+    mtime: float = 0.0  # of the version folder at the last failure: a change earns new attempts
+
+
+class ModelManager:
+    """Finds, loads and unloads the versions of one model; hands out the one a request names.
+
+    Readers take `self._servables` (a dict that is replaced, never mutated) without a lock, so a
+    swap is one atomic reference assignment; a request holds its Servable until it finishes.
+    """
+
+    def __init__(self, model_base_path: str, model_name: str, limits: Limits, *,
+                 num_versions: int = 2):
+        self.model_base_path = model_base_path
+        self.model_name = model_name
+        self.limits = limits
+        self.num_versions = num_versions
+        self._servables: dict[int, Servable] = {}
+        self._states: dict[int, _VersionState] = {}
+        self._refresh_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._poller: threading.Thread | None = None
+
+    # -- lookups (request threads) --
+
+    def resolve(self, model_spec) -> Servable:
+        """The servable `model_spec` names: NOT_FOUND for another model or an unknown version."""
+        if model_spec.name != self.model_name:
+            raise RequestError(grpc.StatusCode.NOT_FOUND,
+                               f"Servable not found for request: model {model_spec.name!r} is "
+                               f"not served here; this server serves {self.model_name!r}.")
+        servables = self._servables
+        if model_spec.version_label:
+            raise RequestError(grpc.StatusCode.NOT_FOUND,
+                               f"version_label {model_spec.version_label!r} is not defined: this "
+                               "server has no version labels; set model_spec.version or leave "
+                               "both unset for the newest version.")
+        if model_spec.HasField("version"):
+            version = model_spec.version.value
+            if version not in servables:
+                raise RequestError(grpc.StatusCode.NOT_FOUND,
+                                   f"Servable not found for request: version {version} of model "
+                                   f"{self.model_name!r} is not loaded; loaded versions: "
+                                   f"{sorted(servables)}.")
+            return servables[version]
+        if not servables:
+            raise RequestError(grpc.StatusCode.NOT_FOUND,
+                               f"Servable not found for request: no version of model "
+                               f"{self.model_name!r} is loaded yet (none found under "
+                               f"{self.model_base_path}).")
+        return servables[max(servables)]
+
+    def version_statuses(self) -> dict[int, _VersionState]:
+        return dict(self._states)
+
+    # -- loading (poller thread) --
+
+    def refresh(self) -> None:
+        """Loads new versions, then swaps the served set; unloads versions gone from disk."""
+        with self._refresh_lock:
+            on_disk = export.list_versions(self.model_base_path)
+            wanted = on_disk[-self.num_versions:]
+            servables = dict(self._servables)
+            for version in wanted:
+                if version not in servables and self._should_try(version):
+                    servable = self._load(version)
+                    if servable is not None:
+                        servables[version] = servable
+            # Keep the newest `num_versions` of what loaded (an older one stays in service while a
+            # newer one fails to load).
+            keep = sorted(v for v in servables if v in on_disk)[-self.num_versions:]
+            new_servables = {v: servables[v] for v in keep}
+            for version in set(self._servables) - set(new_servables):
+                self._states[version] = _VersionState(_State.END)
+                _LOG.info("unloaded version %d of %s", version, self.model_name)
+            self._servables = new_servables  # the atomic swap
+
+    def _should_try(self, version: int) -> bool:
+        """Whether to (re)load: a failed version is retried a few polls in a row (a copy may have
+        been incomplete), then only after its folder changes."""
+        state = self._states.get(version)
+        if state is None or state.error_code == 0:
+            return True
+        return state.attempts < MAX_LOAD_ATTEMPTS or self._mtime(version) != state.mtime
+
+    def _mtime(self, version: int) -> float:
+        try:
+            return os.stat(os.path.join(self.model_base_path, str(version))).st_mtime
+        except OSError:
+            return 0.0
+
+    def _load(self, version: int) -> Servable | None:
+        path = os.path.join(self.model_base_path, str(version))
+        previous = self._states.get(version)
+        mtime = self._mtime(version)
+        attempts = previous.attempts if previous and previous.mtime == mtime else 0
+        self._states[version] = _VersionState(_State.LOADING, attempts=attempts, mtime=mtime)
+        start = time.monotonic()
+        try:
+            servable = Servable(version, path)
+            count = run_warmup(servable, self.model_name, self.limits)
+        except Exception as err:  # a bad version must not take the server down
+            message = f"{type(err).__name__}: {err}".strip()
+            if isinstance(err, RequestError):
+                message = f"warm-up request failed: {err.message}"
+            _LOG.error("failed to load version %d of %s from %s (attempt %d): %s", version,
+                       self.model_name, path, attempts + 1, message)
+            self._states[version] = _VersionState(
+                _State.END, error_code=error_codes_pb2.INTERNAL, error_message=message,
+                attempts=attempts + 1, mtime=mtime)
+            return None
+        self._states[version] = _VersionState(_State.AVAILABLE)
+        _LOG.info("loaded version %d of %s in %.1f s (%d warm-up requests)", version,
+                  self.model_name, time.monotonic() - start, count)
+        return servable
+
+    def start_polling(self, poll_seconds: float) -> None:
+        def poll():
+            while not self._stop.wait(poll_seconds):
+                try:
+                    self.refresh()
+                except Exception:  # e.g. the base path vanished for a moment: try again later
+                    _LOG.exception("polling %s failed", self.model_base_path)
+
+        self._poller = threading.Thread(target=poll, name="version-poller", daemon=True)
+        self._poller.start()
+
+    def stop_polling(self) -> None:
+        self._stop.set()
+        if self._poller is not None:
+            self._poller.join()
+
+
+def run_warmup(servable: Servable, model_name: str, limits: Limits) -> int:
+    """Replays assets.extra/tf_serving_warmup_requests on a servable before it takes traffic."""
+    path = os.path.join(servable.path, export.WARMUP_DIR, export.WARMUP_FILE)
+    if not os.path.exists(path):
+        return 0
+    count = 0
+    for record in tf.data.TFRecordDataset(path).take(MAX_WARMUP_RECORDS):
+        log = prediction_log_pb2.PredictionLog.FromString(record.numpy())
+        if log.HasField("predict_log"):
+            predict(servable, log.predict_log.request, model_name, limits)
+        elif log.HasField("classify_log"):
+            classify(servable, log.classify_log.request, model_name, limits)
+        else:
+            raise ValueError(f"warm-up record {count} is a {log.WhichOneof('log_type')}, which "
+                             "this server does not replay (only predict_log and classify_log).")
+        count += 1
+    return count
+
+
+# ---- Request handling (independent of gRPC, so warm-up uses the same path) ---------------------
+
+
+def predict(servable: Servable, request: predict_pb2.PredictRequest, model_name: str,
+            limits: Limits) -> predict_pb2.PredictResponse:
+    """Validates a PredictRequest against the signature, runs it, and builds the response."""
+    signature_name = request.model_spec.signature_name or export.SERVING_DEFAULT
+    signature = servable.signature_def(signature_name)
+    expected, received = set(signature.inputs), set(request.inputs)
+    if expected != received:
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"signature {signature_name!r} takes inputs {sorted(expected)}; the "
+                           f"request sent {sorted(received)} (missing: "
+                           f"{sorted(expected - received)}, unexpected: "
+                           f"{sorted(received - expected)}).")
+    inputs = {name: _input_array(name, request.inputs[name], signature.inputs[name],
+                                 signature_name, limits)
+              for name in sorted(expected)}
+    batch_sizes = {name: array.shape[0] for name, array in inputs.items()}
+    if len(set(batch_sizes.values())) > 1:
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"inputs have different batch sizes: {batch_sizes}.")
+    outputs = list(request.output_filter) or sorted(signature.outputs)
+    unknown = sorted(set(outputs) - set(signature.outputs))
+    if unknown:
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"output_filter names {unknown}, which signature {signature_name!r} "
+                           f"does not have; its outputs: {sorted(signature.outputs)}.")
+    result = servable.run(signature_name, inputs)
+    response = predict_pb2.PredictResponse()
+    _fill_model_spec(response.model_spec, model_name, servable.version, signature_name)
+    for name in outputs:
+        to_tensor_proto(result[name], response.outputs[name])
+    return response
+
+
+def classify(servable: Servable, request: classification_pb2.ClassificationRequest,
+             model_name: str, limits: Limits) -> classification_pb2.ClassificationResponse:
+    """Classify as TF Serving does it for TF2 SavedModels (no method-name check).
+
+    The signature needs exactly one input named `inputs` (serialized tf.Example) and the outputs
+    `classes` and/or `scores`; imcl_tf exports one named `classify`. serving_default takes image
+    bytes, so Classify on it is refused with INVALID_ARGUMENT, as TF Serving refuses it.
+    """
+    signature_name = request.model_spec.signature_name or export.SERVING_DEFAULT
+    if signature_name not in servable.signatures:
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"No signature was found with the name: {signature_name!r}; "
+                           f"signatures: {sorted(servable.signatures)}.")
+    signature = servable.signature_defs[signature_name]
+    problem = None
+    if set(signature.inputs) != {export.CLASSIFY_INPUT}:
+        problem = (f"it takes inputs {sorted(signature.inputs)}, while Classify needs exactly one "
+                   f"input named {export.CLASSIFY_INPUT!r} (serialized tf.Example)")
+    elif not set(signature.outputs) <= {export.CLASSIFY_CLASSES, export.CLASSIFY_SCORES}:
+        problem = (f"it has outputs {sorted(signature.outputs)}, while Classify needs "
+                   f"{export.CLASSIFY_CLASSES!r} and/or {export.CLASSIFY_SCORES!r} only")
+    if problem:
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"signature {signature_name!r} cannot serve Classify: {problem}. Use "
+                           f"signature_name={export.CLASSIFY!r}, or Predict for this signature.")
+    serialized = _serialized_examples(request.input)
+    if not serialized:
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                           "Input is empty: the ClassificationRequest has no examples.")
+    _check_batch(len(serialized), "input.example_list", limits)
+    result = servable.run(signature_name,
+                          {export.CLASSIFY_INPUT: np.array(serialized, dtype=object)})
+    classes = result.get(export.CLASSIFY_CLASSES)  # [B, L] bytes
+    scores = result.get(export.CLASSIFY_SCORES)  # [B, L] float32
+    response = classification_pb2.ClassificationResponse()
+    _fill_model_spec(response.model_spec, model_name, servable.version, signature_name)
+    num_classes = (classes if classes is not None else scores).shape[1]
+    for i in range(len(serialized)):
+        row = response.result.classifications.add()
+        for c in range(num_classes):
+            entry = row.classes.add()
+            if classes is not None:
+                entry.label = classes[i, c].decode("utf-8")
+            if scores is not None:
+                entry.score = float(scores[i, c])
+    return response
+
+
+def model_metadata(servable: Servable, request: get_model_metadata_pb2.GetModelMetadataRequest,
+                   model_name: str) -> get_model_metadata_pb2.GetModelMetadataResponse:
+    if not request.metadata_field:
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                           "GetModelMetadataRequest must specify at least one metadata_field "
+                           f"(this server knows {SIGNATURE_DEF_FIELD!r}).")
+    for field in request.metadata_field:
+        if field != SIGNATURE_DEF_FIELD:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"Metadata field {field!r} is not supported; only "
+                               f"{SIGNATURE_DEF_FIELD!r} is.")
+    response = get_model_metadata_pb2.GetModelMetadataResponse()
+    _fill_model_spec(response.model_spec, model_name, servable.version, "")
+    signature_map = get_model_metadata_pb2.SignatureDefMap()
+    for name, signature in servable.signature_defs.items():
+        signature_map.signature_def[name].CopyFrom(signature)
+    response.metadata[SIGNATURE_DEF_FIELD].Pack(signature_map)
+    return response
+
+
+def model_status(manager: ModelManager, request: get_model_status_pb2.GetModelStatusRequest
+                 ) -> get_model_status_pb2.GetModelStatusResponse:
+    spec = request.model_spec
+    if spec.name != manager.model_name:
+        raise RequestError(grpc.StatusCode.NOT_FOUND,
+                           f"Could not find any versions of model {spec.name!r}; this server "
+                           f"serves {manager.model_name!r}.")
+    states = manager.version_statuses()
+    if spec.HasField("version"):
+        if spec.version.value not in states:
+            raise RequestError(grpc.StatusCode.NOT_FOUND,
+                               f"Could not find version {spec.version.value} of model "
+                               f"{manager.model_name!r}; known versions: {sorted(states)}.")
+        states = {spec.version.value: states[spec.version.value]}
+    response = get_model_status_pb2.GetModelStatusResponse()
+    for version in sorted(states):
+        entry = response.model_version_status.add(version=version, state=states[version].state)
+        entry.status.error_code = states[version].error_code
+        entry.status.error_message = states[version].error_message
+    return response
+
+
+def _input_array(name: str, proto, tensor_info, signature_name: str,
+                 limits: Limits) -> np.ndarray:
+    """One request input as a NumPy array, after checking it against the signature's TensorInfo."""
+    where = f"input {name!r} of signature {signature_name!r}"
+    if proto.dtype != tensor_info.dtype:
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"{where} has dtype {_dtype_name(proto.dtype)}; expected "
+                           f"{_dtype_name(tensor_info.dtype)}.")
+    try:
+        array = tf.make_ndarray(proto)
+    except (ValueError, TypeError) as err:
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"{where} is not a valid TensorProto: {err}") from err
+    expected = [dim.size for dim in tensor_info.tensor_shape.dim]
+    if not tensor_info.tensor_shape.unknown_rank and (
+            array.ndim != len(expected)
+            or any(e not in (-1, got) for e, got in zip(expected, array.shape))):
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"{where} has shape {list(array.shape)}; expected {expected} "
+                           "(-1: any size).")
+    if array.ndim == 0:
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"{where} is a scalar; send a batch (first dimension).")
+    _check_batch(array.shape[0], where, limits)
+    if name == export.IMAGE_BYTES_INPUT:
+        for i, encoded in enumerate(array.reshape(-1)):
+            if not encoded.startswith(_IMAGE_MAGIC):
+                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                                   f"{where}: element {i} is not a JPEG or PNG image (it starts "
+                                   f"with {bytes(encoded[:8])!r}, {len(encoded)} bytes); send the "
+                                   "encoded file bytes.")
+    return array
+
+
+def to_tensor_proto(array: np.ndarray, proto) -> None:
+    """Fills `proto` (a TensorProto) from a NumPy array, as tf.make_tensor_proto would.
+
+    Numbers go into tensor_content as raw bytes, strings into string_val. About ten times faster
+    than tf.make_tensor_proto, which matters at batch 1 where conversion is a visible share of a
+    request.
+    """
+    dtype = _NUMPY_TO_DTYPE.get(array.dtype.type)
+    if dtype is None:
+        proto.CopyFrom(tf.make_tensor_proto(array))
+        return
+    proto.dtype = dtype
+    for size in array.shape:
+        proto.tensor_shape.dim.add(size=size)
+    if dtype == types_pb2.DT_STRING:
+        proto.string_val.extend(array.reshape(-1).tolist())
+    else:
+        proto.tensor_content = np.ascontiguousarray(array).tobytes()
+
+
+_NUMPY_TO_DTYPE = {np.float32: types_pb2.DT_FLOAT, np.float64: types_pb2.DT_DOUBLE,
+                   np.int32: types_pb2.DT_INT32, np.int64: types_pb2.DT_INT64,
+                   np.object_: types_pb2.DT_STRING, np.bytes_: types_pb2.DT_STRING}
+
+
+def _check_batch(batch: int, where: str, limits: Limits) -> None:
+    if batch == 0:
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"{where} is an empty batch; send at least one item.")
+    if batch > limits.max_batch_size:
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"{where} has a batch of {batch}, over this server's "
+                           f"--max_batch_size={limits.max_batch_size}; split the request.")
+
+
+def _serialized_examples(model_input) -> list[bytes]:
+    """The serialized tf.Examples of a tensorflow.serving.Input, context merged in as TF Serving does."""
+    kind = model_input.WhichOneof("kind")
+    if kind == "example_list":
+        return [example.SerializeToString() for example in model_input.example_list.examples]
+    if kind == "example_list_with_context":
+        context = model_input.example_list_with_context.context
+        merged = []
+        for example in model_input.example_list_with_context.examples:
+            combined = tf.train.Example()
+            combined.CopyFrom(context)
+            combined.MergeFrom(example)  # the example's own features win over the context's
+            merged.append(combined.SerializeToString())
+        return merged
+    return []
+
+
+def _fill_model_spec(spec, model_name: str, version: int, signature_name: str) -> None:
+    spec.name = model_name
+    spec.version.value = version
+    if signature_name:
+        spec.signature_name = signature_name
+
+
+def _dtype_name(dtype: int) -> str:
+    try:
+        return types_pb2.DataType.Name(dtype)
+    except ValueError:
+        return f"unknown dtype {dtype}"
+
+
+# TensorFlow's error codes are the gRPC status codes, number for number.
+_GRPC_CODE = {code.value[0]: code for code in grpc.StatusCode}
+
+
+# ---- gRPC services -----------------------------------------------------------------------------
+
+
+def _handler(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Turns RequestError into its status and any other exception into INTERNAL, never a crash."""
+
+    def wrapped(self, request, context):
+        try:
+            return method(self, request)
+        except RequestError as err:
+            context.abort(err.code, err.message)
+        except Exception as err:  # a bug must cost one request, not the server
+            _LOG.exception("%s failed", method.__name__)
+            context.abort(grpc.StatusCode.INTERNAL,
+                          f"internal error in {method.__name__}: {type(err).__name__}: {err}")
+
+    wrapped.__name__ = method.__name__
+    wrapped.__doc__ = method.__doc__
+    return wrapped
+
+
+class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
+    """tensorflow.serving.PredictionService over a ModelManager."""
+
+    def __init__(self, manager: ModelManager, limits: Limits):
+        self._manager = manager
+        self._limits = limits
+
+    @_handler
+    def Predict(self, request):
+        return predict(self._manager.resolve(request.model_spec), request,
+                       self._manager.model_name, self._limits)
+
+    @_handler
+    def Classify(self, request):
+        return classify(self._manager.resolve(request.model_spec), request,
+                        self._manager.model_name, self._limits)
+
+    @_handler
+    def GetModelMetadata(self, request):
+        return model_metadata(self._manager.resolve(request.model_spec), request,
+                              self._manager.model_name)
+
+    @_handler
+    def Regress(self, request):
+        self._manager.resolve(request.model_spec)
+        raise RequestError(grpc.StatusCode.UNIMPLEMENTED,
+                           "Regress is not served: imcl_tf models export no regression "
+                           "signature; use Predict (or Classify with signature 'classify').")
+
+    @_handler
+    def MultiInference(self, request):
+        raise RequestError(grpc.StatusCode.UNIMPLEMENTED,
+                           "MultiInference is not served by this development server; send "
+                           "Predict or Classify requests.")
+
+
+class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
+    """tensorflow.serving.ModelService: version status (config reloads are not supported)."""
+
+    def __init__(self, manager: ModelManager):
+        self._manager = manager
+
+    @_handler
+    def GetModelStatus(self, request):
+        return model_status(self._manager, request)
+
+    @_handler
+    def HandleReloadConfigRequest(self, request):
+        raise RequestError(grpc.StatusCode.UNIMPLEMENTED,
+                           "this server serves one model from --model_base_path and picks up new "
+                           "versions by itself; config reloads are not supported.")
+
+
+# ---- Command line ------------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m serving.server", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model_base_path", required=True,
+                        help="<export_base>/<model_name>: the folder holding version folders")
+    parser.add_argument("--model_name", required=True, help="name clients put in model_spec.name")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="gRPC port (0: any free)")
+    parser.add_argument("--host", default=DEFAULT_HOST,
+                        help="address to listen on; 0.0.0.0 exposes the server to the network")
+    parser.add_argument("--max_batch_size", type=int, default=64,
+                        help="largest batch one request may carry")
+    parser.add_argument("--max_message_mb", type=int, default=64,
+                        help="largest request or response message, in MiB")
+    parser.add_argument("--poll_seconds", type=float, default=1.0,
+                        help="how often to look for new versions")
+    parser.add_argument("--num_versions", type=int, default=2,
+                        help="how many of the newest versions stay loaded")
+    parser.add_argument("--num_threads", type=int, default=16, help="request worker threads")
+    parser.add_argument("--shutdown_grace_seconds", type=float, default=30.0,
+                        help="how long in-flight requests may run after SIGTERM/SIGINT")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    stop_requested = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop_requested.set())
+    try:
+        server, port = start_server(args.model_base_path, args.model_name, port=args.port,
+                                    host=args.host, max_batch_size=args.max_batch_size,
+                                    max_message_mb=args.max_message_mb,
+                                    poll_seconds=args.poll_seconds,
+                                    num_versions=args.num_versions, num_threads=args.num_threads)
+    except (ValueError, OSError) as err:
+        print(f"serving.server: error: {err}", file=sys.stderr)
+        return 2
+    versions = sorted(server.manager.version_statuses())
+    # Tests and benchmarks wait for this line.
+    print(f"serving model {args.model_name!r} versions {versions} on {args.host}:{port}",
+          flush=True)
+    while not stop_requested.wait(0.5):
+        pass
+    _LOG.info("stopping: finishing requests in flight (up to %.0f s)", args.shutdown_grace_seconds)
+    server.stop(args.shutdown_grace_seconds)
+    _LOG.info("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
