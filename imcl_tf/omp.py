@@ -33,9 +33,11 @@ MAX_K = 8
 # in float32 an atom that is numerically a copy of a chosen one keeps a rounding-level gain
 # (~1e-12 relative) and would otherwise fill a slot with a coefficient of ~0.
 RELATIVE_MIN_GAIN = 1e-6
-# Tikhonov term relative to each Gram diagonal entry: keeps (near-)collinear supports finite and
-# bounded; it changes well-conditioned coefficients by ~1e-6 relative.
-_RIDGE = 1e-6
+# Exact NNLS skips a sub-support whose Cholesky pivot falls below this fraction of the atom's
+# squared norm, i.e. an atom within ~0.2 degrees of the span of the others: in float32 such a
+# system is numerically singular. An optimum on an independent support always exists, and for
+# nonnegative coefficients a nearly dependent atom can add at most ~1e-5 |q|^2 of fit.
+DEPENDENT_PIVOT = 1e-5
 
 
 def joint_nonnegative_omp(query_y: Any,
@@ -113,7 +115,11 @@ def joint_nonnegative_omp(query_y: Any,
 
 
 def _omp(query_y, query_f, atoms_y, atoms_f, k, lambda_y, lambda_f, exclude):
-    """The unrolled k-step loop on validated float32 tensors (see joint_nonnegative_omp)."""
+    """The k-step loop on validated float32 tensors (see joint_nonnegative_omp).
+
+    The steps run in a tf.while_loop over fixed [B, k] slot tensors (slots not reached yet count
+    as invalid), so the graph and XLA's compile time do not grow with k.
+    """
     query_y, query_f, atoms_y, atoms_f = (
         tf.stop_gradient(x) for x in (query_y, query_f, atoms_y, atoms_f))
     lambda_y = tf.stop_gradient(lambda_y)
@@ -125,6 +131,7 @@ def _omp(query_y, query_f, atoms_y, atoms_f, k, lambda_y, lambda_f, exclude):
     inv_norm_y = tf.math.divide_no_nan(1.0, tf.reduce_sum(tf.square(atoms_y), axis=1))  # [M]
     inv_norm_f = tf.math.divide_no_nan(1.0, tf.reduce_sum(tf.square(atoms_f), axis=1))  # [M]
     atom_index = tf.range(num_atoms, dtype=tf.int32)  # [M]
+    slot_index = tf.range(k, dtype=tf.int32)  # [k]
     if exclude is None:
         blocked = tf.zeros([batch, num_atoms], dtype=tf.bool)  # [B, M]
     else:
@@ -133,53 +140,48 @@ def _omp(query_y, query_f, atoms_y, atoms_f, k, lambda_y, lambda_f, exclude):
               + lambda_f * tf.reduce_sum(tf.square(query_f), axis=1))  # [B]
     min_gain = RELATIVE_MIN_GAIN * energy  # [B]
 
-    residual_y, residual_f = query_y, query_f
-    alive = tf.ones([batch], dtype=tf.bool)  # [B] every earlier slot valid
-    indices, valid = [], []
-    chosen_y, chosen_f = [], []  # per slot: [B, L], [B, D] atom vectors (zero if invalid)
-    gram_y, gram_f = [], []  # gram[i][j] = <atom_i, atom_j> for j <= i, each [B]
-    rhs_y, rhs_f = [], []  # <query, atom_i>, each [B]
-    coef_y, coef_f = [], []
-    for step in range(k):
+    def one_step(step, residual_y, residual_f, blocked, indices, valid, coef):
         # The two GEMMs of the step: correlations of the residuals with every atom.
         corr_y = tf.matmul(residual_y, atoms_y, transpose_b=True)  # [B, M]
         corr_f = tf.matmul(residual_f, atoms_f, transpose_b=True)  # [B, M]
-        if step == 0:
-            query_corr_y, query_corr_f = corr_y, corr_f  # residual = query at step 0
         score = _selection_scores(corr_y, corr_f, inv_norm_y, inv_norm_f, lambda_y, lambda_f)
         score = tf.where(blocked, tf.zeros_like(score), score)  # [B, M]
         best = tf.reduce_max(score, axis=1)  # [B]
         # tf.argmax leaves ties unspecified: take the first index attaining the maximum.
         first = tf.where(score == best[:, None], atom_index[None, :], num_atoms)  # [B, M]
         index = tf.reduce_min(first, axis=1)  # [B]
+        # A slot is valid only if every earlier one is (an invalid slot leaves the residual as is).
+        alive = tf.reduce_all(tf.logical_or(valid, slot_index[None, :] >= step), axis=1)  # [B]
         ok = tf.logical_and(alive, best > min_gain)  # [B]
         index = tf.where(ok, index, 0)
         blocked = tf.logical_or(
             blocked, tf.logical_and(atom_index[None, :] == index[:, None], ok[:, None]))
-        alive = ok
-        indices.append(index)
-        valid.append(ok)
+        this_slot = (slot_index == step)[None, :]  # [1, k]
+        indices = tf.where(this_slot, index[:, None], indices)  # [B, k]
+        valid = tf.where(this_slot, ok[:, None], valid)  # [B, k]
 
-        mask = tf.cast(ok, tf.float32)[:, None]  # [B, 1] invalid slots leave the systems
-        new_y = tf.gather(atoms_y, index) * mask  # [B, L]
-        new_f = tf.gather(atoms_f, index) * mask  # [B, D]
-        gram_y.append([tf.reduce_sum(new_y * old, axis=1) for old in chosen_y + [new_y]])
-        gram_f.append([tf.reduce_sum(new_f * old, axis=1) for old in chosen_f + [new_f]])
-        chosen_y.append(new_y)
-        chosen_f.append(new_f)
-        rhs_y.append(tf.gather(query_corr_y, index, batch_dims=1) * mask[:, 0])
-        rhs_f.append(tf.gather(query_corr_f, index, batch_dims=1) * mask[:, 0])
+        # Support so far; invalid and future slots become zero atoms, which the NNLS leaves out.
+        mask = tf.cast(valid, tf.float32)[:, :, None]  # [B, k, 1]
+        chosen_y = tf.gather(atoms_y, indices) * mask  # [B, k, L]
+        chosen_f = tf.gather(atoms_f, indices) * mask  # [B, k, D]
+        gram = tf.stack([tf.matmul(chosen_y, chosen_y, transpose_b=True),
+                         tf.matmul(chosen_f, chosen_f, transpose_b=True)])  # [2, B, k, k]
+        rhs = tf.stack([tf.einsum("bl,bkl->bk", query_y, chosen_y),
+                        tf.einsum("bd,bkd->bk", query_f, chosen_f)])  # [2, B, k]
 
         # Lines 9-10 of Algorithm 2: refit ALL coefficients of each side by exact NNLS (Eq. 5).
-        coef_y = _nnls_small(gram_y, rhs_y)
-        coef_f = _nnls_small(gram_f, rhs_f)
-        residual_y = query_y - tf.add_n([c[:, None] * a for c, a in zip(coef_y, chosen_y)])
-        residual_f = query_f - tf.add_n([c[:, None] * a for c, a in zip(coef_f, chosen_f)])
+        coef = _nnls_small(gram, rhs)  # [2, B, k]
+        residual_y = query_y - tf.einsum("bk,bkl->bl", coef[0], chosen_y)  # [B, L]
+        residual_f = query_f - tf.einsum("bk,bkd->bd", coef[1], chosen_f)  # [B, D]
+        return step + 1, residual_y, residual_f, blocked, indices, valid, coef
 
-    return OMPResult(indices=tf.stop_gradient(tf.stack(indices, axis=1)),
-                     valid=tf.stop_gradient(tf.stack(valid, axis=1)),
-                     coef_y=tf.stop_gradient(tf.stack(coef_y, axis=1)),
-                     coef_f=tf.stop_gradient(tf.stack(coef_f, axis=1)))
+    state = (tf.constant(0), query_y, query_f, blocked,
+             tf.zeros([batch, k], tf.int32), tf.zeros([batch, k], tf.bool),
+             tf.zeros([2, batch, k], tf.float32))
+    _, _, _, _, indices, valid, coef = tf.while_loop(
+        lambda step, *_: step < k, one_step, state, maximum_iterations=k)
+    return OMPResult(indices=tf.stop_gradient(indices), valid=tf.stop_gradient(valid),
+                     coef_y=tf.stop_gradient(coef[0]), coef_f=tf.stop_gradient(coef[1]))
 
 
 _compiled_omp = tf.function(_omp, jit_compile=True)
@@ -196,76 +198,85 @@ def _selection_scores(corr_y, corr_f, inv_norm_y, inv_norm_f, lambda_y, lambda_f
 
 
 def _nnls_small(gram, rhs):
-    """Exact NNLS  min_{c >= 0} |q - S c|^2  for a tiny support, batched over queries.
+    """Exact NNLS  min_{c >= 0} |q - S c|^2  for a tiny support, batched over leading axes.
 
     Every sub-support P of the s slots (a constant mask, 2^s of them, the empty one included) is
-    solved as an unconstrained least-squares problem by an unrolled Cholesky factorisation; the
-    solutions with a negative entry are discarded and the feasible one with the smallest residual
-    wins. The optimum of a convex NNLS is the least-squares solution on its own support (with a
-    linearly independent support always available), so this is exact.
+    solved as an unconstrained least-squares problem by Gaussian elimination (LDL^T, vectorised
+    over sub-supports); the solutions with a negative entry are discarded and the feasible one
+    with the smallest residual wins. The optimum of a convex NNLS is the least-squares solution on
+    its own support, and one optimum always has a linearly independent support (Caratheodory), so
+    sub-supports that are numerically dependent are skipped (see `DEPENDENT_PIVOT`).
 
     Args:
-      gram: lower triangle as lists, gram[i][j] = <a_i, a_j> for j <= i, each [B]. A slot whose
-        diagonal entry is 0 (invalid slot or zero atom on this side) gets coefficient 0.
-      rhs: list of s tensors [B], <q, a_i>.
+      gram: [..., s, s] Gram matrices <a_i, a_j>. A slot whose diagonal entry is 0 (invalid slot
+        or zero atom on this side) gets coefficient 0.
+      rhs: [..., s] right-hand sides <q, a_i>.
 
     Returns:
-      List of s coefficient tensors [B], all >= 0.
+      [..., s] coefficients, all >= 0.
     """
-    size = len(rhs)
-    subsets = _subset_table(size)  # [P, s]
-    usable = [gram[i][i] > 0 for i in range(size)]  # [B] each
-    member = [tf.cast(tf.logical_and(usable[i][:, None], subsets[None, :, i]), tf.float32)
-              for i in range(size)]  # [B, P] each: 1 if slot i is in sub-support p
-    outside = [1.0 - m for m in member]
-
-    # Masked system per sub-support: the members' ridged Gram block, identity elsewhere.
-    def entry(i, j):  # [B, P]
-        if i == j:
-            return gram[i][i][:, None] * (1.0 + _RIDGE) * member[i] + outside[i]
-        return gram[i][j][:, None] * member[i] * member[j]
-
-    chol = [[None] * size for _ in range(size)]  # lower-triangular factor, entries [B, P]
-    for j in range(size):
-        diagonal = entry(j, j)
-        pivot = diagonal - _sum([chol[j][q] * chol[j][q] for q in range(j)])
-        # Pivot floor: rounding can make a (near-)collinear block numerically indefinite.
-        chol[j][j] = tf.sqrt(tf.maximum(pivot, _RIDGE * diagonal))
-        for i in range(j + 1, size):
-            chol[i][j] = (entry(i, j) - _sum([chol[i][q] * chol[j][q] for q in range(j)])) / chol[j][j]
-    forward = []
-    for i in range(size):
-        forward.append((rhs[i][:, None] * member[i]
-                        - _sum([chol[i][q] * forward[q] for q in range(i)])) / chol[i][i])
-    coef = [None] * size  # [B, P] each
-    for i in reversed(range(size)):
-        coef[i] = (forward[i] - _sum([chol[q][i] * coef[q] for q in range(i + 1, size)])) / chol[i][i]
-
-    # |q - S c|^2 - |q|^2 = c^T G c - 2 c^T b, with the exact (unridged) Gram.
-    def full_gram(i, j):
-        return gram[max(i, j)][min(i, j)][:, None]
-
-    objective = _sum([coef[i] * (_sum([full_gram(i, j) * coef[j] for j in range(size)])
-                                 - 2.0 * rhs[i][:, None]) for i in range(size)])  # [B, P]
-    feasible = tf.reduce_all(tf.stack([c >= 0.0 for c in coef], axis=0), axis=0)  # [B, P]
-    objective = tf.where(feasible, objective, math.inf)
-    lowest = tf.reduce_min(objective, axis=1, keepdims=True)  # [B, 1]; the empty set is feasible
+    size = rhs.shape[-1]
+    subsets = tf.constant(_subset_table(size), tf.float32)  # [P, s]
     num_subsets = subsets.shape[0]
-    first = tf.where(objective == lowest, tf.range(num_subsets)[None, :], num_subsets)
-    pick = tf.reduce_min(first, axis=1)  # [B]
-    picked = [tf.gather(c, pick, batch_dims=1) for c in coef]
-    return [tf.where(c > 0.0, c, 0.0) for c in picked]  # turns -0.0 of empty slots into 0.0
+    usable = tf.cast(tf.linalg.diag_part(gram) > 0.0, tf.float32)  # [..., s]
+    member = usable[..., None, :] * subsets  # [..., P, s]: slot i is in sub-support p
+    # Masked system per sub-support: the members' Gram block, identity elsewhere.
+    system = (gram[..., None, :, :] * member[..., :, None] * member[..., None, :]
+              + tf.linalg.diag(1.0 - member))  # [..., P, s, s]
+    target = rhs[..., None, :] * member  # [..., P, s]
+    floor = DEPENDENT_PIVOT * tf.linalg.diag_part(system)  # [..., P, s]
+    slot = tf.range(size)  # [s]
+
+    # Gaussian elimination (LDL^T without pivoting: the kept systems are positive definite) in a
+    # loop over the pivot, so the graph does not grow with s. Row j is final after step j: at
+    # the end `system` is upper triangular and `target` the forward-substituted right-hand side.
+    def eliminate(j, system, target, dependent):
+        pivot_row = tf.gather(system, j, axis=-2)  # [..., P, s]
+        pivot = tf.gather(pivot_row, j, axis=-1)  # [..., P]
+        pivot_floor = tf.gather(floor, j, axis=-1)
+        # pivot / |a_j|^2 = squared sine between atom j and the span of the earlier members.
+        dependent = tf.logical_or(dependent, pivot < pivot_floor)
+        pivot = tf.maximum(pivot, pivot_floor)  # only keeps discarded systems finite
+        below = tf.cast(slot > j, tf.float32)  # [s]
+        factor = tf.gather(system, j, axis=-1) * below / pivot[..., None]  # [..., P, s]
+        system = system - factor[..., :, None] * pivot_row[..., None, :]
+        system = tf.linalg.set_diag(system, tf.where(slot == j, pivot[..., None],
+                                                     tf.linalg.diag_part(system)))
+        target = target - factor * tf.gather(target, j, axis=-1)[..., None]
+        return j + 1, system, target, dependent
+
+    _, system, target, dependent = tf.while_loop(
+        lambda j, *_: j < size, eliminate,
+        (tf.constant(0), system, target, tf.zeros_like(target[..., 0], dtype=tf.bool)),
+        maximum_iterations=size)
+    pivots = tf.linalg.diag_part(system)  # [..., P, s]
+
+    def substitute(j, coef):  # back substitution, j = s-1 .. 0; unsolved entries are still 0
+        known = tf.reduce_sum(tf.gather(system, j, axis=-2) * coef, axis=-1)  # [..., P]
+        value = (tf.gather(target, j, axis=-1) - known) / tf.gather(pivots, j, axis=-1)
+        return j - 1, tf.where(slot == j, value[..., None], coef)
+
+    _, coef = tf.while_loop(lambda j, _: j >= 0, substitute,
+                            (tf.constant(size - 1), tf.zeros_like(target)),
+                            maximum_iterations=size)  # [..., P, s]
+
+    # |q - S c|^2 = |q|^2 - b^T G^-1 b for the least-squares c, and b^T G^-1 b is the sum of
+    # target_j^2 / pivot_j: no cancellation even when coefficients are large.
+    objective = -tf.reduce_sum(tf.square(target) / pivots, axis=-1)  # [..., P] minus |q|^2
+    feasible = tf.logical_and(tf.reduce_all(coef >= 0.0, axis=-1),
+                              tf.logical_not(dependent))  # the empty sub-support always is
+    objective = tf.where(feasible, objective, math.inf)
+    lowest = tf.reduce_min(objective, axis=-1, keepdims=True)  # [..., 1]
+    first = tf.where(objective == lowest, tf.range(num_subsets), num_subsets)  # [..., P]
+    pick = tf.reduce_min(first, axis=-1)  # [...]
+    picked = tf.gather(coef, pick, batch_dims=len(pick.shape))  # [..., s]
+    return tf.where(picked > 0.0, picked, 0.0)  # turns -0.0 of empty slots into 0.0
 
 
 def _subset_table(size):
     """[2^size, size] bool; row p holds the slots of sub-support p (bit i of p = slot i)."""
     rows = np.arange(2 ** size)[:, None]
     return (rows >> np.arange(size)[None, :]) & 1 == 1
-
-
-def _sum(terms):
-    """Sum of a Python list of tensors; 0.0 for the empty list (first pivot, first row)."""
-    return tf.add_n(terms) if terms else 0.0
 
 
 # ---- Input checks -------------------------------------------------------------------------------
