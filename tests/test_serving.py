@@ -3,6 +3,7 @@
 Servers run in-process on a free loopback port, except the SIGTERM test, which runs the CLI.
 """
 
+import inspect
 import json
 import os
 import re
@@ -410,3 +411,48 @@ def test_cli_server_and_client_then_sigterm(tmp_path, rng, capsys):
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def _batching_parameters_class():
+    """TF Serving's BatchingParameters message (session_bundle_config.proto, fields 1-7), built
+    here because tensorflow-serving-api does not ship that proto."""
+    from google.protobuf import (descriptor_pb2, descriptor_pool, message_factory,
+                                 wrappers_pb2)
+
+    pool = descriptor_pool.DescriptorPool()
+    pool.AddSerializedFile(wrappers_pb2.DESCRIPTOR.serialized_pb)
+    proto = descriptor_pb2.FileDescriptorProto(name="batching_parameters_test.proto",
+                                               package="test", syntax="proto3",
+                                               dependency=["google/protobuf/wrappers.proto"])
+    message = proto.message_type.add(name="BatchingParameters")
+    field = descriptor_pb2.FieldDescriptorProto
+    for number, name in enumerate(["max_batch_size", "batch_timeout_micros",
+                                   "max_enqueued_batches", "num_batch_threads"], start=1):
+        message.field.add(name=name, number=number, type=field.TYPE_MESSAGE,
+                          type_name=".google.protobuf.Int64Value", label=field.LABEL_OPTIONAL)
+    message.field.add(name="thread_pool_name", number=5, type=field.TYPE_MESSAGE,
+                      type_name=".google.protobuf.StringValue", label=field.LABEL_OPTIONAL)
+    message.field.add(name="allowed_batch_sizes", number=6, type=field.TYPE_INT64,
+                      label=field.LABEL_REPEATED)
+    message.field.add(name="pad_variable_length_inputs", number=7, type=field.TYPE_BOOL,
+                      label=field.LABEL_OPTIONAL)
+    pool.Add(proto)
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName("test.BatchingParameters"))
+
+
+def test_tf_serving_config_files_parse_and_match_the_local_server():
+    from google.protobuf import text_format
+    from tensorflow_serving.config import model_server_config_pb2
+
+    with open(os.path.join(ROOT, "serving", "models.config")) as f:
+        config = text_format.Parse(f.read(), model_server_config_pb2.ModelServerConfig())
+    [model] = config.model_config_list.config
+    assert model.model_platform == "tensorflow"
+    assert model.base_path == f"/models/{model.name}"  # the export base is mounted at /models
+    defaults = inspect.signature(serving_server.start_server).parameters
+    assert model.model_version_policy.latest.num_versions == defaults["num_versions"].default
+
+    with open(os.path.join(ROOT, "serving", "batching_parameters.txt")) as f:
+        batching = text_format.Parse(f.read(), _batching_parameters_class()())
+    assert batching.max_batch_size.value == defaults["max_batch_size"].default
+    assert batching.num_batch_threads.value >= 1
