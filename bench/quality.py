@@ -1,0 +1,253 @@
+"""Does IMCL beat the logistic baseline? Test mAP against the share of known training labels.
+
+On the Fashion-MNIST scenes demo dataset, for each known-label ratio (uniform protocol) and seed:
+train the logistic baseline, train IMCL warm-started from that same run, evaluate both on the fully
+labelled test split. Writes a table (mean and std per method and of the paired difference), a
+PNG of mAP against known ratio, the 10-group frequency chart for one ratio, and every run's
+numbers as JSON. `--ablations` adds the variants of the issue at 30 % known.
+
+  python bench/quality.py --out bench/out/quality            # the full table (about an hour)
+  python bench/quality.py --quick --out /tmp/q               # a tiny smoke version
+  python bench/quality.py --ablations_only --out bench/out/quality
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+# Defaults of a quality run: the demo recipe (configs/demo.flags) at benchmark length.
+BASE = dict(backbone="small_cnn", batch_size=32, learning_rate=1e-3, optimizer="adam",
+            k=3, lambda_y=1.0, lambda_f=0.5, balance="loss_ratio", dictionary_per_class=10,
+            refresh_every=50, label_graph="cooccurrence", learn_label_graph=True,
+            clip_label_graph=True, asym_c=2.0, neighbour_mode="cached", verbose=0,
+            verify_data=False, log_every=50, checkpoint_every=10_000)
+
+ABLATIONS = {
+    "k=1": dict(k=1), "k=5": dict(k=5), "lambda_f=0": dict(lambda_f=0.0),
+    "identity graph": dict(label_graph="identity"), "fixed graph": dict(learn_label_graph=False),
+    "forward neighbours": dict(neighbour_mode="forward"),
+    "whole-split dictionary": dict(dictionary_per_class=0),
+    "per_class protocol": dict(_protocol="per_class"),
+}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, help="Output folder (datasets, runs, results).")
+    parser.add_argument("--ratios", default="0.1,0.3,0.5,0.7,0.9,1.0")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--num_train", type=int, default=3000)
+    parser.add_argument("--num_val", type=int, default=500)
+    parser.add_argument("--num_test", type=int, default=1000)
+    parser.add_argument("--logistic_steps", type=int, default=300)
+    parser.add_argument("--imcl_steps", type=int, default=150)
+    parser.add_argument("--eval_every", type=int, default=50)
+    parser.add_argument("--set", action="append", default=[],
+                        help="Override a training option for both methods, e.g. --set k=5.")
+    parser.add_argument("--imcl_set", action="append", default=[],
+                        help="Override a training option for IMCL only.")
+    parser.add_argument("--ablations", action="store_true", help="Also run the ablations.")
+    parser.add_argument("--ablations_only", action="store_true")
+    parser.add_argument("--ablation_seeds", default="0,1")
+    parser.add_argument("--quick", action="store_true", help="Tiny sizes: a smoke test.")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.num_train, args.num_val, args.num_test = 160, 64, 64
+        args.logistic_steps, args.imcl_steps, args.eval_every = 6, 4, 3
+        args.ratios, args.seeds, args.ablation_seeds = "0.3", "0", "0"
+    base = dict(BASE)
+    base.update(_parse_sets(args.set))
+    imcl_only = _parse_sets(args.imcl_set)
+    os.makedirs(args.out, exist_ok=True)
+    started = time.time()
+    full_dir = _build_dataset(args)
+    results = _load_results(args.out)
+    ratios = [float(r) for r in args.ratios.split(",")]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    if not args.ablations_only:
+        for ratio in ratios:
+            for seed in seeds:
+                _run_pair(args, full_dir, results, "main", ratio, seed, base, imcl_only)
+        _write_main_report(args, results, ratios, seeds)
+    if args.ablations or args.ablations_only:
+        ablation_seeds = [int(s) for s in args.ablation_seeds.split(",")]
+        for seed in ablation_seeds:
+            _run_pair(args, full_dir, results, "main", 0.3, seed, base, imcl_only)
+            for name, change in ABLATIONS.items():
+                _run_pair(args, full_dir, results, name, 0.3, seed, base,
+                          {**imcl_only, **change})
+        _write_ablation_report(args, results, ablation_seeds)
+    print(f"total {time.time() - started:.0f} s; results in {args.out}")
+    return 0
+
+
+def _parse_sets(items):
+    out = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        for cast in (int, float):
+            try:
+                value = cast(value)
+                break
+            except ValueError:
+                continue
+        if value in ("true", "false", "True", "False"):
+            value = value.lower() == "true"
+        out[key] = value
+    return out
+
+
+def _build_dataset(args) -> str:
+    from imcl_tf import data as data_lib
+    from tfrecords_tools import fashion_scenes
+    full_dir = os.path.join(args.out, "data", "full")
+    if not os.path.exists(os.path.join(full_dir, data_lib.DATASET_JSON)):
+        fashion_scenes.build(full_dir, seed=1234, num_shards=2, num_examples={
+            "train": args.num_train, "val": args.num_val, "test": args.num_test})
+    return full_dir
+
+
+def _partial_dir(args, full_dir, protocol, ratio, seed) -> str:
+    from imcl_tf import data as data_lib
+    from tfrecords_tools import partial
+    out = os.path.join(args.out, "data", f"{protocol}_{int(round(ratio * 100))}_seed{seed}")
+    if not os.path.exists(os.path.join(out, data_lib.DATASET_JSON)):
+        partial.simulate(full_dir, out, protocol=protocol, known_ratio=ratio, seed=seed)
+    return out
+
+
+def _run_pair(args, full_dir, results, variant, ratio, seed, base, imcl_only):
+    """Logistic run (shared by all variants of a ratio and seed), then IMCL from it; cached."""
+    key = f"{variant}|{ratio}|{seed}"
+    if key in results:
+        return results[key]
+    from imcl_tf import evaluate, train_lib
+    imcl_only = dict(imcl_only)
+    protocol = imcl_only.pop("_protocol", "uniform")
+    data_dir = _partial_dir(args, full_dir, protocol, ratio, seed)
+    tag = f"{protocol}_{int(round(ratio * 100))}_seed{seed}"
+    logistic_dir = os.path.join(args.out, "runs", tag, "logistic")
+    if not os.path.exists(os.path.join(logistic_dir, "best.keras")):
+        train_lib.run(train_lib.TrainConfig(
+            data_dir=data_dir, model_dir=logistic_dir, method="logistic", seed=seed,
+            train_steps=args.logistic_steps, eval_every=args.eval_every,
+            **{k: v for k, v in base.items()}))
+    imcl_dir = os.path.join(args.out, "runs", tag, "imcl_" + _slug(variant))
+    t0 = time.time()
+    train_lib.run(train_lib.TrainConfig(
+        data_dir=data_dir, model_dir=imcl_dir, method="imcl", seed=seed, warm_start=logistic_dir,
+        train_steps=args.imcl_steps, eval_every=args.eval_every, **{**base, **imcl_only}))
+    imcl_seconds = time.time() - t0
+    logistic_eval = evaluate.evaluate_model_dir(logistic_dir, data_dir, "test")
+    imcl_eval = evaluate.evaluate_model_dir(imcl_dir, data_dir, "test",
+                                            baseline_model_dir=logistic_dir)
+    result = {"variant": variant, "ratio": ratio, "seed": seed, "protocol": protocol,
+              "logistic": {k: logistic_eval[k] for k in ("mAP", "mAP_all_classes", "CF1@0.5")},
+              "imcl": {k: imcl_eval[k] for k in ("mAP", "mAP_all_classes", "CF1@0.5")},
+              "imcl_seconds": imcl_seconds, "imcl_dir": imcl_dir,
+              "frequency_png": imcl_eval.get("files", {}).get("frequency_groups_png")}
+    result["delta_mAP"] = result["imcl"]["mAP"] - result["logistic"]["mAP"]
+    print(f"{variant:24s} ratio {ratio:.1f} seed {seed}: logistic {100 * result['logistic']['mAP']:.2f}"
+          f"  IMCL {100 * result['imcl']['mAP']:.2f}  delta {100 * result['delta_mAP']:+.2f}",
+          flush=True)
+    results[key] = result
+    _save_results(args.out, results)
+    return result
+
+
+def _slug(text):
+    return "".join(c if c.isalnum() else "_" for c in text).strip("_")
+
+
+def _load_results(out):
+    path = os.path.join(out, "results.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    return {}
+
+
+def _save_results(out, results):
+    path = os.path.join(out, "results.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(results, f, indent=1, sort_keys=True)
+    os.replace(path + ".tmp", path)
+
+
+def _write_main_report(args, results, ratios, seeds):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    lines = ["| known labels | logistic mAP | IMCL mAP | IMCL - logistic |", "|---|---|---|---|"]
+    curve = {"logistic": [], "imcl": []}
+    deltas_below_full = []
+    for ratio in ratios:
+        rows = [results[f"main|{ratio}|{seed}"] for seed in seeds]
+        lo = np.array([100 * r["logistic"]["mAP"] for r in rows])
+        im = np.array([100 * r["imcl"]["mAP"] for r in rows])
+        delta = im - lo
+        if ratio < 1.0:
+            deltas_below_full.extend(delta.tolist())
+        curve["logistic"].append((lo.mean(), lo.std()))
+        curve["imcl"].append((im.mean(), im.std()))
+        lines.append(f"| {ratio:.0%} | {lo.mean():.2f} ± {lo.std():.2f} | {im.mean():.2f} ± "
+                     f"{im.std():.2f} | {delta.mean():+.2f} ± {delta.std():.2f} |")
+    if deltas_below_full:
+        lines.append(f"\nMean gain over the ratios below 100 %: "
+                     f"{np.mean(deltas_below_full):+.2f} mAP points "
+                     f"({len(deltas_below_full)} paired runs).")
+    lines.append(f"\nmAP = mean over classes with a known positive and a known negative test label "
+                 f"(percent), mean ± std over seeds {seeds}.")
+    table = "\n".join(lines)
+    with open(os.path.join(args.out, "quality_table.md"), "w") as f:
+        f.write(table + "\n")
+    print(table)
+    figure, axis = plt.subplots(figsize=(6, 4))
+    x = [100 * r for r in ratios]
+    for method, label in (("logistic", "Logistic (masked BCE)"), ("imcl", "IMCL")):
+        mean = np.array([m for m, _ in curve[method]])
+        std = np.array([s for _, s in curve[method]])
+        axis.errorbar(x, mean, yerr=std, marker="o", capsize=3, label=label)
+    axis.set_xlabel("known training labels (%)")
+    axis.set_ylabel("test mAP (%)")
+    axis.set_title("Fashion-MNIST scenes: mAP vs known labels")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(os.path.join(args.out, "map_vs_known.png"), dpi=120)
+    plt.close(figure)
+    chart = results.get(f"main|0.3|{seeds[0]}", {}).get("frequency_png")
+    if chart and os.path.exists(chart):
+        import shutil
+        shutil.copyfile(chart, os.path.join(args.out, "frequency_groups_known30.png"))
+
+
+def _write_ablation_report(args, results, seeds):
+    lines = ["| variant (30 % known) | logistic mAP | IMCL mAP | IMCL - logistic |",
+             "|---|---|---|---|"]
+    for variant in ["main"] + list(ABLATIONS):
+        rows = [results.get(f"{variant}|0.3|{seed}") for seed in seeds]
+        rows = [r for r in rows if r]
+        if not rows:
+            continue
+        lo = np.array([100 * r["logistic"]["mAP"] for r in rows])
+        im = np.array([100 * r["imcl"]["mAP"] for r in rows])
+        d = im - lo
+        name = "default (cached, k=3, co-occurrence, learned)" if variant == "main" else variant
+        lines.append(f"| {name} | {lo.mean():.2f} | {im.mean():.2f} | {d.mean():+.2f} ± "
+                     f"{d.std():.2f} |")
+    table = "\n".join(lines)
+    with open(os.path.join(args.out, "ablation_table.md"), "w") as f:
+        f.write(table + "\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
