@@ -514,7 +514,8 @@ def make_dataset(data_dir: str,
       repeat: repeat forever (then the cardinality is infinite).
       drop_remainder: drop the last partial batch.
       deterministic: keep the element order a function of `seed` alone (slower; for tests and
-        exact reproduction). Without it parallel reads may reorder elements.
+        exact reproduction; seed None then means 0). Without it parallel reads may reorder
+        elements.
       input_context: from `strategy.distribute_datasets_from_function`; with several input
         pipelines each reads a disjoint subset of the shard FILES (so there must be at least as
         many shards as pipelines).
@@ -826,21 +827,30 @@ def _shard_batches(path: str, info: DatasetInfo, check_images: bool):
 
     batches = tf.data.TFRecordDataset(path).batch(_VERIFY_BATCH).map(parse_batch)
     iterator = iter(batches)
-    read = 0
     while True:
         try:
             batch = next(iterator)
         except StopIteration:
             return
         except tf.errors.DataLossError as e:
-            raise DataError(f"{path}: the shard is truncated or corrupt after about {read} good "
-                            f"records ({_tf_message(e)}); rebuild the dataset.") from e
+            raise DataError(f"{path}: the shard is truncated or corrupt after record "
+                            f"{_count_readable_records(path) - 1} ({_tf_message(e)}); rebuild the "
+                            "dataset.") from e
         except tf.errors.InvalidArgumentError:
             _raise_first_bad_record(path, info, check_images)
             raise  # not reached: the scan above raises
-        numpy_batch = {key: value.numpy() for key, value in batch.items()}
-        read += len(numpy_batch["hash"])
-        yield numpy_batch
+        yield {key: value.numpy() for key, value in batch.items()}
+
+
+def _count_readable_records(path: str) -> int:
+    """How many records of a damaged shard read back before the damage."""
+    count = 0
+    try:
+        for _ in tf.data.TFRecordDataset(path):
+            count += 1
+    except tf.errors.DataLossError:
+        pass
+    return count
 
 
 def _check_batch(path: str, start: int, batch: dict[str, np.ndarray], info: DatasetInfo

@@ -286,12 +286,18 @@ def test_duplicate_ids_across_shards_are_named(tmp_path):
         data.verify_dataset(str(tmp_path))
 
 
-def test_truncated_shard_is_named(tmp_path, rng):
+@pytest.mark.parametrize("damage", ["cut", "flip"])
+def test_truncated_or_corrupt_shard_is_named(tmp_path, rng, damage):
     write_image_dataset(tmp_path, rng, num_examples=6, num_shards=2)
     shard = tmp_path / "train-00001-of-00002.tfrecord"
-    content = shard.read_bytes()
-    shard.write_bytes(content[:len(content) - 40])
-    with pytest.raises(data.DataError, match="train-00001-of-00002.tfrecord.*truncated or corrupt"):
+    content = bytearray(shard.read_bytes())
+    if damage == "cut":
+        content = content[:-40]  # the last of the shard's 3 records loses its tail
+    else:
+        content[-40] ^= 0xFF  # a flipped byte in the last record: its CRC no longer matches
+    shard.write_bytes(bytes(content))
+    with pytest.raises(data.DataError, match="train-00001-of-00002.tfrecord: the shard is "
+                                             "truncated or corrupt after record 1 "):
         data.verify_dataset(str(tmp_path))
     with pytest.raises(tf.errors.DataLossError):
         collect(data.make_dataset(str(tmp_path), "train", batch_size=2))
