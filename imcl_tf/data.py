@@ -110,7 +110,8 @@ class SplitInfo:
     num_examples: int
     skipped: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # --skip_corrupt report
     # Records per shard, in `shards` order; lets a worker that reads only some shards know its exact
-    # count. Empty in hand-written descriptions: readers then assume SplitWriter's round-robin layout.
+    # count. Empty in hand-written descriptions: readers then assume SplitWriter's round-robin
+    # layout.
     shard_sizes: list[int] = dataclasses.field(default_factory=list)
 
 
@@ -312,7 +313,8 @@ def parse_example(serialized: tf.Tensor,
         in_range = tf.reduce_all((indices >= 0) & (indices < num_classes))
         checks.append(tf.debugging.Assert(in_range, [
             "record", image_id, f": {name} class indices", indices,
-            f"are outside [0, {num_classes}); the dataset does not match its class list."]))
+            f"are outside [0, {num_classes}); the dataset does not match its class list."],
+            summarize=_SUMMARIZE))
     with tf.control_dependencies(checks):
         # [L] counts per class; > 1 only for a repeated index.
         positive_counts = _index_counts(positives, num_classes)
@@ -321,10 +323,10 @@ def parse_example(serialized: tf.Tensor,
     checks = [
         tf.debugging.Assert(~tf.reduce_any(both), [
             "record", image_id, ": classes", tf.where(both)[:, 0],
-            "are both positive and negative; fix the annotation."]),
+            "are both positive and negative; fix the annotation."], summarize=_SUMMARIZE),
         tf.debugging.Assert(tf.reduce_all((positive_counts <= 1) & (negative_counts <= 1)), [
             "record", image_id, ": repeated class indices, positives", positives,
-            "negatives", negatives]),
+            "negatives", negatives], summarize=_SUMMARIZE),
     ]
     out = {"id": image_id, "image_class": parsed[IMAGE_CLASS_KEY]}
     if mode == "image":
@@ -343,6 +345,9 @@ def parse_example(serialized: tf.Tensor,
         else:
             out["embedding"] = tf.reshape(embedding, [embedding_dim])
     return out
+
+
+_SUMMARIZE = 50  # list entries quoted in a parse error (tf.debugging.Assert shows 3 by default)
 
 
 def decode_image(encoded: tf.Tensor, image_size: int, image_id: tf.Tensor | str | None = None
@@ -756,8 +761,8 @@ def _verify_split(data_dir: str, info: DatasetInfo, split: str, check_images: bo
     for shard_index, name in enumerate(split_info.shards):
         path = os.path.join(data_dir, name)
         if not tf.io.gfile.exists(path):
-            raise DataError(f"{path}: shard of split {split!r} listed in {DATASET_JSON} is missing; "
-                            "the dataset is incomplete, rebuild it.")
+            raise DataError(f"{path}: shard of split {split!r} listed in {DATASET_JSON} is "
+                            "missing; the dataset is incomplete, rebuild it.")
         count = 0
         for batch in _shard_batches(path, info, check_images):
             stats = _check_batch(path, count, batch, info)

@@ -241,7 +241,8 @@ def _mask_split(input_dir: str, output_dir: str, split: str, split_info: data.Sp
                     if len(c) and (c.min() < 0 or c.max() >= num_classes)]
     if out_of_range:
         raise data.DataError(f"split {split!r} of {input_dir} has class indices outside "
-                             f"[0, {num_classes}); check it with python -m tfrecords_tools.inspect.")
+                             f"[0, {num_classes}); check it with "
+                             "python -m tfrecords_tools.inspect.")
     # Each split has its own stream, so masking another split too does not change this one.
     rng = np.random.default_rng([seed, zlib.crc32(split.encode("utf-8"))])
     keep_positive, keep_negative = mask_labels(
