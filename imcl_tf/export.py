@@ -227,6 +227,10 @@ def _build_archive(model, class_file: str, num_classes: int, input_mode: str,
         classes = tf.tile(names[tf.newaxis], [tf.shape(probabilities)[0], 1])  # [B, L]
         return {CLASSIFY_CLASSES: classes, CLASSIFY_SCORES: probabilities}
 
+    if not getattr(model, "built", True):
+        # Variables must exist before tracing: build the model with one eager call.
+        model(tf.constant(warmup[IMAGES_INPUT if input_mode == "image" else FEATURES_INPUT]),
+              training=False)
     archive = keras.export.ExportArchive()
     archive.track(class_table)
     endpoints = {}

@@ -90,21 +90,24 @@ def start_server(model_base_path: str, model_name: str, *, port: int = 0,
         raise ValueError(f"--poll_seconds must be positive. Received: {poll_seconds}.")
     limits = Limits(max_batch_size=max_batch_size)
     manager = ModelManager(model_base_path, model_name, limits, num_versions=num_versions)
-    manager.refresh()
     max_bytes = max_message_mb * 1024 * 1024
     server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=num_threads),
                          options=[("grpc.max_receive_message_length", max_bytes),
-                                  ("grpc.max_send_message_length", max_bytes)])
+                                  ("grpc.max_send_message_length", max_bytes),
+                                  # gRPC shares ports by default: a second server on a port in
+                                  # use would silently take half the traffic.
+                                  ("grpc.so_reuseport", 0)])
     prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
         PredictionServicer(manager, limits), server)
     model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(manager), server)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    try:
+    try:  # bound before loading, so a port conflict fails fast
         bound_port = server.add_insecure_port(address)
     except RuntimeError as err:  # newer grpc raises instead of returning 0
         raise OSError(f"cannot listen on {address}: {err}; is the port in use?") from err
     if bound_port == 0:
         raise OSError(f"cannot listen on {address}; is the port in use?")
+    manager.refresh()
     server.start()
     manager.start_polling(poll_seconds)
     return ServingServer(server, manager), bound_port
@@ -239,7 +242,11 @@ class ModelManager:
         return servables[max(servables)]
 
     def version_statuses(self) -> dict[int, _VersionState]:
+        """State of every version seen so far (loading, available, failed, unloaded)."""
         return dict(self._states)
+
+    def loaded_versions(self) -> list[int]:
+        return sorted(self._servables)
 
     # -- loading (poller thread) --
 
@@ -680,7 +687,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, OSError) as err:
         print(f"serving.server: error: {err}", file=sys.stderr)
         return 2
-    versions = sorted(server.manager.version_statuses())
+    versions = server.manager.loaded_versions()
+    if not versions:
+        _LOG.warning("no version of %s loaded yet: answering NOT_FOUND until one appears under %s",
+                     args.model_name, args.model_base_path)
     # Tests and benchmarks wait for this line.
     print(f"serving model {args.model_name!r} versions {versions} on {args.host}:{port}",
           flush=True)

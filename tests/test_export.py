@@ -223,3 +223,14 @@ def test_cli_exports_a_training_run(tmp_path):
     assert result.stdout.strip().splitlines()[-1] == version_dir
     assert export.read_class_names(version_dir) == CLASS_NAMES
 
+
+
+def test_an_unbuilt_model_is_built_before_tracing(tmp_path, rng):
+    keras.utils.set_random_seed(3)
+    model = keras.Sequential([keras.layers.Dense(len(CLASS_NAMES))])  # no variables yet
+    version_dir = export.export_model(model, str(tmp_path), "seq", class_names=CLASS_NAMES,
+                                      input_mode="features", feature_dim=FEATURE_DIM)
+    features = rng.normal(size=[2, FEATURE_DIM]).astype(np.float32)
+    served = tf.saved_model.load(version_dir).signatures["predict_features"](
+        features=tf.constant(features))
+    np.testing.assert_allclose(served["logits"].numpy(), model(features).numpy(), atol=1e-5)

@@ -209,8 +209,10 @@ def test_bad_requests_get_clear_errors_and_the_server_keeps_serving(served, rng)
                                    atol=1e-5)
 
 
-def test_model_status_errors(served):
+def test_model_status_errors_and_port_in_use(served):
     _, _, port = served
+    with pytest.raises(OSError, match="is the port in use"):
+        serving_server.start_server(os.path.dirname(os.path.abspath(__file__)), "tiny", port=port)
     models = model_service_pb2_grpc.ModelServiceStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
     for spec, code in ((model_pb2.ModelSpec(name="other"), grpc.StatusCode.NOT_FOUND),
                        (model_pb2.ModelSpec(name="tiny", version={"value": 9}),
