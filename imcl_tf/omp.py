@@ -128,8 +128,8 @@ def _omp(query_y, query_f, atoms_y, atoms_f, k, lambda_y, lambda_f, exclude):
     num_atoms = tf.shape(atoms_y)[0]
 
     # Atom norms once per call; 1/|a|^2 is 0 for zero atoms, so that side adds 0 to the score.
-    inv_norm_y = tf.math.divide_no_nan(1.0, tf.reduce_sum(tf.square(atoms_y), axis=1))  # [M]
-    inv_norm_f = tf.math.divide_no_nan(1.0, tf.reduce_sum(tf.square(atoms_f), axis=1))  # [M]
+    inv_norm_y = tf.math.divide_no_nan(1.0, _squared_row_norms(atoms_y))  # [M]
+    inv_norm_f = tf.math.divide_no_nan(1.0, _squared_row_norms(atoms_f))  # [M]
     atom_index = tf.range(num_atoms, dtype=tf.int32)  # [M]
     slot_index = tf.range(k, dtype=tf.int32)  # [k]
     if exclude is None:
@@ -271,6 +271,15 @@ def _nnls_small(gram, rhs):
     pick = tf.reduce_min(first, axis=-1)  # [...]
     picked = tf.gather(coef, pick, batch_dims=len(pick.shape))  # [..., s]
     return tf.where(picked > 0.0, picked, 0.0)  # turns -0.0 of empty slots into 0.0
+
+
+def _squared_row_norms(matrix):
+    """[M, X] -> [M] squared L2 norms of the rows.
+
+    A matrix-vector product instead of reduce_sum: XLA on CPU runs the row reduction of a large
+    matrix on one thread (~15x slower here for a 10,000 x 2,048 dictionary).
+    """
+    return tf.linalg.matvec(tf.square(matrix), tf.ones([tf.shape(matrix)[1]], matrix.dtype))
 
 
 def _subset_table(size):
