@@ -81,8 +81,10 @@ def main() -> None:
                 trainer.in_memory_rate())
             rounds.setdefault("training step fed by the pipeline (augment=True), images/s",
                               []).append(trainer.pipeline_rate())
+    spreads = {}
     for name, values in rounds.items():
         results[name] = float(np.median(values))
+        spreads[name] = (min(values), max(values))
     if trainer is not None:
         step_rate = results["training step alone (in-memory batches), images/s"]
         results["pipeline (augment=True) / training step"] = (
@@ -90,7 +92,7 @@ def main() -> None:
         results["fed by pipeline / in-memory"] = (
             results["training step fed by the pipeline (augment=True), images/s"] / step_rate)
 
-    report = format_report(args, data_dir, train_size, results)
+    report = format_report(args, data_dir, train_size, results, spreads)
     print(report)
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:
@@ -158,11 +160,13 @@ def fit_rate(model, dataset: tf.data.Dataset, batch_size: int, steps: int, warmu
             self.ends.append(time.perf_counter())
 
     timer = BatchTimer()
-    model.fit(dataset, steps_per_epoch=warmup + steps, epochs=1, verbose=0, callbacks=[timer])
+    model.fit(dataset, steps_per_epoch=warmup + steps, epochs=1, verbose=0, shuffle=False,
+              callbacks=[timer])
     return steps * batch_size / (timer.ends[-1] - timer.ends[warmup - 1])
 
 
-def format_report(args, data_dir: str, train_size: int, results: dict[str, float]) -> str:
+def format_report(args, data_dir: str, train_size: int, results: dict[str, float],
+                  spreads: dict[str, tuple[float, float]]) -> str:
     command = "python bench/input_bench.py " + " ".join(sys.argv[1:])
     lines = [
         "# Input pipeline benchmark",
@@ -178,11 +182,17 @@ def format_report(args, data_dir: str, train_size: int, results: dict[str, float
         f"{args.train_steps} timed steps after {args.warmup} untimed ones in the same fit call; "
         f"median of {args.rounds} alternating rounds",
         "",
-        "| measurement | value |",
-        "|---|---|",
+        "| measurement | median | min - max over rounds |",
+        "|---|---|---|",
     ]
+
+    def number(value):
+        return f"{value:,.2f}" if value < 10 else f"{value:,.0f}"
+
     for name, value in results.items():
-        lines.append(f"| {name} | {value:,.2f} |" if value < 10 else f"| {name} | {value:,.0f} |")
+        spread = spreads.get(name)
+        spread_text = f"{number(spread[0])} - {number(spread[1])}" if spread else ""
+        lines.append(f"| {name} | {number(value)} | {spread_text} |")
     return "\n".join(lines)
 
 
