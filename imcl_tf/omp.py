@@ -26,14 +26,14 @@ Fields:
   coef_f: float32 >= 0, feature-side coefficients, same rules.
 """
 
-# Exact NNLS enumerates all 2^k sub-supports; beyond this the graph and the work grow too fast.
+# Exact NNLS enumerates all 2^k sub-supports of k x k systems per query and side at every step.
 MAX_K = 8
 # A candidate must lower the two-sided loss by more than this fraction of the query's own
 # weighted energy (lambda_y |y|^2 + lambda_f |f|^2). In exact arithmetic the rule is "gain > 0";
 # in float32 an atom that is numerically a copy of a chosen one keeps a rounding-level gain
 # (~1e-12 relative) and would otherwise fill a slot with a coefficient of ~0.
 RELATIVE_MIN_GAIN = 1e-6
-# Exact NNLS skips a sub-support whose Cholesky pivot falls below this fraction of the atom's
+# Exact NNLS skips a sub-support whose elimination pivot falls below this fraction of the atom's
 # squared norm, i.e. an atom within ~0.2 degrees of the span of the others: in float32 such a
 # system is numerically singular. An optimum on an independent support always exists, and for
 # nonnegative coefficients a nearly dependent atom can add at most ~1e-5 |q|^2 of fit.
@@ -62,7 +62,9 @@ def joint_nonnegative_omp(query_y: Any,
     the slot and all later ones are invalid.
 
     Everything runs in float32 (inputs are cast, e.g. under mixed precision) with no loop over the
-    batch; the k steps are unrolled, so k must be a Python int. Outputs carry no gradient.
+    batch; k fixes the static [B, k] slot shapes, so it must be a Python int. Per step the work is
+    two GEMMs ([B, L] x [L, M] and [B, D] x [D, M]), O(B M) elementwise work and 2^k tiny solves.
+    Outputs carry no gradient.
 
     Args:
       query_y: [B, L] label states of the queries.
@@ -293,8 +295,8 @@ def _subset_table(size):
 
 def _check_k(k):
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
-        raise TypeError(f"joint_nonnegative_omp: k must be a Python int (the k steps are unrolled "
-                        f"at trace time). Received: k={k!r} of type {type(k).__name__}.")
+        raise TypeError(f"joint_nonnegative_omp: k must be a Python int (it fixes the static "
+                        f"[B, k] output shape). Received: k={k!r} of type {type(k).__name__}.")
     k = int(k)
     if not 1 <= k <= MAX_K:
         raise ValueError(f"joint_nonnegative_omp: k must be in [1, {MAX_K}] (exact NNLS "
@@ -334,22 +336,27 @@ def _check_shapes(query_y, query_f, atoms_y, atoms_f, k):
 
 
 def _check_lambda(value, name):
-    tensor = tf.convert_to_tensor(value, dtype_hint=tf.float32)
-    if tensor.shape.rank is not None and tensor.shape.rank != 0:
-        raise ValueError(f"joint_nonnegative_omp: {name} must be a scalar. "
-                         f"Received: {name} with shape {tensor.shape}.")
-    tensor = tf.cast(tensor, tf.float32)
-    if _is_concrete(tensor):
+    """Python numbers and eager tensors are checked now, graph tensors by run-time asserts."""
+    if isinstance(value, (int, float, np.number)) and not isinstance(value, bool):
+        number = float(value)
+    else:
+        tensor = tf.convert_to_tensor(value, dtype_hint=tf.float32)
+        if tensor.shape.rank is not None and tensor.shape.rank != 0:
+            raise ValueError(f"joint_nonnegative_omp: {name} must be a scalar. "
+                             f"Received: {name} with shape {tensor.shape}.")
+        tensor = tf.cast(tensor, tf.float32)
+        if not _is_concrete(tensor):
+            with tf.control_dependencies([
+                    tf.debugging.assert_all_finite(
+                        tensor, f"joint_nonnegative_omp: {name} is not finite."),
+                    tf.debugging.assert_non_negative(
+                        tensor, message=f"joint_nonnegative_omp: {name} must be >= 0.")]):
+                return tf.identity(tensor)
         number = float(tensor.numpy())
-        if not (math.isfinite(number) and number >= 0.0):
-            raise ValueError(f"joint_nonnegative_omp: {name} must be a finite number >= 0. "
-                             f"Received: {name}={value!r}.")
-        return tensor
-    with tf.control_dependencies([
-            tf.debugging.assert_all_finite(tensor, f"joint_nonnegative_omp: {name} is not finite."),
-            tf.debugging.assert_non_negative(tensor, message=f"joint_nonnegative_omp: {name} must "
-                                                             f"be >= 0.")]):
-        return tf.identity(tensor)
+    if not (math.isfinite(number) and number >= 0.0):
+        raise ValueError(f"joint_nonnegative_omp: {name} must be a finite number >= 0. "
+                         f"Received: {name}={number!r}.")
+    return tf.constant(number, tf.float32)
 
 
 def _check_exclude(exclude, query_y, atoms_y):

@@ -282,6 +282,7 @@ def test_selection_score_is_the_exact_loss_decrease(rng):
 # ---- Compilation, gradients, precision ----------------------------------------------------------
 
 
+@pytest.mark.slow  # two XLA compilations: ~10 s, more on a loaded machine
 def test_jit_compiled_matches_eager(rng):
     problem = random_problem(rng, 6, 45, 9, 14)
     exclude = rng.random((6, 45)) < 0.2
@@ -381,6 +382,7 @@ BAD_INPUTS = [  # (changes, error type, message pattern)
     (dict(lambda_y=-0.5), ValueError, r"lambda_y must be a finite number >= 0.*lambda_y=-0.5"),
     (dict(lambda_f=float("nan")), ValueError, r"lambda_f must be a finite number.*lambda_f=nan"),
     (dict(lambda_f=tf.constant([1.0, 2.0])), ValueError, r"lambda_f must be a scalar.*\(2,\)"),
+    (dict(lambda_y=tf.constant(-2.0)), ValueError, r"lambda_y must be a finite.*lambda_y=-2.0"),
     (dict(query_y=np.array([["a"] * 4] * 3)), TypeError, r"query_y must be a real-valued.*string"),
 ]
 
