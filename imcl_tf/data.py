@@ -568,12 +568,9 @@ def make_dataset(data_dir: str,
         elements = records
 
         def to_element(serialized):
-            parsed = parse_example(serialized, num_classes, mode, embedding_dim)
-            if mode == "image":
-                inputs = decode_image(parsed["image"], image_size, parsed["id"])
-            else:
-                inputs = parsed["embedding"]
-            return inputs, parsed["labels"], id_hash(parsed["id"])
+            inputs, labels, image_id = _evaluation_element(serialized, num_classes, mode,
+                                                           embedding_dim, image_size)
+            return inputs, labels, id_hash(image_id)
 
     elements = elements.map(to_element, num_parallel_calls=tf.data.AUTOTUNE)
     elements = elements.batch(batch_size, drop_remainder=drop_remainder)
@@ -592,7 +589,10 @@ def load_split_arrays(data_dir: str,
                       limit: int | None = None,
                       *,
                       string_ids: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A small split in memory, in shard-reading order: (inputs, labels, ids) as NumPy arrays.
+    """A small split in memory: (inputs, labels, ids) as NumPy arrays, in a fixed order.
+
+    The order interleaves the shards record by record, which is the write order of a SplitWriter
+    split of up to 16 shards.
 
     inputs float32 [N, S, S, 3] (image mode, evaluation view) or [N, D]; labels float32 [N, L];
     ids int64 [N] (id_hash, as in make_dataset) or, with `string_ids`, the id strings (object
@@ -610,16 +610,10 @@ def load_split_arrays(data_dir: str,
     if limit is not None:
         records = records.take(limit)
     num_classes, mode, embedding_dim = info.num_classes, info.mode, info.embedding_dim
-
-    def to_element(serialized):
-        parsed = parse_example(serialized, num_classes, mode, embedding_dim)
-        if mode == "image":
-            inputs = decode_image(parsed["image"], image_size, parsed["id"])
-        else:
-            inputs = parsed["embedding"]
-        return inputs, parsed["labels"], parsed["id"]
-
-    elements = records.map(to_element, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    elements = records.map(
+        lambda serialized: _evaluation_element(serialized, num_classes, mode, embedding_dim,
+                                               image_size),
+        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     inputs, labels, ids = [], [], []
     for batch_inputs, batch_labels, batch_ids in elements.batch(256).prefetch(2):
         inputs.append(batch_inputs.numpy())
@@ -635,6 +629,18 @@ def load_split_arrays(data_dir: str,
     if not string_ids:
         ids = id_hash(tf.constant(ids, tf.string)).numpy() if len(ids) else np.zeros([0], np.int64)
     return inputs, labels, ids
+
+
+def _evaluation_element(serialized: tf.Tensor, num_classes: int, mode: str,
+                        embedding_dim: int | None, image_size: int | None
+                        ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """One record without augmentation: (inputs, labels [L], id string)."""
+    parsed = parse_example(serialized, num_classes, mode, embedding_dim)
+    if mode == "image":
+        inputs = decode_image(parsed["image"], image_size, parsed["id"])  # [S, S, 3]
+    else:
+        inputs = parsed["embedding"]  # [D]
+    return inputs, parsed["labels"], parsed["id"]
 
 
 def _resolve_image_size(info: DatasetInfo, image_size: int | None, data_dir: str) -> int | None:
