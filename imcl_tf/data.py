@@ -181,6 +181,29 @@ def save_dataset_info(data_dir: str, info: DatasetInfo) -> None:
     _atomic_write_text(path, json.dumps(info.to_json(), indent=2, sort_keys=True) + "\n")
 
 
+def replace_dataset_info(data_dir: str, info: DatasetInfo) -> None:
+    """Saves `info` over an existing description and deletes the shards only the old one listed.
+
+    For tools that rebuild a dataset in place (e.g. with another --num_shards): no stale shard of
+    an earlier build stays behind to be mistaken for data.
+    """
+    previous = None
+    if tf.io.gfile.exists(os.path.join(data_dir, DATASET_JSON)):
+        try:
+            previous = load_dataset_info(data_dir)
+        except DataError:
+            previous = None  # an unreadable old description lists nothing we could trust
+    save_dataset_info(data_dir, info)
+    if previous is None:
+        return
+    listed = {name for split in info.splits.values() for name in split.shards}
+    for split in previous.splits.values():
+        for name in split.shards:
+            path = os.path.join(data_dir, name)
+            if name not in listed and tf.io.gfile.exists(path):
+                tf.io.gfile.remove(path)
+
+
 def _atomic_write_text(path: str, text: str) -> None:
     tmp = f"{path}.tmp-{os.getpid()}"
     with tf.io.gfile.GFile(tmp, "w") as f:

@@ -106,3 +106,11 @@ def test_command_line_flags(tmp_path):
 def test_missing_fashion_mnist_dir_is_a_clear_error(tmp_path):
     with pytest.raises(data.DataError, match="--fashion_mnist_dir"):
         fs.build(str(tmp_path / "out"), fashion_mnist_dir=str(tmp_path), num_examples={"train": 1})
+
+
+def test_rebuilding_in_place_leaves_no_stale_shards(tmp_path):
+    fs.build(str(tmp_path), num_examples={"train": 4, "val": 2}, num_shards=3)
+    fs.build(str(tmp_path), num_examples={"train": 4}, num_shards=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == (
+        [data.DATASET_JSON] + data.shard_names("train", 2))
+    assert data.verify_dataset(str(tmp_path)).splits["train"].num_examples == 4

@@ -166,7 +166,7 @@ def build(output_dir: str,
             "templates": [[CLASS_NAMES[c] for c in t] for t in OUTFIT_TEMPLATES],
             "template_probability": TEMPLATE_PROBABILITY,
         })
-    data.save_dataset_info(output_dir, info)
+    data.replace_dataset_info(output_dir, info)
     print(f"fashion_scenes: wrote {', '.join(f'{s} {i.num_examples}' for s, i in splits.items())}"
           f" scenes to {output_dir}", file=stream)
     return info

@@ -120,7 +120,7 @@ def simulate(input_dir: str,
                       "known_ratio": known_ratio, "seed": seed, "splits": list(splits)},
             "source_provenance": source.provenance,
         })
-    data.save_dataset_info(output_dir, info)
+    data.replace_dataset_info(output_dir, info)
     _print_known(known, info.num_classes, stream)
     return info
 
