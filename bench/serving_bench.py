@@ -66,13 +66,16 @@ def main() -> None:
                 return client.predict_bytes(batch, top_k=5)
 
             check_same_answer(local, remote, images[:4])
-            # The transport alone: a GetModelStatus round trip runs no TensorFlow.
-            status_ms = paired_latencies(lambda _: None, lambda _: client.status(), [],
-                                         args.requests)[1]
             rows = []
             for batch_size, count in ((1, args.requests), (32, max(args.requests // 5, 20))):
                 rows.append((batch_size, *paired_latencies(local, remote, images[:batch_size],
                                                            count)))
+            # The transport alone: GetModelStatus runs no TensorFlow. Back to back, and after an
+            # idle gap as long as the model's batch-1 compute, when the server's and client's
+            # threads have gone to sleep and must be woken on a busy machine.
+            gap = float(np.percentile(rows[0][1], 50)) / 1000.0
+            status_ms = (round_trips(client.status, 0.0, args.requests),
+                         round_trips(client.status, gap, args.requests))
             throughput = []
             for concurrency in (1, 8):
                 throughput.append((concurrency, *paired_throughput(
@@ -127,18 +130,36 @@ def check_same_answer(local, remote, batch) -> None:
     np.testing.assert_allclose(scores, expected[export.TOP_K_SCORES].numpy(), atol=1e-6)
 
 
-def paired_latencies(local, remote, batch, count: int) -> tuple[np.ndarray, np.ndarray]:
-    """Milliseconds per call of each function, alternating them so load changes hit both alike."""
+def paired_latencies(local, remote, batch, count: int,
+                     block: int = 25) -> tuple[np.ndarray, np.ndarray]:
+    """Milliseconds per call of each function, in alternating blocks of `block` calls.
+
+    Blocks keep each side warm (as under a steady request stream) while load changes on the
+    shared machine hit both sides alike.
+    """
     for _ in range(10):  # warm caches and the gRPC channel
         local(batch)
         remote(batch)
     times = {local: [], remote: []}
-    for i in range(count):
-        for fn in ((local, remote) if i % 2 == 0 else (remote, local)):
-            start = time.perf_counter()
-            fn(batch)
-            times[fn].append(time.perf_counter() - start)
+    while len(times[remote]) < count:
+        for fn in (local, remote):
+            for _ in range(min(block, count - len(times[fn]))):
+                start = time.perf_counter()
+                fn(batch)
+                times[fn].append(time.perf_counter() - start)
     return np.array(times[local]) * 1000.0, np.array(times[remote]) * 1000.0
+
+
+def round_trips(fn, gap_seconds: float, count: int) -> np.ndarray:
+    """Milliseconds per call of `fn`, sleeping `gap_seconds` before each call."""
+    times = []
+    for _ in range(count):
+        if gap_seconds:
+            time.sleep(gap_seconds)
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return np.array(times) * 1000.0
 
 
 def paired_throughput(local, remote, batch, concurrency: int, seconds: float,
@@ -194,7 +215,7 @@ def format_report(rows, throughput, status_ms, args) -> str:
         "(top-5 outputs). In-process: the same SavedModel signature called directly.",
         "",
         f"## Latency (sequential requests, ms; {rows[0][1].size} at batch 1, {rows[1][1].size} at "
-        "batch 32, in-process and gRPC calls alternating)",
+        "batch 32, in-process and gRPC in alternating blocks of 25)",
         "",
         "| batch | in-process p50 | in-process p99 | gRPC p50 | gRPC p99 | added p50 |",
         "|---:|---:|---:|---:|---:|---:|",
@@ -204,8 +225,12 @@ def format_report(rows, throughput, status_ms, args) -> str:
         rp50, rp99 = np.percentile(remote_ms, [50, 99])
         lines.append(f"| {batch} | {lp50:.2f} | {lp99:.2f} | {rp50:.2f} | {rp99:.2f} | "
                      f"{rp50 - lp50:+.2f} |")
-    lines += ["", f"gRPC round trip without a model (GetModelStatus), p50: "
-              f"{np.percentile(status_ms, 50):.2f} ms, p99: {np.percentile(status_ms, 99):.2f} ms.",
+    back_to_back, after_gap = status_ms
+    lines += ["", "gRPC round trip without a model (GetModelStatus, no TensorFlow): p50 "
+              f"{np.percentile(back_to_back, 50):.2f} ms back to back; p50 "
+              f"{np.percentile(after_gap, 50):.2f} ms after an idle gap of "
+              f"{np.percentile(rows[0][1], 50):.1f} ms (the batch-1 compute time), the cost of "
+              "waking the idle client and server threads on this machine.",
               "", f"## Throughput (batch-1 requests, images/s; {args.throughput_seconds:g} s per "
               "side, in two alternating rounds)", "",
               "| concurrency | in-process | gRPC | gRPC / in-process |", "|---:|---:|---:|---:|"]
