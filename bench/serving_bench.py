@@ -49,6 +49,7 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="write the results as Markdown here")
     args = parser.parse_args()
 
+    load_before = os.getloadavg()[0]  # other jobs share the machine: say how busy it was
     with tempfile.TemporaryDirectory() as export_base:
         version_dir = export.export_model(build_demo_model(), export_base, MODEL_NAME,
                                           class_names=[f"class_{i}" for i in range(NUM_CLASSES)],
@@ -84,7 +85,7 @@ def main() -> None:
         finally:
             server.terminate()
             server.wait(timeout=60)
-    report = format_report(rows, throughput, status_ms, args)
+    report = format_report(rows, throughput, status_ms, (load_before, os.getloadavg()[0]), args)
     print(report)
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
@@ -196,7 +197,7 @@ def _run_threads(fn, batch, concurrency: int, seconds: float) -> tuple[int, floa
     return sum(done), elapsed
 
 
-def format_report(rows, throughput, status_ms, args) -> str:
+def format_report(rows, throughput, status_ms, load, args) -> str:
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     lines = [
         "# Serving benchmark: gRPC server vs in-process signature",
@@ -205,7 +206,8 @@ def format_report(rows, throughput, status_ms, args) -> str:
         f"--throughput_seconds={args.throughput_seconds:g}"
         + (f" --out={args.out}`" if args.out else "`"),
         "",
-        f"Machine: 2-core CPU VM, no GPU (shared with other jobs); Python "
+        f"Machine: 2-core CPU VM, no GPU, shared with other jobs (1-minute load average "
+        f"{load[0]:.1f} at the start, {load[1]:.1f} at the end); Python "
         f"{platform.python_version()}, TensorFlow {tf.__version__}. Date: {date}.",
         "",
         f"Model: the demo's `imcl_tf.models.IMCLModel` (backbone `small_cnn`), {IMAGE_SIZE}x"

@@ -107,6 +107,7 @@ def export_model(model: Callable[..., Any],
     """
     class_names = _check_class_names(class_names)
     _check_arguments(model_name, input_mode, image_size, feature_dim, top_k, version)
+    warmup = _warmup_inputs(input_mode, image_size, feature_dim, warmup_images)
     model_base = os.path.join(export_base, model_name)
     os.makedirs(model_base, exist_ok=True)
     if version is None:
@@ -117,7 +118,6 @@ def export_model(model: Callable[..., Any],
                           f"{final_dir}; pass another --version or leave it unset to use "
                           f"{next_version(model_base)}.")
 
-    warmup = _warmup_inputs(input_mode, image_size, feature_dim, warmup_images)
     temp_dir = os.path.join(model_base, f"{_TEMP_PREFIX}{version}-{uuid.uuid4().hex[:8]}")
     with tempfile.TemporaryDirectory() as asset_source:
         # The lookup table's initializer records this file as a SavedModel asset, so it is copied
