@@ -1,4 +1,4 @@
-"""Serving overhead: the gRPC server (separate process, loopback) against the same signature in-process.
+"""Serving overhead: the gRPC server (own process, loopback) vs the same signature in-process.
 
 Measures p50/p99 latency at batch 1 and 32 (sequential requests) and throughput at concurrency 1
 and 8 (threads sending batch-1 requests), for `serving_default` (JPEG bytes in, decoding inside the
@@ -211,10 +211,11 @@ def format_report(rows, throughput, status_ms, load, args) -> str:
         f"{platform.python_version()}, TensorFlow {tf.__version__}. Date: {date}.",
         "",
         f"Model: the demo's `imcl_tf.models.IMCLModel` (backbone `small_cnn`), {IMAGE_SIZE}x"
-        f"{IMAGE_SIZE} images, {NUM_CLASSES} classes, random weights; signature `serving_default` (JPEG bytes "
-        "in, decoding and resizing inside the graph). Server: `python -m serving.server` in a "
-        "separate process on 127.0.0.1; client: `serving.client.PredictionClient.predict_bytes` "
-        "(top-5 outputs). In-process: the same SavedModel signature called directly.",
+        f"{IMAGE_SIZE} images, {NUM_CLASSES} classes, random weights; signature "
+        "`serving_default` (JPEG bytes in, decoding and resizing inside the graph). Server: "
+        "`python -m serving.server` in a separate process on 127.0.0.1; client: "
+        "`serving.client.PredictionClient.predict_bytes` (top-5 outputs). In-process: the same "
+        "SavedModel signature called directly.",
         "",
         f"## Latency (sequential requests, ms; {rows[0][1].size} at batch 1, {rows[1][1].size} at "
         "batch 32, in-process and gRPC in alternating blocks of 25)",

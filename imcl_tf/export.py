@@ -76,7 +76,7 @@ def export_model(model: Callable[..., Any],
                  version: int | None = None,
                  top_k: int = 5,
                  warmup_images: Sequence[bytes] | None = None) -> str:
-    """Writes `model` as SavedModel version `<export_base>/<model_name>/<version>` and returns its path.
+    """Writes `model` as SavedModel `<export_base>/<model_name>/<version>`; returns that path.
 
     Args:
       model: a Keras model (or any callable tracking its variables) with
@@ -325,7 +325,8 @@ def _warmup_inputs(input_mode: str, image_size: int | None, feature_dim: int | N
         warmup_images = [tf.io.encode_jpeg(pixels[0]).numpy(), tf.io.encode_png(pixels[1]).numpy()]
     encoded = [bytes(image) for image in warmup_images]
     if not encoded:
-        raise ExportError("warmup_images is empty; give a few JPEG/PNG encodings or leave it unset.")
+        raise ExportError("warmup_images is empty; give a few JPEG/PNG encodings or leave it "
+                          "unset.")
     decoded = []
     for i, image in enumerate(encoded):
         try:
@@ -342,7 +343,7 @@ def _warmup_inputs(input_mode: str, image_size: int | None, feature_dim: int | N
 
 def _write_warmup_requests(version_dir: str, model_name: str, input_mode: str,
                            warmup: dict[str, np.ndarray]) -> None:
-    """Writes assets.extra/tf_serving_warmup_requests: PredictionLog records, as TF Serving reads."""
+    """Writes assets.extra/tf_serving_warmup_requests: PredictionLogs, as TF Serving reads them."""
     from tensorflow_serving.apis import (classification_pb2, model_pb2, predict_pb2,
                                          prediction_log_pb2)
 

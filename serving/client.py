@@ -155,11 +155,12 @@ class PredictionClient:
     def image_size(self, signature: str = export.PREDICT_IMAGES) -> int:
         """Side S of the float image input of `signature`, read from the model's metadata."""
         signatures = self.metadata()["signatures"]
-        if signature not in signatures or export.IMAGES_INPUT not in signatures[signature]["inputs"]:
+        inputs = signatures.get(signature, {}).get("inputs", {})
+        if export.IMAGES_INPUT not in inputs:
             raise ServingError(f"model {self.model_name!r} on {self.server} has no signature "
                                f"{signature!r} with an {export.IMAGES_INPUT!r} input; signatures: "
                                f"{sorted(signatures)}.")
-        return signatures[signature]["inputs"][export.IMAGES_INPUT][1][1]
+        return inputs[export.IMAGES_INPUT][1][1]
 
     # -- helpers --
 

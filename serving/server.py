@@ -121,7 +121,8 @@ class ServingServer:
         self.manager = manager
 
     def stop(self, grace_seconds: float = 10.0) -> None:
-        """Stops accepting requests, waits up to `grace_seconds` for those in flight, stops polling."""
+        """Stops accepting requests, lets those in flight finish (up to `grace_seconds`), stops
+        polling."""
         self.grpc_server.stop(grace_seconds).wait()
         self.manager.stop_polling()
 
@@ -541,7 +542,7 @@ def _check_batch(batch: int, where: str, limits: Limits) -> None:
 
 
 def _serialized_examples(model_input) -> list[bytes]:
-    """The serialized tf.Examples of a tensorflow.serving.Input, context merged in as TF Serving does."""
+    """Serialized tf.Examples of a serving Input, the context merged in as TF Serving does."""
     kind = model_input.WhichOneof("kind")
     if kind == "example_list":
         return [example.SerializeToString() for example in model_input.example_list.examples]
@@ -673,7 +674,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--shutdown_grace_seconds", type=float, default=30.0,
                         help="how long in-flight requests may run after SIGTERM/SIGINT")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     stop_requested = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
