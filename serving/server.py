@@ -19,8 +19,10 @@ requests, let the ones in flight finish, and exit 0.
 from __future__ import annotations
 
 import argparse
+import collections
 import concurrent.futures
 import dataclasses
+import functools
 import logging
 import os
 import re
@@ -58,6 +60,19 @@ class Limits:
     max_batch_size: int = 64
 
 
+@dataclasses.dataclass(frozen=True)
+class BatchingOptions:
+    """Server-side batching (TF Serving's --enable_batching): concurrent requests to one signature
+    are merged into one model call of at most `max_batch_size` rows.
+
+    With `batch_timeout_micros=0` a batch is whatever queued while the previous one ran, so a lone
+    request never waits; a positive timeout lets a partial batch wait that long for company.
+    """
+    max_batch_size: int = 64
+    num_batch_threads: int = 2  # model calls running at once
+    batch_timeout_micros: int = 0
+
+
 class RequestError(Exception):
     """A request the server refuses; becomes the gRPC status `code` with `message`."""
 
@@ -69,11 +84,14 @@ class RequestError(Exception):
 
 def start_server(model_base_path: str, model_name: str, *, port: int = 0,
                  host: str = DEFAULT_HOST, max_batch_size: int = 64, max_message_mb: int = 64,
-                 poll_seconds: float = 1.0, num_versions: int = 2,
-                 num_threads: int = 16) -> tuple["ServingServer", int]:
+                 poll_seconds: float = 1.0, num_versions: int = 2, num_threads: int = 16,
+                 enable_batching: bool = False, num_batch_threads: int = 2,
+                 batch_timeout_micros: int = 0) -> tuple["ServingServer", int]:
     """Loads the model's versions, starts serving, and returns (server, bound port).
 
-    `port=0` binds a free port. Call `server.stop(grace_seconds)` to shut it down.
+    `port=0` binds a free port. Call `server.stop(grace_seconds)` to shut it down. With
+    `enable_batching`, concurrent requests are merged into model calls of at most
+    `max_batch_size` rows (see BatchingOptions).
 
     Example:
       >>> server, port = start_server("exports/demo", "demo")  # doctest: +SKIP
@@ -83,13 +101,19 @@ def start_server(model_base_path: str, model_name: str, *, port: int = 0,
         raise ValueError(f"--model_base_path={model_base_path!r} is not a folder; give "
                          "<export_base>/<model_name> as written by python -m imcl_tf.export.")
     for name, value in (("max_batch_size", max_batch_size), ("max_message_mb", max_message_mb),
-                        ("num_versions", num_versions), ("num_threads", num_threads)):
+                        ("num_versions", num_versions), ("num_threads", num_threads),
+                        ("num_batch_threads", num_batch_threads)):
         if value < 1:
             raise ValueError(f"--{name} must be at least 1. Received: {value}.")
     if poll_seconds <= 0:
         raise ValueError(f"--poll_seconds must be positive. Received: {poll_seconds}.")
+    if batch_timeout_micros < 0:
+        raise ValueError(f"--batch_timeout_micros must be >= 0. Received: {batch_timeout_micros}.")
     limits = Limits(max_batch_size=max_batch_size)
-    manager = ModelManager(model_base_path, model_name, limits, num_versions=num_versions)
+    batching = (BatchingOptions(max_batch_size, num_batch_threads, batch_timeout_micros)
+                if enable_batching else None)
+    manager = ModelManager(model_base_path, model_name, limits, num_versions=num_versions,
+                           batching=batching)
     max_bytes = max_message_mb * 1024 * 1024
     server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=num_threads),
                          options=[("grpc.max_receive_message_length", max_bytes),
@@ -133,12 +157,15 @@ class ServingServer:
 class Servable:
     """One loaded SavedModel version: its callable signatures and their SignatureDefs."""
 
-    def __init__(self, version: int, path: str):
+    def __init__(self, version: int, path: str, batching: BatchingOptions | None = None):
         self.version = version
         self.path = path
         self._loaded = tf.saved_model.load(path)  # keeps variables and tables alive
         self.signatures: dict[str, Callable[..., Mapping[str, tf.Tensor]]] = dict(
             self._loaded.signatures)
+        self._batchers = {} if batching is None else {
+            name: Batcher(functools.partial(self._run_now, name), batching)
+            for name in self.signatures}
         saved_model = saved_model_pb2.SavedModel()
         with open(os.path.join(path, "saved_model.pb"), "rb") as f:
             saved_model.ParseFromString(f.read())
@@ -154,7 +181,15 @@ class Servable:
         return self.signature_defs[name]
 
     def run(self, name: str, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Calls signature `name`; TensorFlow's own errors become gRPC errors of the same code."""
+        """Calls signature `name` (through its batcher when batching is on).
+
+        TensorFlow's own errors become RequestErrors with the same gRPC code.
+        """
+        if name in self._batchers:
+            return self._batchers[name].run(inputs)
+        return self._run_now(name, inputs)
+
+    def _run_now(self, name: str, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         try:
             result = self.signatures[name](**{key: tf.constant(value)
                                                for key, value in inputs.items()})
@@ -163,6 +198,113 @@ class Servable:
             raise RequestError(_GRPC_CODE.get(err.error_code, grpc.StatusCode.INTERNAL),
                                f"signature {name!r} of version {self.version} failed on this "
                                f"input: {tf_error_summary(err.message or str(err))}") from err
+
+
+class Batcher:
+    """Merges concurrent calls of one signature into one model call (TF Serving's batching).
+
+    It has no thread of its own: a request thread that finds a free batch slot runs the oldest
+    queued requests (its own or others') as one call and hands out the results, while the other
+    request threads wait for theirs. A merged call that fails is retried request by request, so a
+    bad input fails only the request that sent it.
+    """
+
+    def __init__(self, run: Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]],
+                 options: BatchingOptions):
+        self._run = run
+        self._options = options
+        self._queue: collections.deque[_Task] = collections.deque()
+        self._running = 0  # batch slots in use
+        self._condition = threading.Condition()
+
+    def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        task = _Task(inputs)
+        with self._condition:
+            self._queue.append(task)
+            self._condition.notify_all()  # a runner waiting for a fuller batch counts rows
+        while True:
+            with self._condition:  # wait for the result, or for a free slot to run a batch
+                while not task.done and not (self._queue and
+                                             self._running < self._options.num_batch_threads):
+                    self._condition.wait()
+                if task.done:
+                    break
+                self._running += 1  # this thread runs the next batch
+                batch = self._take_batch()
+            try:
+                self._execute(batch)
+            finally:
+                with self._condition:
+                    self._running -= 1
+                    self._condition.notify_all()
+        if task.error is not None:
+            raise task.error
+        return task.result
+
+    def _take_batch(self) -> list["_Task"]:
+        """Removes the oldest requests that fit one call (same non-batch shapes, at most
+        max_batch_size rows), after waiting up to batch_timeout_micros for a fuller batch."""
+        if self._options.batch_timeout_micros:
+            deadline = self._queue[0].enqueued + self._options.batch_timeout_micros / 1e6
+            while (sum(t.rows for t in self._queue) < self._options.max_batch_size
+                   and time.monotonic() < deadline):
+                self._condition.wait(deadline - time.monotonic())
+        batch, rows, kept = [], 0, collections.deque()
+        while self._queue:
+            task = self._queue.popleft()
+            if not batch or (task.shape_key == batch[0].shape_key
+                             and rows + task.rows <= self._options.max_batch_size):
+                batch.append(task)
+                rows += task.rows
+            else:
+                kept.append(task)
+        self._queue.extendleft(reversed(kept))
+        return batch
+
+    def _execute(self, batch: list["_Task"]) -> None:
+        try:
+            if len(batch) > 1:
+                try:
+                    self._run_merged(batch)
+                    return
+                except Exception:  # find out which request is bad: run them one by one below
+                    pass
+            for task in batch:
+                try:
+                    task.result = self._run(task.inputs)
+                except Exception as err:  # delivered to the request's own thread
+                    task.error = err
+        finally:
+            for task in batch:
+                task.done = True
+
+    def _run_merged(self, batch: list["_Task"]) -> None:
+        merged = {name: np.concatenate([task.inputs[name] for task in batch])
+                  for name in batch[0].inputs}
+        outputs = self._run(merged)
+        total = sum(task.rows for task in batch)
+        if any(value.ndim == 0 or value.shape[0] != total for value in outputs.values()):
+            raise ValueError("outputs are not batch-major; cannot split a merged batch")
+        start = 0
+        for task in batch:
+            task.result = {name: value[start:start + task.rows]
+                           for name, value in outputs.items()}
+            start += task.rows
+
+
+class _Task:
+    """One request waiting in a Batcher."""
+
+    def __init__(self, inputs: Mapping[str, np.ndarray]):
+        self.inputs = inputs
+        self.rows = next(iter(inputs.values())).shape[0]
+        # Requests merge only when every input agrees beyond the batch dimension.
+        self.shape_key = tuple((name, value.dtype.str, value.shape[1:])
+                               for name, value in sorted(inputs.items()))
+        self.enqueued = time.monotonic()
+        self.result: dict[str, np.ndarray] | None = None
+        self.error: BaseException | None = None
+        self.done = False
 
 
 MAX_LOAD_ATTEMPTS = 5  # like TF Serving's --max_num_load_retries: one attempt per poll
@@ -202,11 +344,12 @@ class ModelManager:
     """
 
     def __init__(self, model_base_path: str, model_name: str, limits: Limits, *,
-                 num_versions: int = 2):
+                 num_versions: int = 2, batching: BatchingOptions | None = None):
         self.model_base_path = model_base_path
         self.model_name = model_name
         self.limits = limits
         self.num_versions = num_versions
+        self.batching = batching
         self._servables: dict[int, Servable] = {}
         self._states: dict[int, _VersionState] = {}
         self._refresh_lock = threading.Lock()
@@ -293,7 +436,7 @@ class ModelManager:
         self._states[version] = _VersionState(_State.LOADING, attempts=attempts, mtime=mtime)
         start = time.monotonic()
         try:
-            servable = Servable(version, path)
+            servable = Servable(version, path, self.batching)
             count = run_warmup(servable, self.model_name, self.limits)
         except Exception as err:  # a bad version must not take the server down
             message = f"{type(err).__name__}: {err}".strip()
@@ -671,6 +814,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--num_versions", type=int, default=2,
                         help="how many of the newest versions stay loaded")
     parser.add_argument("--num_threads", type=int, default=16, help="request worker threads")
+    parser.add_argument("--enable_batching", action="store_true",
+                        help="merge concurrent requests into one model call (as TF Serving's "
+                             "--enable_batching); batches hold at most --max_batch_size rows")
+    parser.add_argument("--num_batch_threads", type=int, default=2,
+                        help="with batching: model calls running at once")
+    parser.add_argument("--batch_timeout_micros", type=int, default=0,
+                        help="with batching: how long a partial batch may wait for more requests")
     parser.add_argument("--shutdown_grace_seconds", type=float, default=30.0,
                         help="how long in-flight requests may run after SIGTERM/SIGINT")
     args = parser.parse_args(argv)
@@ -685,7 +835,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                                     host=args.host, max_batch_size=args.max_batch_size,
                                     max_message_mb=args.max_message_mb,
                                     poll_seconds=args.poll_seconds,
-                                    num_versions=args.num_versions, num_threads=args.num_threads)
+                                    num_versions=args.num_versions, num_threads=args.num_threads,
+                                    enable_batching=args.enable_batching,
+                                    num_batch_threads=args.num_batch_threads,
+                                    batch_timeout_micros=args.batch_timeout_micros)
     except (ValueError, OSError) as err:
         print(f"serving.server: error: {err}", file=sys.stderr)
         return 2

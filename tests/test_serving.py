@@ -50,13 +50,15 @@ def predict_request(inputs, signature="", name="tiny", version=None, output_filt
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    """The tiny image model exported as version 1 and served; yields (model, stub, port)."""
+    """The tiny image model exported as version 1 and served with batching on; yields
+    (model, stub, port)."""
     base = str(tmp_path_factory.mktemp("exports"))
     model = tiny_image_model()
     export.export_model(model, base, "tiny", class_names=CLASS_NAMES, input_mode="image",
                         image_size=IMAGE_SIZE, top_k=3)
     server, port = serving_server.start_server(os.path.join(base, "tiny"), "tiny",
-                                               max_batch_size=MAX_BATCH, poll_seconds=0.2)
+                                               max_batch_size=MAX_BATCH, poll_seconds=0.2,
+                                               enable_batching=True)
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     yield model, prediction_service_pb2_grpc.PredictionServiceStub(channel), port
     channel.close()
@@ -263,6 +265,70 @@ def test_many_concurrent_clients_get_correct_answers(served, rng):
     assert checked == [100] * 16
 
 
+def _run_concurrently(fn, arguments):
+    """fn(argument) in one thread each, started together; returns (results, errors) by index."""
+    results, errors = {}, {}
+    barrier = threading.Barrier(len(arguments))
+
+    def worker(i):
+        barrier.wait()
+        try:
+            results[i] = fn(arguments[i])
+        except Exception as err:  # returned to the test, which checks it
+            errors[i] = err
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(arguments))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results, errors
+
+
+def test_batcher_merges_concurrent_calls_and_isolates_a_bad_request():
+    calls = []
+
+    def model(inputs):  # doubles its input; rejects negative rows, as a model rejects bad images
+        x = inputs["x"]
+        calls.append(len(x))
+        time.sleep(0.05)  # long enough for the other threads to queue behind the first call
+        if (x < 0).any():
+            raise serving_server.RequestError(grpc.StatusCode.INVALID_ARGUMENT, "negative row")
+        return {"y": 2 * x, "rows": np.full([len(x)], len(x))}
+
+    batcher = serving_server.Batcher(model, serving_server.BatchingOptions(max_batch_size=5,
+                                                                          num_batch_threads=1))
+    inputs = [np.full([1 + i % 2, 3], float(i + 1), np.float32) for i in range(8)]
+    inputs[5] = -inputs[5]
+    results, errors = _run_concurrently(lambda x: batcher.run({"x": x}), inputs)
+    assert sorted(errors) == [5]
+    assert isinstance(errors[5], serving_server.RequestError) and "negative" in errors[5].message
+    for i, result in results.items():
+        np.testing.assert_array_equal(result["y"], 2 * inputs[i])
+    assert max(calls) > 1, calls  # some calls were merged ...
+    assert max(calls) <= 5, calls  # ... never over max_batch_size rows
+
+
+def test_batcher_timeout_waits_for_a_fuller_batch():
+    calls = []
+
+    def model(inputs):
+        calls.append(len(inputs["x"]))
+        return {"y": inputs["x"] + 1}
+
+    batcher = serving_server.Batcher(model, serving_server.BatchingOptions(
+        max_batch_size=2, num_batch_threads=1, batch_timeout_micros=5_000_000))
+
+    def late_run(x):
+        time.sleep(0.05 * x[0])  # the second request arrives 50 ms after the first
+        return batcher.run({"x": x})
+
+    results, errors = _run_concurrently(late_run, [np.array([0]), np.array([1])])
+    assert errors == {}
+    assert [results[0]["y"].tolist(), results[1]["y"].tolist()] == [[1], [2]]
+    assert calls == [2]  # one call: the first request waited, the full batch went at once
+
+
 @pytest.mark.slow
 def test_new_version_is_picked_up_without_failing_requests(tmp_path, rng):
     base = tmp_path / "exports"
@@ -457,4 +523,5 @@ def test_tf_serving_config_files_parse_and_match_the_local_server():
     with open(os.path.join(ROOT, "serving", "batching_parameters.txt")) as f:
         batching = text_format.Parse(f.read(), _batching_parameters_class()())
     assert batching.max_batch_size.value == defaults["max_batch_size"].default
-    assert batching.num_batch_threads.value >= 1
+    assert batching.batch_timeout_micros.value == defaults["batch_timeout_micros"].default
+    assert batching.num_batch_threads.value == defaults["num_batch_threads"].default
