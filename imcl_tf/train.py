@@ -4,16 +4,19 @@ Trains the logistic baseline or IMCL (optionally both: `--method=imcl --warm_sta
 paper's two-stage recipe), validates by mAP at every evaluation interval, logs to TensorBoard
 under model_dir, checkpoints so that a killed run resumes where it was, keeps the best model by
 validation mAP and exports it as a SavedModel for TensorFlow Serving.
+
+Every option is a flag (one per `train_lib.TrainConfig` field; `--helpfull` lists them). Flags are
+read left to right and the last value wins, so `--flagfile=configs/cub.flags --k=5` overrides the
+file's k. A flagfile may include another with a `--flagfile=...` line; a relative path there is
+looked up next to the including file first, then in the working directory.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import sys
-import time
-from typing import Any
+from typing import Sequence
 
 from absl import app, flags, logging
 
@@ -22,29 +25,94 @@ from imcl_tf import train_lib
 FLAGS = flags.FLAGS
 
 
-def define_flags() -> None:
-    """Defines one absl flag per TrainConfig field (defaults and help come from the dataclass)."""
+def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
+    """Defines one absl flag per TrainConfig field (defaults and help come from the dataclass).
+
+    `flag_values` lets tests parse into a fresh FlagValues; a flag already defined is kept.
+    """
     for field in dataclasses.fields(train_lib.TrainConfig):
-        if field.name in FLAGS:
+        if field.name in flag_values:
             continue
         default = field.default
         help_text = field.metadata.get("help", field.name)
         choices = field.metadata.get("choices")
+        kwargs = {"flag_values": flag_values}
         if choices:
-            flags.DEFINE_enum(field.name, default, choices, help_text)
+            flags.DEFINE_enum(field.name, default, choices, help_text, **kwargs)
         elif isinstance(default, bool):
-            flags.DEFINE_bool(field.name, default, help_text)
+            flags.DEFINE_bool(field.name, default, help_text, **kwargs)
         elif isinstance(default, int):
-            flags.DEFINE_integer(field.name, default, help_text)
+            flags.DEFINE_integer(field.name, default, help_text, **kwargs)
         elif isinstance(default, float):
-            flags.DEFINE_float(field.name, default, help_text)
+            flags.DEFINE_float(field.name, default, help_text, **kwargs)
         else:
-            flags.DEFINE_string(field.name, default, help_text)
+            flags.DEFINE_string(field.name, default, help_text, **kwargs)
 
 
-def config_from_flags() -> train_lib.TrainConfig:
-    values = {f.name: FLAGS[f.name].value for f in dataclasses.fields(train_lib.TrainConfig)}
+def config_from_flags(flag_values: flags.FlagValues = FLAGS) -> train_lib.TrainConfig:
+    """The TrainConfig of parsed flags."""
+    values = {f.name: flag_values[f.name].value for f in dataclasses.fields(train_lib.TrainConfig)}
     return train_lib.TrainConfig(**values)
+
+
+def expand_flagfiles(argv: Sequence[str], *, _stack: tuple[str, ...] = ()) -> list[str]:
+    """argv with every `--flagfile=PATH` replaced, in place, by the flags that file sets.
+
+    Same syntax as absl's flagfiles (one flag per line; blank lines and lines starting with `#` or
+    `//` are skipped) and the same order, so later flags still override earlier ones. A nested
+    `--flagfile` with a relative path is resolved against the including file's folder when it
+    exists there, so configs can include each other whatever the working directory.
+
+    Raises:
+      flags.CantOpenFlagFileError: a file is missing or includes itself (the include chain is
+        named).
+    """
+    expanded: list[str] = []
+    arguments = list(argv)
+    index = 0
+    while index < len(arguments):
+        argument = arguments[index]
+        path = None
+        if argument in ("--flagfile", "-flagfile"):
+            if index + 1 >= len(arguments):
+                raise flags.CantOpenFlagFileError("--flagfile needs a file name.")
+            path = arguments[index + 1]
+            index += 1
+        elif argument.startswith(("--flagfile=", "-flagfile=")):
+            path = argument.split("=", 1)[1]
+        index += 1
+        if path is None:
+            expanded.append(argument)
+            continue
+        path = _resolve_flagfile(os.path.expanduser(path.strip()), _stack)
+        expanded.extend(expand_flagfiles(_flagfile_lines(path, _stack), _stack=_stack + (path,)))
+    return expanded
+
+
+def _resolve_flagfile(path: str, stack: tuple[str, ...]) -> str:
+    if stack and not os.path.isabs(path):
+        beside = os.path.join(os.path.dirname(stack[-1]), path)
+        if os.path.exists(beside):
+            path = beside
+    path = os.path.abspath(path)
+    chain = " -> ".join(stack + (path,))
+    if path in stack:
+        raise flags.CantOpenFlagFileError(f"flagfile includes itself: {chain}.")
+    if not os.path.isfile(path):
+        raise flags.CantOpenFlagFileError(
+            f"flagfile {path!r} does not exist" + (f" (included by {chain})." if stack else "."))
+    return path
+
+
+def _flagfile_lines(path: str, stack: tuple[str, ...]) -> list[str]:
+    with open(path, encoding="utf-8") as f:
+        lines = [line.strip() for line in f]
+    return [line for line in lines if line and not line.startswith(("#", "//"))]
+
+
+def parse_flags(argv: Sequence[str], flag_values: flags.FlagValues = FLAGS) -> list[str]:
+    """Parses argv (program name first) with flagfiles expanded; returns the positional rest."""
+    return flag_values([argv[0]] + expand_flagfiles(argv[1:]))
 
 
 def main(argv: list[str]) -> None:
@@ -56,17 +124,15 @@ def main(argv: list[str]) -> None:
         config.validate()
     except ValueError as e:
         raise app.UsageError(str(e)) from e
-    started = time.time()
     summary = train_lib.run(config)
-    summary["wall_seconds"] = round(time.time() - started, 1)
-    print(train_lib.format_summary(summary))
-    print(json.dumps({"summary_file": summary.get("summary_file")}))
+    if summary.get("is_chief", True):
+        print(train_lib.format_summary(summary), flush=True)
 
 
 def run_cli() -> None:
     define_flags()
     logging.set_verbosity(logging.INFO)
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":
