@@ -782,31 +782,31 @@ def _verify_split(data_dir: str, info: DatasetInfo, split: str, check_images: bo
     if split_info.shard_sizes and len(split_info.shard_sizes) != len(split_info.shards):
         raise DataError(f"{data_dir}/{DATASET_JSON}: split {split!r} lists "
                         f"{len(split_info.shards)} shards but {len(split_info.shard_sizes)} sizes.")
-    positives = np.zeros([num_classes], np.int64)
-    negatives = np.zeros([num_classes], np.int64)
-    images_without_positive = 0
-    hashes, where = [], []  # id hashes and (shard, record) of every record, for the duplicate check
-    total = 0
-    for shard_index, name in enumerate(split_info.shards):
-        path = os.path.join(data_dir, name)
+    paths = [os.path.join(data_dir, name) for name in split_info.shards]
+    for path in paths:
         if not tf.io.gfile.exists(path):
             raise DataError(f"{path}: shard of split {split!r} listed in {DATASET_JSON} is "
                             "missing; the dataset is incomplete, rebuild it.")
-        count = 0
-        for batch in _shard_batches(path, info, check_images):
-            stats = _check_batch(path, count, batch, info)
-            positives += stats[0]
-            negatives += stats[1]
-            images_without_positive += stats[2]
-            hashes.append(batch["hash"])
-            where.append(np.stack([np.full(len(batch["hash"]), shard_index),
-                                   np.arange(count, count + len(batch["hash"]))], axis=1))
-            count += len(batch["hash"])
-        if split_info.shard_sizes and count != split_info.shard_sizes[shard_index]:
-            raise DataError(f"{path}: holds {count} records but {DATASET_JSON} says "
-                            f"{split_info.shard_sizes[shard_index]}; the shard and its description "
-                            "disagree, rebuild the dataset.")
-        total += count
+    positives = np.zeros([num_classes], np.int64)
+    negatives = np.zeros([num_classes], np.int64)
+    images_without_positive = 0
+    counts = np.zeros([len(paths)], np.int64)  # records read per shard
+    hashes, where = [], []  # id hashes and (shard, record) of every record, for the duplicate check
+    for shard_index, start, batch in _split_batches(paths, info, check_images):
+        size = len(batch["hash"])
+        stats = _check_batch(paths[shard_index], start, batch, info)
+        positives += stats[0]
+        negatives += stats[1]
+        images_without_positive += stats[2]
+        hashes.append(batch["hash"])
+        where.append(np.stack([np.full(size, shard_index), np.arange(start, start + size)], axis=1))
+        counts[shard_index] += size
+    if split_info.shard_sizes:
+        for path, count, stated in zip(paths, counts, split_info.shard_sizes):
+            if count != stated:
+                raise DataError(f"{path}: holds {count} records but {DATASET_JSON} says {stated}; "
+                                "the shard and its description disagree, rebuild the dataset.")
+    total = int(counts.sum())
     if total != split_info.num_examples:
         raise DataError(f"split {split!r} of {data_dir}: the shards hold {total} records but "
                         f"{DATASET_JSON} says num_examples={split_info.num_examples}; rebuild the "
@@ -820,11 +820,14 @@ def _verify_split(data_dir: str, info: DatasetInfo, split: str, check_images: bo
 _VERIFY_BATCH = 1024
 
 
-def _shard_batches(path: str, info: DatasetInfo, check_images: bool):
-    """Yields dicts of NumPy arrays, one per batch of a shard's records, in file order.
+def _split_batches(paths: list[str], info: DatasetInfo, check_images: bool):
+    """Yields (shard index, index of the batch's first record in its shard, dict of NumPy arrays)
+    for every batch of every shard, shards in order, records in file order.
 
-    Parse and decode run in the graph; when one fails, the shard is re-read record by record to
-    name the record at fault. A shard that ends early or fails its CRC is named as corrupt.
+    One tf.data pipeline reads all shards, so the parse function is traced once however many
+    shards there are. Parse and decode run in the graph; when one fails, or a shard ends early or
+    fails its CRC, the shards from the last good batch on are re-read record by record to name the
+    file and record at fault.
     """
     mode = info.mode
     spec = {
@@ -837,7 +840,7 @@ def _shard_batches(path: str, info: DatasetInfo, check_images: bool):
     else:
         spec[EMBEDDING_KEY] = tf.io.RaggedFeature(tf.float32)
 
-    def parse_batch(serialized):  # [B] records
+    def parse_batch(shard_index, batch_index, serialized):  # serialized: [B] records
         parsed = tf.io.parse_example(serialized, spec)
         out = {
             "hash": id_hash(parsed[IMAGE_ID_KEY]),
@@ -857,34 +860,44 @@ def _shard_batches(path: str, info: DatasetInfo, check_images: bool):
         else:
             out["embedding_values"] = parsed[EMBEDDING_KEY].flat_values
             out["embedding_lengths"] = parsed[EMBEDDING_KEY].row_lengths()
-        return out
+        return shard_index, batch_index * _VERIFY_BATCH, out
 
-    batches = tf.data.TFRecordDataset(path).batch(_VERIFY_BATCH).map(parse_batch)
+    batches = tf.data.Dataset.from_tensor_slices(paths).enumerate().flat_map(
+        lambda shard_index, path: tf.data.TFRecordDataset(path).batch(_VERIFY_BATCH).enumerate()
+        .map(lambda batch_index, serialized: (shard_index, batch_index, serialized)))
+    batches = batches.map(parse_batch, num_parallel_calls=tf.data.AUTOTUNE,
+                          deterministic=True).prefetch(2)
     iterator = iter(batches)
+    last_shard = 0
     while True:
         try:
-            batch = next(iterator)
+            shard_index, start, batch = next(iterator)
         except StopIteration:
             return
         except tf.errors.DataLossError as e:
-            raise DataError(f"{path}: the shard is truncated or corrupt after record "
-                            f"{_count_readable_records(path) - 1} ({_tf_message(e)}); rebuild the "
+            _raise_first_damaged_shard(paths[last_shard:], e)
+            raise DataError(f"a shard of {paths} is unreadable ({_tf_message(e)}); rebuild the "
                             "dataset.") from e
-        except tf.errors.InvalidArgumentError:
-            _raise_first_bad_record(path, info, check_images)
-            raise  # not reached: the scan above raises
-        yield {key: value.numpy() for key, value in batch.items()}
+        except tf.errors.InvalidArgumentError as e:
+            for path in paths[last_shard:]:
+                _raise_first_bad_record(path, info, check_images)
+            raise DataError(f"a batch of records of {paths} failed to parse but no single record "
+                            f"does ({_tf_message(e)}); the shards may be corrupt, rebuild them.") \
+                from e
+        last_shard = int(shard_index)
+        yield last_shard, int(start), {key: value.numpy() for key, value in batch.items()}
 
 
-def _count_readable_records(path: str) -> int:
-    """How many records of a damaged shard read back before the damage."""
-    count = 0
-    try:
-        for _ in tf.data.TFRecordDataset(path):
-            count += 1
-    except tf.errors.DataLossError:
-        pass
-    return count
+def _raise_first_damaged_shard(paths: list[str], error: tf.errors.OpError) -> None:
+    """DataError naming the first shard of `paths` that does not read to its end."""
+    for path in paths:
+        count = 0
+        try:
+            for _ in tf.data.TFRecordDataset(path):
+                count += 1
+        except tf.errors.DataLossError as e:
+            raise DataError(f"{path}: the shard is truncated or corrupt after record {count - 1} "
+                            f"({_tf_message(e)}); rebuild the dataset.") from error
 
 
 def _check_batch(path: str, start: int, batch: dict[str, np.ndarray], info: DatasetInfo
@@ -961,7 +974,7 @@ def _read_record_id(path: str, index: int) -> str:
 
 
 def _raise_first_bad_record(path: str, info: DatasetInfo, check_images: bool) -> None:
-    """Re-reads a shard one record at a time and raises DataError at the first bad record."""
+    """Re-reads a shard one record at a time; DataError at its first bad record, if any."""
     for index, record in enumerate(tf.data.TFRecordDataset(path)):
         try:
             parsed = parse_example(record, info.num_classes, info.mode, info.embedding_dim)
@@ -970,8 +983,6 @@ def _raise_first_bad_record(path: str, info: DatasetInfo, check_images: bool) ->
         except tf.errors.InvalidArgumentError as e:
             raise DataError(f"{path}: record {index} ({_record_id_or_unknown(record)}) does not "
                             f"parse: {_tf_message(e)}") from e
-    raise DataError(f"{path}: a batch of records failed to parse but no single record does; "
-                    "the shard may be corrupt, rebuild it.")
 
 
 def _record_id_or_unknown(record: tf.Tensor) -> str:

@@ -66,6 +66,7 @@ def inspect(data_dir: str, *, check_images: bool = False) -> dict[str, Any]:
     return {
         "data_dir": data_dir,
         "ok": True,
+        "images_checked": bool(check_images and info.mode == "image"),
         "mode": info.mode,
         "num_classes": info.num_classes,
         "image_size": info.image_size,
@@ -87,7 +88,8 @@ def format_summary(summary: dict[str, Any], max_classes: int = 100) -> str:
     labels = summary["labels"]
     if labels:
         lines.append("labels: " + ", ".join(f"{k}={labels[k]}" for k in sorted(labels)))
-    lines.append("all shards parse: OK")
+    lines.append("all shards parse: OK" + (", every image decodes" if summary["images_checked"]
+                                           else ""))
     lines.append("")
     lines.append(f"{'split':<12}{'images':>9}{'shards':>8}{'known':>8}{'pos/img':>9}"
                  f"{'no pos':>8}{'pos':>10}{'neg':>10}{'skipped':>9}")
