@@ -149,6 +149,8 @@ def test_simulate_per_class_writes_a_traceable_masked_copy(tmp_path, rng):
     assert labels["source_labels"] == {"source": "test fixture"}
     assert labels["known"]["train"]["known_positives"] == int((masked > 0).sum())
     assert labels["known"]["train"]["known_negatives"] == int((masked < 0).sum())
+    assert labels["known"]["train"]["classes_without_positive"] == int(
+        ((masked > 0).sum(axis=0) == 0).sum())
     assert info.labels == labels
     data.verify_dataset(str(tmp_path / "p25"))
 

@@ -121,7 +121,7 @@ def simulate(input_dir: str,
             "source_provenance": source.provenance,
         })
     data.replace_dataset_info(output_dir, info)
-    _print_known(known, info.num_classes, stream)
+    _print_known(known, stream)
     return info
 
 
@@ -276,6 +276,9 @@ def _mask_split(input_dir: str, output_dir: str, split: str, split_info: data.Sp
         "known_ratio": (float(keep_positive.sum() + keep_negative.sum())
                         / (num_images * num_classes) if num_images else 0.0),
         "images_without_positive": int(num_images - has_positive.sum()),
+        # Classes that no longer have a known positive cannot be learned from this split.
+        "classes_without_positive": int(
+            (np.bincount(positive_classes[keep_positive], minlength=num_classes) == 0).sum()),
     }
     return writer.split_info, known
 
@@ -298,14 +301,15 @@ def _copy_split(input_dir: str, output_dir: str, split_info: data.SplitInfo) -> 
                           shard_sizes=list(split_info.shard_sizes))
 
 
-def _print_known(known: dict[str, dict], num_classes: int, stream: TextIO) -> None:
+def _print_known(known: dict[str, dict], stream: TextIO) -> None:
     header = (f"{'split':<12}{'images':>9}{'pos in':>10}{'neg in':>10}{'pos kept':>10}"
-              f"{'neg kept':>10}{'known':>8}{'no pos':>8}")
+              f"{'neg kept':>10}{'known':>8}{'no pos':>8}{'classes no pos':>16}")
     print(header, file=stream)
     for split, k in known.items():
         print(f"{split:<12}{k['num_examples']:>9}{k['input_positives']:>10}"
               f"{k['input_negatives']:>10}{k['known_positives']:>10}{k['known_negatives']:>10}"
-              f"{k['known_ratio']:>8.3f}{k['images_without_positive']:>8}", file=stream)
+              f"{k['known_ratio']:>8.3f}{k['images_without_positive']:>8}"
+              f"{k['classes_without_positive']:>16}", file=stream)
 
 
 def run(argv: Sequence[str]) -> data.DatasetInfo:
