@@ -29,6 +29,7 @@ from tensorflow_serving.apis import (classification_pb2, get_model_metadata_pb2,
                                      predict_pb2, prediction_service_pb2_grpc)
 
 from imcl_tf import data, export
+from serving import tensors
 
 Predictions = list[list[tuple[str, float]]]  # per image: (class name, probability), best first
 
@@ -103,9 +104,9 @@ class PredictionClient:
         request = predict_pb2.PredictRequest(model_spec=self._model_spec(signature),
                                              output_filter=list(output_filter))
         for name, value in inputs.items():
-            request.inputs[name].CopyFrom(tf.make_tensor_proto(value))
+            tensors.to_tensor_proto(value, request.inputs[name])
         response = self._call(self._predictions.Predict, request, f"Predict ({signature})")
-        return {name: tf.make_ndarray(proto) for name, proto in response.outputs.items()}
+        return {name: tensors.to_ndarray(proto) for name, proto in response.outputs.items()}
 
     def classify_bytes(self, images: Sequence[bytes],
                        signature: str = export.CLASSIFY) -> list[dict[str, float]]:

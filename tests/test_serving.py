@@ -525,3 +525,36 @@ def test_tf_serving_config_files_parse_and_match_the_local_server():
     assert batching.max_batch_size.value == defaults["max_batch_size"].default
     assert batching.batch_timeout_micros.value == defaults["batch_timeout_micros"].default
     assert batching.num_batch_threads.value == defaults["num_batch_threads"].default
+
+
+@pytest.mark.parametrize("array", [
+    np.arange(24, dtype=np.float32).reshape(2, 3, 4) / 7,
+    np.arange(-3, 3, dtype=np.int32),
+    np.array([[1, 2**40]], dtype=np.int64),
+    np.linspace(0, 1, 5),  # float64
+    np.array([True, False]),
+    np.array([b"\xff\xd8 jpeg", b"", "caf\u00e9"], dtype=object),
+    np.array([["a", "bc"]]),  # fixed-width unicode
+    np.zeros([0, 3], np.float32),
+    np.array([], dtype=object),
+    np.float32(2.5),  # scalar
+    np.array([1, 2], dtype=np.uint8),  # not on the fast path: TensorFlow's converter
+])
+def test_tensor_proto_conversion_matches_tensorflow(array):
+    from serving import tensors
+
+    proto = tensors.to_tensor_proto(array)
+    reference = tf.make_tensor_proto(array)
+    assert proto.dtype == reference.dtype
+    assert proto.tensor_shape == reference.tensor_shape
+    np.testing.assert_array_equal(tf.make_ndarray(proto), tf.make_ndarray(reference))
+    back = tensors.to_ndarray(reference)
+    expected = tf.make_ndarray(reference)
+    assert back.dtype == expected.dtype and back.shape == expected.shape
+    np.testing.assert_array_equal(back, expected)
+    # TF Serving may send numbers as value lists instead of tensor_content.
+    if reference.dtype == tf.float32.as_datatype_enum and reference.tensor_content:
+        listed = tf.make_tensor_proto(array)
+        listed.ClearField("tensor_content")
+        listed.float_val.extend(np.asarray(array).reshape(-1).tolist())
+        np.testing.assert_array_equal(tensors.to_ndarray(listed), expected)
