@@ -420,7 +420,7 @@ def _index_counts(indices: tf.Tensor, num_classes: int) -> tf.Tensor:
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _PNG_END = b"IEND\xaeB`\x82"  # the IEND chunk type and its fixed CRC close every complete PNG
 _JPEG_MAGIC = b"\xff\xd8"
-_JPEG_TAIL_BYTES = 64  # a complete JPEG has its EOI marker (FF D9) within the last bytes
+_JPEG_END = b"\xff\xd9"  # the end-of-image marker
 
 
 def _decode_rgb(encoded: tf.Tensor, image_id: tf.Tensor | str | None) -> tf.Tensor:
@@ -428,27 +428,25 @@ def _decode_rgb(encoded: tf.Tensor, image_id: tf.Tensor | str | None) -> tf.Tens
 
     The decoder's own error does not say which record failed, so the common failures (empty
     bytes, not an image, a JPEG or PNG cut short) are detected first by looking at the bytes.
+    The end marker is searched anywhere, not only at the end, because valid files may carry
+    trailing data after it (camera trailers, padding) and the decoder accepts them.
     """
     image_id = "(no id)" if image_id is None else image_id
     length = tf.strings.length(encoded)
-    head = tf.strings.substr(encoded, 0, 8)
-    is_png = tf.equal(head, _PNG_MAGIC)
+    is_png = tf.equal(tf.strings.substr(encoded, 0, 8), _PNG_MAGIC)
     is_jpeg = tf.equal(tf.strings.substr(encoded, 0, 2), _JPEG_MAGIC)
     # GIF and BMP are accepted by the decoder too; they get no truncation check.
     is_other = (tf.equal(tf.strings.substr(encoded, 0, 3), b"GIF")
                 | tf.equal(tf.strings.substr(encoded, 0, 2), b"BM"))
-    tail_start = tf.maximum(length - _JPEG_TAIL_BYTES, 0)
-    tail = tf.io.decode_raw(tf.strings.substr(encoded, tail_start, _JPEG_TAIL_BYTES), tf.uint8)
-    jpeg_complete = tf.reduce_any((tail[:-1] == 0xFF) & (tail[1:] == 0xD9))
-    png_complete = tf.equal(tf.strings.substr(encoded, tf.maximum(length - 8, 0), 8), _PNG_END)
+    raw = tf.io.decode_raw(encoded, tf.uint8)  # [n]; decode_raw of a scalar string is 1-D
     checks = [
         tf.debugging.Assert(is_png | is_jpeg | is_other, [
             "image", image_id, ": the bytes are not a JPEG or PNG file (length", length,
             "); re-encode the image or rebuild the dataset with --skip_corrupt."]),
-        tf.debugging.Assert(~is_jpeg | jpeg_complete, [
+        tf.debugging.Assert(~is_jpeg | _contains_bytes(raw[2:], _JPEG_END), [
             "image", image_id, ": truncated JPEG (no end-of-image marker,", length,
             "bytes); the file was cut short."]),
-        tf.debugging.Assert(~is_png | png_complete, [
+        tf.debugging.Assert(~is_png | _contains_bytes(raw, _PNG_END), [
             "image", image_id, ": truncated PNG (no IEND chunk,", length,
             "bytes); the file was cut short."]),
     ]
@@ -456,6 +454,15 @@ def _decode_rgb(encoded: tf.Tensor, image_id: tf.Tensor | str | None) -> tf.Tens
         image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
     image.set_shape([None, None, 3])
     return image
+
+
+def _contains_bytes(raw: tf.Tensor, pattern: bytes) -> tf.Tensor:
+    """Whether the uint8 vector `raw` [n] contains `pattern` as consecutive bytes (bool scalar)."""
+    starts = tf.maximum(tf.size(raw) - len(pattern) + 1, 0)  # candidate start positions
+    found = tf.ones([starts], tf.bool)
+    for offset, byte in enumerate(pattern):
+        found &= tf.equal(raw[offset:offset + starts], byte)
+    return tf.reduce_any(found)
 
 
 def _central_square(image: tf.Tensor, image_size: int) -> tf.Tensor:

@@ -237,6 +237,15 @@ def test_bad_image_bytes_name_the_image(rng, kind):
         data.decode_image(tf.constant(encoded), 16, tf.constant("bad-image-7"))
 
 
+@pytest.mark.parametrize("encode", [png_bytes, jpeg_bytes])
+def test_valid_images_with_trailing_data_still_decode(rng, encode):
+    # Camera trailers and padding after the end marker are valid; the decoder accepts them.
+    image = rng.integers(0, 256, size=(12, 12, 3), dtype=np.uint8)
+    plain = data.decode_image(tf.constant(encode(image)), 12).numpy()
+    trailed = data.decode_image(tf.constant(encode(image) + b"\x00trailer" * 40), 12).numpy()
+    np.testing.assert_array_equal(trailed, plain)
+
+
 def test_corrupt_image_in_the_pipeline_names_the_record(tmp_path, rng):
     good = png_bytes(rng.integers(0, 256, size=(8, 8, 3), dtype=np.uint8))
     write_raw_dataset(tmp_path, [[raw_example(b"ok-1", [0], [1], good),
