@@ -51,6 +51,7 @@ def main() -> None:
                         help="measure the input pipeline only (no model)")
     parser.add_argument("--out", default=None, help="write the results as Markdown here")
     args = parser.parse_args()
+    load_at_start = os.getloadavg()[0]
 
     results = {}
     data_dir = args.data_dir
@@ -92,7 +93,7 @@ def main() -> None:
         results["fed by pipeline / in-memory"] = (
             results["training step fed by the pipeline (augment=True), images/s"] / step_rate)
 
-    report = format_report(args, data_dir, train_size, results, spreads)
+    report = format_report(args, data_dir, train_size, results, spreads, load_at_start)
     print(report)
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:
@@ -166,14 +167,14 @@ def fit_rate(model, dataset: tf.data.Dataset, batch_size: int, steps: int, warmu
 
 
 def format_report(args, data_dir: str, train_size: int, results: dict[str, float],
-                  spreads: dict[str, tuple[float, float]]) -> str:
+                  spreads: dict[str, tuple[float, float]], load_at_start: float) -> str:
     command = "python bench/input_bench.py " + " ".join(sys.argv[1:])
     lines = [
         "# Input pipeline benchmark",
         "",
         f"- command: `{command.strip()}`",
-        "- machine: 2-core CPU VM, no GPU (shared with other jobs; load average at the end: "
-        f"{os.getloadavg()[0]:.1f})",
+        "- machine: 2-core CPU VM, no GPU, shared with other jobs (1-minute load average "
+        f"{load_at_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end)",
         f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}",
         f"- TensorFlow {tf.__version__}, Python {platform.python_version()}",
         f"- dataset: {os.path.relpath(data_dir, REPO) if data_dir.startswith(REPO) else 'given'}"
