@@ -17,6 +17,7 @@ A run folder (`model_dir`) holds:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -473,7 +474,7 @@ class _Trainer:
                           "--dictionary_size.")
         graph = graph_lib.build_label_graph(config.label_graph, self.info.num_classes,
                                             train_labels, config.label_graph_top_k or None)
-        with self.strategy.scope():
+        with self.strategy.scope(), _local_byte_variables(self.strategy):
             model = models.IMCLModel(
                 num_classes=self.info.num_classes, input_shape_=input_shape,
                 backbone=config.backbone, backbone_weights=config.backbone_weights,
@@ -489,6 +490,9 @@ class _Trainer:
             model.compile(optimizer=optimizer, jit_compile=False)
             model.optimizer.build(model.trainable_variables)
             self.schedule = _PlateauState()
+        if isinstance(self.strategy, tf.distribute.MultiWorkerMirroredStrategy):
+            _prepare_multi_worker_fit(model, self.strategy, input_shape, config.batch_size,
+                                      self.info.num_classes)
         self.model = model
         self.bank_indices = bank_indices
         self.checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer,
@@ -996,6 +1000,60 @@ def _make_strategy(name: str) -> tf.distribute.Strategy:
             raise ValueError(f"--strategy: must be one of {', '.join(STRATEGIES)}; received "
                              f"{name!r}.")
     return _STRATEGIES[name]
+
+
+@contextlib.contextmanager
+def _local_byte_variables(strategy: tf.distribute.Strategy):
+    """Under MultiWorkerMirroredStrategy, creates uint8/int8 variables as plain local variables.
+
+    The strategy broadcasts every new variable's initial value from the chief, but its collective
+    ops have no uint8/int8 kernels ("Value for attr 'T' of uint8 is not in the list of allowed
+    values"). The only such variables are the dictionary bank's stored images and label rows:
+    non-trainable, never updated by a step, and filled by `fill_bank` with the same training
+    records on every worker, so a local copy per worker is all they need.
+    """
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        yield
+        return
+    from tensorflow.python.ops import resource_variable_ops  # the creator below the strategy's
+
+    def creator(next_creator, **kwargs):
+        dtype = kwargs.get("dtype")
+        if dtype is not None and tf.as_dtype(dtype) in (tf.uint8, tf.int8):
+            return resource_variable_ops.default_variable_creator_v2(None, **kwargs)
+        return next_creator(**kwargs)
+
+    with tf.variable_creator_scope(creator):
+        yield
+
+
+def _prepare_multi_worker_fit(model: keras.Model, strategy: tf.distribute.Strategy,
+                              input_shape: tuple[int, ...], batch_size: int,
+                              num_classes: int) -> None:
+    """Works around two places where Keras' `fit` fails with several workers.
+
+    1. `fit` starts with `_maybe_symbolic_build`, which passes the whole (inputs, labels, ids)
+       sample batch to `strategy.reduce`; MultiWorkerMirroredStrategy cannot reduce a nested
+       structure ("Attempt to convert a value (PerReplica...) to a Tensor"). The reduced batch
+       only serves as a shape template, so the same build is done here from a batch spec and
+       `fit`'s is turned off.
+    2. The logs of every step are reduced across workers with `strategy.reduce("MEAN", v,
+       axis=0)`, which fails for scalars ("Invalid reduction dimension 0 for input with 0
+       dimensions"). The train step's logs get a leading axis of 1 so the reduction returns the
+       scalar mean (the loss trackers are already summed over replicas, so it is their value).
+    """
+    sample = (tf.TensorSpec((batch_size,) + tuple(input_shape), tf.float32),
+              tf.TensorSpec((batch_size, num_classes), tf.float32),
+              tf.TensorSpec((batch_size,), tf.int64))
+    with strategy.scope():
+        model._symbolic_build(data_batch=sample)
+    model._maybe_symbolic_build = lambda iterator=None, data_batch=None: None
+    train_step = model.train_step
+
+    def train_step_with_vector_logs(data):
+        return {name: tf.reshape(value, [1]) for name, value in train_step(data).items()}
+
+    model.train_step = train_step_with_vector_logs
 
 
 def _tf_config() -> dict[str, Any]:
