@@ -148,6 +148,8 @@ class IMCLModel(keras.Model):
       feature_loss: add lambda_f * L_f to the loss (the feature side always drives selection).
       freeze_batchnorm: see build_backbone.
       head_weight_decay: L2 factor on the classifier kernel (bias excluded), CUB uses 1e-4.
+      atom_gradient: let the smoothness residuals also train the neighbours' label states (the
+        official code does); False treats neighbours as fixed teachers of the query.
     """
 
     def __init__(self, num_classes: int, input_shape_: tuple[int, ...], backbone: str = "small_cnn",
@@ -156,7 +158,8 @@ class IMCLModel(keras.Model):
                  balance: str = "loss_ratio", asym_c: float = 2.0, learn_label_graph: bool = True,
                  clip_label_graph: bool = True, neighbour_mode: str = "cached",
                  feature_loss: bool = True, freeze_batchnorm: bool = False,
-                 head_weight_decay: float = 0.0, label_graph_init: Any = None, **kwargs):
+                 head_weight_decay: float = 0.0, label_graph_init: Any = None,
+                 atom_gradient: bool = True, **kwargs):
         super().__init__(**kwargs)
         _check_choice("method", method, METHODS)
         _check_choice("backbone", backbone, BACKBONES)
@@ -200,6 +203,7 @@ class IMCLModel(keras.Model):
         self.feature_loss = bool(feature_loss)
         self.freeze_batchnorm = bool(freeze_batchnorm)
         self.head_weight_decay = float(head_weight_decay)
+        self.atom_gradient = bool(atom_gradient)
 
         self.preprocess = Preprocess(_PREPROCESSING[backbone], name="preprocess")
         self.backbone = build_backbone(backbone, self.input_shape_, backbone_weights,
@@ -309,6 +313,9 @@ class IMCLModel(keras.Model):
             bank_f, self.k, lambda_y=lambda_y, lambda_f=lambda_f,
             exclude=self.bank.exclusion_mask(ids))
         indices = tf.maximum(omp.indices, 0)  # invalid slots are masked by `valid` below
+        if not self.atom_gradient:
+            # Neighbours act as fixed teachers: only the query side learns from the residual.
+            atoms_y = tf.stop_gradient(atoms_y)
         if self.neighbour_mode == "forward":
             # Neighbour inputs go through the backbone again, with gradient (spec 3.3).
             batch = tf.shape(indices)[0]
@@ -411,6 +418,7 @@ class IMCLModel(keras.Model):
             "learn_label_graph": self.learn_label_graph, "clip_label_graph": self.clip_label_graph,
             "neighbour_mode": self.neighbour_mode, "feature_loss": self.feature_loss,
             "freeze_batchnorm": self.freeze_batchnorm, "head_weight_decay": self.head_weight_decay,
+            "atom_gradient": self.atom_gradient,
             "name": self.name,
         }
 
