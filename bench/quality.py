@@ -24,7 +24,7 @@ import numpy as np
 
 # Defaults of a quality run: the demo recipe (configs/demo.flags) at benchmark length.
 BASE = dict(backbone="small_cnn", batch_size=32, learning_rate=1e-3, optimizer="adam",
-            k=3, lambda_y=1.0, lambda_f=0.5, balance="loss_ratio", dictionary_per_class=10,
+            k=3, lambda_y=0.1, lambda_f=0.1, balance="loss_ratio", dictionary_per_class=10,
             refresh_every=50, label_graph="cooccurrence", learn_label_graph=True,
             clip_label_graph=True, asym_c=2.0, neighbour_mode="cached", verbose=0,
             verify_data=False, log_every=50, checkpoint_every=10_000)
@@ -46,9 +46,9 @@ def main(argv=None) -> int:
     parser.add_argument("--num_train", type=int, default=3000)
     parser.add_argument("--num_val", type=int, default=500)
     parser.add_argument("--num_test", type=int, default=1000)
-    parser.add_argument("--logistic_steps", type=int, default=300)
-    parser.add_argument("--imcl_steps", type=int, default=150)
-    parser.add_argument("--eval_every", type=int, default=50)
+    parser.add_argument("--logistic_steps", type=int, default=600)
+    parser.add_argument("--imcl_steps", type=int, default=300)
+    parser.add_argument("--eval_every", type=int, default=100)
     parser.add_argument("--set", action="append", default=[],
                         help="Override a training option for both methods, e.g. --set k=5.")
     parser.add_argument("--imcl_set", action="append", default=[],
