@@ -78,7 +78,7 @@ def main(argv):
     print(f"dataset:      {partial_dir}")
     print(f"runs:         {logistic_dir}  {control_dir}  {imcl_dir}")
     print(f"TensorBoard:  tensorboard --logdir {os.path.join(out, 'runs')}")
-    print(f"evaluation:   {os.path.dirname(result['files']['metrics'])}")
+    print(f"evaluation:   {os.path.dirname(result['files']['metrics_json'])}")
     print(f"export:       {os.path.join(export_dir, 'fashion_scenes')}")
     print(f"serve it:     python -m serving.server --model_base_path "
           f"{os.path.join(export_dir, 'fashion_scenes')} --model_name fashion_scenes")
