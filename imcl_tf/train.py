@@ -84,8 +84,10 @@ def expand_flagfiles(argv: Sequence[str], *, _stack: tuple[str, ...] = ()) -> li
         if path is None:
             expanded.append(argument)
             continue
+        if not path.strip():
+            continue  # absl ignores an empty --flagfile= too
         path = _resolve_flagfile(os.path.expanduser(path.strip()), _stack)
-        expanded.extend(expand_flagfiles(_flagfile_lines(path, _stack), _stack=_stack + (path,)))
+        expanded.extend(expand_flagfiles(_flagfile_lines(path), _stack=_stack + (path,)))
     return expanded
 
 
@@ -104,7 +106,7 @@ def _resolve_flagfile(path: str, stack: tuple[str, ...]) -> str:
     return path
 
 
-def _flagfile_lines(path: str, stack: tuple[str, ...]) -> list[str]:
+def _flagfile_lines(path: str) -> list[str]:
     with open(path, encoding="utf-8") as f:
         lines = [line.strip() for line in f]
     return [line for line in lines if line and not line.startswith(("#", "//"))]

@@ -284,7 +284,7 @@ def _bad(flag: str, message: str) -> None:
     raise ValueError(f"--{flag}: {message}")
 
 
-# ---- the run ------------------------------------------------------------------------------------
+# ---- the run -------------------------------------------------------------------------------------
 
 
 def run(config: TrainConfig) -> dict[str, Any]:
@@ -905,7 +905,7 @@ class _PlateauState(tf.Module):
         self.cooldown.assign_sub(1)
 
 
-# ---- data helpers ---------------------------------------------------------------------------------
+# ---- data helpers --------------------------------------------------------------------------------
 
 
 def predict_scores(model, dataset, predict=None) -> tuple[np.ndarray, np.ndarray]:
@@ -964,7 +964,7 @@ def _records(data_dir, split, info):
                                               info.embedding_dim))
 
 
-# ---- small helpers -----------------------------------------------------------------------------------
+# ---- small helpers -------------------------------------------------------------------------------
 
 
 def make_optimizer(name: str, learning_rate: float) -> keras.optimizers.Optimizer:

@@ -38,7 +38,7 @@ def config_for(dataset, tmp_path, **overrides):
     return train_lib.TrainConfig(**values)
 
 
-# ---- flags ------------------------------------------------------------------------------------
+# ---- flags ---------------------------------------------------------------------------------------
 
 
 def test_every_option_is_a_flag_with_the_same_default_and_a_help():
@@ -122,7 +122,7 @@ def test_flagfiles_later_values_win_and_nested_files_resolve_beside_their_includ
 def test_flagfile_as_separate_argument_and_positional_rest(tmp_path):
     path = write(tmp_path / "a.flags", "--k=6\n")
     flag_values = fresh_flags()
-    rest = train.parse_flags(["train", "--flagfile", path, "extra"], flag_values)
+    rest = train.parse_flags(["train", "--flagfile", path, "--flagfile=", "extra"], flag_values)
     assert flag_values.k == 6
     assert rest == ["train", "extra"]
 
@@ -141,7 +141,7 @@ def test_flagfile_errors_name_the_file_and_the_include_chain(tmp_path):
         train.parse_flags(["train", f"--flagfile={loop}"], fresh_flags())
 
 
-# ---- configs/*.flags ------------------------------------------------------------------------------
+# ---- configs/*.flags -----------------------------------------------------------------------------
 
 
 CONFIG_FILES = sorted(glob.glob(os.path.join(REPO_ROOT, "configs", "*.flags")))
@@ -216,7 +216,7 @@ def test_paper_configs_carry_the_papers_recipe():
                                                                        False)
 
 
-# ---- validation ------------------------------------------------------------------------------------
+# ---- validation ----------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -315,7 +315,7 @@ def test_a_checkpointed_run_resumes_only_with_compatible_settings(dataset, tmp_p
     config_for(dataset, tmp_path, k=3, train_steps=50, eval_every=5, log_every=1).validate()
 
 
-# ---- parts of the loop ------------------------------------------------------------------------------
+# ---- parts of the loop ---------------------------------------------------------------------------
 
 
 def test_plateau_rule_matches_a_plain_implementation(rng):

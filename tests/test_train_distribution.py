@@ -89,7 +89,7 @@ def test_multi_worker_strategy_with_two_local_workers(tmp_path):
     assert "validation mAP" in outputs[0]
 
 
-# ---- the mirrored checks, run in a fresh interpreter --------------------------------------------
+# ---- the mirrored checks, run in a fresh interpreter ---------------------------------------------
 
 
 def mirrored_checks(folder):

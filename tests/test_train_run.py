@@ -134,7 +134,7 @@ def test_model_config_and_export(auto_run):
     assert "export" not in (summary["logistic_stage"].get("files") or {})  # only the final model
 
 
-# ---- best model, validation ------------------------------------------------------------------------
+# ---- best model, validation ----------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("stage", ["stage_dir", "model_dir"])
@@ -218,7 +218,7 @@ def test_logistic_tensorboard_has_no_smoothness_tags_and_no_chart(auto_run):
     assert "metrics/frequency_group_gain" not in val_events  # not warm-started: no baseline
 
 
-# ---- progress and summary ---------------------------------------------------------------------------
+# ---- progress and summary ------------------------------------------------------------------------
 
 
 def test_progress_lines_and_summary(auto_run):
@@ -247,7 +247,7 @@ def test_rerunning_a_finished_run_does_not_train_or_export_again(auto_run):
     assert summary["best_val_mAP"] == auto_run["summary"]["best_val_mAP"]
 
 
-# ---- mixed precision -------------------------------------------------------------------------------
+# ---- mixed precision -----------------------------------------------------------------------------
 
 
 @pytest.mark.slow
