@@ -96,6 +96,9 @@ class TrainConfig:
                           models.BALANCE_MODES)
     calibration_batches: int = _field(10, "Batches averaged by --balance=loss_ratio.")
     feature_loss: bool = _field(True, "Add lambda_f * L_f to the loss (it always guides the OMP).")
+    atom_gradient: bool = _field(True, "The smoothness residuals also train the neighbours' label "
+                                       "states, as the official code does (false: neighbours are "
+                                       "fixed teachers of the query).")
     dictionary_size: int = _field(0, "Cap on the bank size (0: no cap).")
     dictionary_per_class: int = _field(10, "Bank images per class with a known positive "
                                            "(0: the whole training split).")
@@ -485,7 +488,8 @@ class _Trainer:
                 learn_label_graph=config.learn_label_graph,
                 clip_label_graph=config.clip_label_graph, neighbour_mode=config.neighbour_mode,
                 feature_loss=config.feature_loss, freeze_batchnorm=config.freeze_batchnorm,
-                head_weight_decay=config.head_weight_decay, label_graph_init=graph)
+                head_weight_decay=config.head_weight_decay, label_graph_init=graph,
+                atom_gradient=config.atom_gradient)
             optimizer = make_optimizer(config.optimizer, config.learning_rate)
             model.compile(optimizer=optimizer, jit_compile=False)
             model.optimizer.build(model.trainable_variables)

@@ -5,6 +5,7 @@ Nothing here trains a model: these are fast checks of what happens before the fi
 
 import dataclasses
 import glob
+import inspect
 import json
 import os
 import subprocess
@@ -68,6 +69,29 @@ def test_architecture_flags_exist():
     assert set(choices["strategy"]) == {"default", "mirrored", "multi_worker"}
     assert {"small_cnn", "mobilenet_v2", "resnet50", "resnet101", "features"} <= set(
         choices["backbone"])
+
+
+def test_every_model_option_is_a_flag_and_reaches_the_model(dataset, tmp_path):
+    """A new IMCLModel argument without a training flag (or not passed on) fails here."""
+    derived = {"self", "num_classes", "input_shape_", "dictionary_size", "label_graph_init",
+               "kwargs"}  # from the dataset and the bank selection
+    renamed = {"multiplier_y": "lambda_y", "multiplier_f": "lambda_f"}
+    config = config_for(dataset, tmp_path, k=2, lambda_y=0.7, lambda_f=0.3, asym_c=1.5,
+                        balance="none", learn_label_graph=False, clip_label_graph=False,
+                        neighbour_mode="forward", feature_loss=False, freeze_batchnorm=True,
+                        head_weight_decay=1e-4, atom_gradient=False, dictionary_per_class=2)
+    trainer = train_lib._Trainer(config)
+    trainer._build()
+    model_config = trainer.model.get_config()
+    fields = {f.name for f in dataclasses.fields(train_lib.TrainConfig)}
+    for name in inspect.signature(models.IMCLModel.__init__).parameters:
+        if name in derived:
+            continue
+        flag = renamed.get(name, name)
+        assert flag in fields, f"IMCLModel({name}=...) has no training flag"
+        if name != "backbone_weights":  # only used to build; saved models record "none"
+            assert model_config[name] == getattr(config, flag), name
+    assert trainer.model.dictionary_size >= 2
 
 
 def test_flag_values_become_the_config():
