@@ -14,7 +14,6 @@ numbers as JSON. `--ablations` adds the variants of the issue at 30 % known.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys

@@ -531,17 +531,18 @@ def parse_flags(define_flags: Callable[[flags.FlagValues], None],
     return flag_values
 
 
-def run_main(convert_from_flags: Callable[[flags.FlagValues], Any], argv: Sequence[str]) -> None:
-    """Body of a converter's absl `main`: converts from the global flags.
+def run_main(convert_from_flags: Callable[[flags.FlagValues], Any], argv: Sequence[str],
+             program: str = "") -> None:
+    """Body of a tool's absl `main`: runs `convert_from_flags` on the global flags.
 
-    A DataError ends the program with its message and exit status 1 (no traceback: the message
-    already says what, where and what to do).
+    A DataError or ValueError ends the program with its message and exit status 1 (no traceback:
+    the message already says what, where and what to do).
     """
     if len(argv) > 1:
         raise app.UsageError(f"unexpected positional arguments {list(argv[1:])}; every input is "
                              "a flag.")
     try:
         convert_from_flags(flags.FLAGS)
-    except data.DataError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except ValueError as e:  # DataError is a ValueError
+        print(f"{program + ': ' if program else ''}error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -27,6 +27,7 @@ from absl import app, flags
 from PIL import Image
 
 from imcl_tf import data
+from tfrecords_tools import common
 from tfrecords_tools.common import Progress
 
 CLASS_NAMES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -348,13 +349,7 @@ def _build_from_flags(flag_values: flags.FlagValues) -> data.DatasetInfo:
 
 
 def main(argv: Sequence[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected positional arguments {argv[1:]}; every input is a flag.")
-    try:
-        _build_from_flags(FLAGS)
-    except (ValueError, data.DataError) as e:
-        print(f"fashion_scenes: error: {e}", file=sys.stderr)
-        sys.exit(1)
+    common.run_main(_build_from_flags, argv, program="fashion_scenes")
 
 
 if __name__ == "__main__":

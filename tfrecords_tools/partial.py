@@ -28,6 +28,7 @@ import tensorflow as tf
 from absl import app, flags
 
 from imcl_tf import data
+from tfrecords_tools import common
 from tfrecords_tools.common import Progress
 
 PROTOCOLS = ("uniform", "per_class", "single_positive")
@@ -329,13 +330,7 @@ def _simulate_from_flags(flag_values: flags.FlagValues) -> data.DatasetInfo:
 
 
 def main(argv: Sequence[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected positional arguments {argv[1:]}; every input is a flag.")
-    try:
-        _simulate_from_flags(FLAGS)
-    except (ValueError, data.DataError) as e:
-        print(f"partial: error: {e}", file=sys.stderr)
-        sys.exit(1)
+    common.run_main(_simulate_from_flags, argv, program="partial")
 
 
 if __name__ == "__main__":
