@@ -38,7 +38,7 @@ def test_fit_save_reload_identical_predictions(batches, tmp_path, method, mode):
     if method == "imcl":
         resolved = model.calibrate_lambdas(dataset, num_batches=2)
         assert resolved["lambda_y"] > 0 and resolved["lambda_f"] > 0
-    history = model.fit(dataset, epochs=2, verbose=0)
+    history = model.fit(dataset, epochs=2, verbose=0, shuffle=False)
     logs = {key: values[-1] for key, values in history.history.items()}
     assert np.isfinite(logs["loss"]) and logs["bce"] > 0
     if method == "imcl":
@@ -118,7 +118,7 @@ def test_mixed_precision_keeps_logits_float32(batches):
     try:
         model = _model("imcl", images, labels, ids)
         assert model(images[:2]).dtype == tf.float32
-        history = model.fit(dataset.take(2), epochs=1, verbose=0)
+        history = model.fit(dataset.take(2), epochs=1, verbose=0, shuffle=False)
         assert np.isfinite(history.history["loss"][-1])
     finally:
         keras.mixed_precision.set_global_policy("float32")
@@ -163,4 +163,4 @@ def test_bad_batch_structure_is_explained(batches):
     model = _model("logistic", images, labels, ids)
     bad = tf.data.Dataset.from_tensor_slices((images, labels)).batch(8)
     with pytest.raises(ValueError, match=r"\(inputs, labels, ids\)"):
-        model.fit(bad, epochs=1, verbose=0)
+        model.fit(bad, epochs=1, verbose=0, shuffle=False)
