@@ -330,12 +330,7 @@ def _overlap(top: int, left: int, side: int, other_top: int, other_left: int,
 
 def run(argv: Sequence[str]) -> data.DatasetInfo:
     """Parses `argv` (argv[0] = program name) with fresh flags and builds the dataset."""
-    flag_values = flags.FlagValues()
-    define_flags(flag_values)
-    rest = flag_values(list(argv))
-    if len(rest) > 1:
-        raise app.UsageError(f"unexpected positional arguments {rest[1:]}; every input is a flag.")
-    return _build_from_flags(flag_values)
+    return _build_from_flags(common.parse_flags(define_flags, argv))
 
 
 def _build_from_flags(flag_values: flags.FlagValues) -> data.DatasetInfo:

@@ -315,12 +315,7 @@ def _print_known(known: dict[str, dict], stream: TextIO) -> None:
 
 def run(argv: Sequence[str]) -> data.DatasetInfo:
     """Parses `argv` (argv[0] = program name) with fresh flags and runs the simulation."""
-    flag_values = flags.FlagValues()
-    define_flags(flag_values)
-    rest = flag_values(list(argv))
-    if len(rest) > 1:
-        raise app.UsageError(f"unexpected positional arguments {rest[1:]}; every input is a flag.")
-    return _simulate_from_flags(flag_values)
+    return _simulate_from_flags(common.parse_flags(define_flags, argv))
 
 
 def _simulate_from_flags(flag_values: flags.FlagValues) -> data.DatasetInfo:
