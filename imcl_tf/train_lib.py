@@ -586,9 +586,10 @@ class _Trainer:
             self._end_of_interval(step)
             self.clock.end_interval()
             if self.is_chief:
-                logging.info("%s", self._progress_line(step))
                 if config.verbose:
                     print(self._progress_line(step), flush=True)
+                else:
+                    logging.info("%s", self._progress_line(step))
 
     def _progress_line(self, step: int) -> str:
         line = f"step {step}/{self.train_steps} ({step / self.train_steps:.0%})"
