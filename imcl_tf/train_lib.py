@@ -687,37 +687,38 @@ class _Trainer:
 
 
 class _Clock:
-    """Wall time of training and evaluation, for the progress line's speed and ETA."""
+    """Wall time of training and evaluation, for the progress line's speed and ETA.
+
+    The speed is that of the latest interval: the first one also pays for tracing the train
+    step (tens of seconds for IMCL on a small CPU), which would inflate the ETA for the whole run.
+    """
 
     def __init__(self, start_step: int, total_steps: int):
-        self.start_step = start_step
         self.total_steps = total_steps
         self.started = time.time()
-        self.train_seconds = 0.0
-        self.eval_seconds = 0.0
-        self.evaluations = 0
+        self.intervals: list[tuple[int, float, float]] = []  # (steps, train s, evaluation s)
         self._mark = self.started
-        self._steps_done = 0
+        self._step = start_step
+        self._train_seconds = 0.0
 
     def start_interval(self):
         self._mark = time.time()
 
     def end_training(self, step):
         now = time.time()
-        self.train_seconds += now - self._mark
-        self._steps_done = step - self.start_step
+        self._train_seconds = now - self._mark
+        self._steps = step - self._step
+        self._step = step
         self._mark = now
 
     def end_interval(self):
-        self.eval_seconds += time.time() - self._mark
-        self.evaluations += 1
+        self.intervals.append((self._steps, self._train_seconds, time.time() - self._mark))
 
     def describe(self, step: int, eval_every: int) -> str:
-        per_step = self.train_seconds / max(self._steps_done, 1)
-        per_eval = self.eval_seconds / max(self.evaluations, 1)
+        steps, train_seconds, eval_seconds = self.intervals[-1]
+        per_step = train_seconds / max(steps, 1)
         remaining = self.total_steps - step
-        evaluations_left = math.ceil(remaining / eval_every)
-        eta = remaining * per_step + evaluations_left * per_eval
+        eta = remaining * per_step + math.ceil(remaining / eval_every) * eval_seconds
         return (f"{per_step:.3f} s/step | elapsed {_duration(time.time() - self.started)} | "
                 f"ETA {_duration(eta)}")
 

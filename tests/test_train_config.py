@@ -385,6 +385,21 @@ def test_pr_curves_match_counts_computed_by_hand(tmp_path, rng):
             assert abs(tensor[5, t] - tp / max(tp + fn, 1)) < 1e-6
 
 
+def test_progress_eta_uses_the_latest_interval(monkeypatch):
+    now = [1000.0]
+    monkeypatch.setattr(train_lib.time, "time", lambda: now[0])
+    clock = train_lib._Clock(start_step=0, total_steps=100)
+    for steps, train_seconds, eval_seconds in ((20, 50.0, 4.0), (20, 10.0, 2.0)):
+        clock.start_interval()
+        now[0] += train_seconds
+        clock.end_training(clock._step + steps)
+        now[0] += eval_seconds
+        clock.end_interval()
+    # 60 steps left at 0.5 s (the first interval's tracing is not extrapolated), 3 evaluations
+    # of 2 s; 66 s elapsed
+    assert clock.describe(40, eval_every=20) == "0.500 s/step | elapsed 0:01:06 | ETA 0:00:36"
+
+
 def test_format_summary_reports_metrics_losses_and_paths():
     stage = {"method": "logistic", "steps": 100, "start_step": 0, "steps_this_run": 100,
              "best_val_mAP": 0.5, "best_step": 80, "last_val_mAP": 0.49,
