@@ -370,7 +370,9 @@ class IMCLModel(keras.Model):
         """Sets lambda_y, lambda_f by balancing against the BCE on a few batches (spec 3.5).
 
         During calibration the OMP selects neighbours on labels only (lambda_y : lambda_f =
-        1 : 0), as the official code's provisional weights do. Returns the resolved values.
+        1 : 0), as the official code's provisional weights do. The losses are computed in training
+        mode, as in train_step; the backbone's BatchNorm statistics are left as they were.
+        Returns the resolved values.
         """
         if self.method != "imcl":
             return {}
@@ -380,11 +382,21 @@ class IMCLModel(keras.Model):
             return {"lambda_y": self.multiplier_y, "lambda_f": self.multiplier_f}
         sums = {"bce": 0.0, "loss_y": 0.0, "loss_f": 0.0}
         seen = 0
-        for data in dataset.take(num_batches):
-            terms = self._calibration_terms(*_unpack(data))
-            for name in sums:
-                sums[name] += float(terms[name])
-            seen += 1
+        # The losses are measured as training computes them (BatchNorm on batch statistics,
+        # dropout on): in inference mode a short baseline's BCE and L_f differ from the training
+        # values by orders of magnitude. Training mode updates BatchNorm's moving statistics, so
+        # every non-trainable backbone variable is restored afterwards: calibration changes only
+        # the lambdas.
+        saved = [(v, v.numpy()) for v in self.backbone.non_trainable_variables]
+        try:
+            for data in dataset.take(num_batches):
+                terms = self._calibration_terms(*_unpack(data))
+                for name in sums:
+                    sums[name] += float(terms[name])
+                seen += 1
+        finally:
+            for variable, value in saved:
+                variable.assign(value)
         if seen == 0:
             raise ValueError("calibrate_lambdas: the calibration dataset yielded no batch.")
         lambda_y, lambda_f = losses.resolve_lambdas(
@@ -399,9 +411,9 @@ class IMCLModel(keras.Model):
     @tf.function(reduce_retracing=True)
     def _calibration_terms(self, inputs, labels, ids):
         labels = tf.cast(labels, tf.float32)
-        features = self.extract_features(inputs, training=False)
+        features = self.extract_features(inputs, training=True)
         logits = self.head(features)
-        terms = self._smoothness_terms(inputs, features, logits, labels, ids, False,
+        terms = self._smoothness_terms(inputs, features, logits, labels, ids, True,
                                        tf.constant(1.0), tf.constant(0.0))
         terms["bce"] = losses.masked_bce(labels, logits)
         return terms

@@ -58,6 +58,26 @@ def test_fit_save_reload_identical_predictions(batches, tmp_path, method, mode):
         assert float(reloaded.lambda_y.numpy()) == pytest.approx(float(model.lambda_y.numpy()))
 
 
+def test_calibration_measures_training_mode_losses_and_keeps_batchnorm_statistics(batches):
+    images, labels, ids, dataset = batches
+    # Inputs far from the initial moving statistics: inference and training BatchNorm differ.
+    model = _model("imcl", images, labels, ids, balance="loss_ratio")
+    moving = [v.numpy().copy() for v in model.backbone.non_trainable_variables]
+    assert moving, "the small CNN has BatchNorm statistics"
+    resolved = model.calibrate_lambdas(dataset, num_batches=2)
+    for before, variable in zip(moving, model.backbone.non_trainable_variables):
+        np.testing.assert_array_equal(before, variable.numpy())
+    expected_bce, inference_bce = [], []
+    for start in (0, 8):
+        x, y = images[start:start + 8], labels[start:start + 8]
+        expected_bce.append(float(losses.masked_bce(y, model(x, training=True))))
+        inference_bce.append(float(losses.masked_bce(y, model(x, training=False))))
+    for before, variable in zip(moving, model.backbone.non_trainable_variables):
+        variable.assign(before)
+    np.testing.assert_allclose(resolved["calibration_bce"], np.mean(expected_bce), rtol=1e-5)
+    assert abs(np.mean(inference_bce) - np.mean(expected_bce)) > 1e-3  # the modes do differ
+
+
 def test_logistic_loss_is_the_masked_bce(batches):
     images, labels, ids, _ = batches
     model = _model("logistic", images, labels, ids)
