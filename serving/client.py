@@ -65,6 +65,7 @@ class PredictionClient:
                              ("grpc.max_send_message_length", max_bytes)])
         self._predictions = prediction_service_pb2_grpc.PredictionServiceStub(self._channel)
         self._models = model_service_pb2_grpc.ModelServiceStub(self._channel)
+        self._request_templates: dict[tuple, predict_pb2.PredictRequest] = {}
 
     def close(self) -> None:
         self._channel.close()
@@ -80,9 +81,10 @@ class PredictionClient:
     def predict_bytes(self, images: Sequence[bytes], top_k: int = 5,
                       signature: str = export.SERVING_DEFAULT) -> Predictions:
         """Top-k (class, probability) per JPEG/PNG encoding, all sent in one PredictRequest."""
-        encoded = np.array([bytes(image) for image in images], dtype=object)  # [B]
-        return self._top_k(self.predict({export.IMAGE_BYTES_INPUT: encoded}, signature,
-                                        _TOP_K_OUTPUTS), top_k)
+        request = self._predict_request(signature, _TOP_K_OUTPUTS)
+        tensors.string_tensor_proto([bytes(image) for image in images],  # [B]
+                                    request.inputs[export.IMAGE_BYTES_INPUT])
+        return self._top_k(self._predict(request, signature), top_k)
 
     def predict_images(self, images: np.ndarray, top_k: int = 5,
                        signature: str = export.PREDICT_IMAGES) -> Predictions:
@@ -101,10 +103,27 @@ class PredictionClient:
     def predict(self, inputs: dict[str, np.ndarray], signature: str = export.SERVING_DEFAULT,
                 output_filter: Sequence[str] = ()) -> dict[str, np.ndarray]:
         """One raw Predict call: named NumPy inputs in, named NumPy outputs out."""
-        request = predict_pb2.PredictRequest(model_spec=self._model_spec(signature),
-                                             output_filter=list(output_filter))
+        request = self._predict_request(signature, output_filter)
         for name, value in inputs.items():
             tensors.to_tensor_proto(value, request.inputs[name])
+        return self._predict(request, signature)
+
+    def _predict_request(self, signature: str,
+                         output_filter: Sequence[str]) -> predict_pb2.PredictRequest:
+        """A PredictRequest without inputs: a copy of one built once per model, version, signature
+        and output filter."""
+        key = (self.model_name, self.version, signature, tuple(output_filter))
+        template = self._request_templates.get(key)
+        if template is None:
+            template = predict_pb2.PredictRequest(model_spec=self._model_spec(signature),
+                                                  output_filter=list(output_filter))
+            self._request_templates[key] = template
+        request = predict_pb2.PredictRequest()
+        request.CopyFrom(template)
+        return request
+
+    def _predict(self, request: predict_pb2.PredictRequest,
+                 signature: str) -> dict[str, np.ndarray]:
         response = self._call(self._predictions.Predict, request, f"Predict ({signature})")
         return {name: tensors.to_ndarray(proto) for name, proto in response.outputs.items()}
 
@@ -191,9 +210,9 @@ class PredictionClient:
                                  "exported with; re-export with a larger --top_k, or use "
                                  "classify_bytes() for every class's score.")
             top_k = exported_k
-        classes = outputs[export.TOP_K_CLASSES][:, :top_k]  # [B, k] bytes
-        scores = outputs[export.TOP_K_SCORES][:, :top_k]  # [B, k]
-        return [[(name.decode("utf-8"), float(score)) for name, score in zip(names, row)]
+        classes = outputs[export.TOP_K_CLASSES][:, :top_k].tolist()  # [B, k] bytes
+        scores = outputs[export.TOP_K_SCORES][:, :top_k].tolist()  # [B, k] Python floats
+        return [[(name.decode("utf-8"), score) for name, score in zip(names, row)]
                 for names, row in zip(classes, scores)]
 
     def _num_classes(self) -> int:

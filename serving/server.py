@@ -172,6 +172,10 @@ class Servable:
             saved_model.ParseFromString(f.read())
         # All SignatureDefs, as TF Serving lists them in GetModelMetadata (init op included).
         self.signature_defs = dict(saved_model.meta_graphs[0].signature_def)
+        # What a request is checked against, read from the SignatureDefs once instead of per
+        # request.
+        self.plans = {name: _SignaturePlan.of(self.signature_defs[name])
+                      for name in self.signatures}
 
     def signature_def(self, name: str):
         """The SignatureDef of a callable signature, or INVALID_ARGUMENT naming the known ones."""
@@ -181,24 +185,57 @@ class Servable:
                                f"{self.version}; signatures: {sorted(self.signatures)}.")
         return self.signature_defs[name]
 
-    def run(self, name: str, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def plan(self, name: str) -> "_SignaturePlan":
+        """The request plan of a callable signature, or INVALID_ARGUMENT naming the known ones."""
+        plan = self.plans.get(name)
+        if plan is None:
+            self.signature_def(name)  # raises the error naming the signatures
+        return plan
+
+    def run(self, name: str, inputs: Mapping[str, np.ndarray],
+            outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         """Calls signature `name` (through its batcher when batching is on).
 
+        `outputs` names the outputs wanted (default: all); a batched call returns all of them.
         TensorFlow's own errors become RequestErrors with the same gRPC code.
         """
         if name in self._batchers:
             return self._batchers[name].run(inputs)
-        return self._run_now(name, inputs)
+        return self._run_now(name, inputs, outputs)
 
-    def _run_now(self, name: str, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _run_now(self, name: str, inputs: Mapping[str, np.ndarray],
+                 outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         try:
             result = self.signatures[name](**{key: tf.constant(value)
                                                for key, value in inputs.items()})
-            return {key: value.numpy() for key, value in result.items()}
+            if outputs is None:
+                return {key: value.numpy() for key, value in result.items()}
+            return {key: result[key].numpy() for key in outputs}
         except tf.errors.OpError as err:
             raise RequestError(_GRPC_CODE.get(err.error_code, grpc.StatusCode.INTERNAL),
                                f"signature {name!r} of version {self.version} failed on this "
                                f"input: {tf_error_summary(err.message or str(err))}") from err
+
+
+@dataclasses.dataclass(frozen=True)
+class _SignaturePlan:
+    """A SignatureDef's names, dtypes and shapes as plain Python values, for checking requests."""
+    inputs: tuple[str, ...]  # sorted
+    input_names: frozenset[str]
+    input_dtypes: Mapping[str, int]
+    input_shapes: Mapping[str, list[int] | None]  # None: unknown rank
+    outputs: tuple[str, ...]  # sorted
+    output_names: frozenset[str]
+
+    @classmethod
+    def of(cls, signature) -> "_SignaturePlan":
+        return cls(
+            inputs=tuple(sorted(signature.inputs)), input_names=frozenset(signature.inputs),
+            input_dtypes={name: info.dtype for name, info in signature.inputs.items()},
+            input_shapes={name: (None if info.tensor_shape.unknown_rank
+                                 else [dim.size for dim in info.tensor_shape.dim])
+                          for name, info in signature.inputs.items()},
+            outputs=tuple(sorted(signature.outputs)), output_names=frozenset(signature.outputs))
 
 
 class Batcher:
@@ -497,32 +534,35 @@ def predict(servable: Servable, request: predict_pb2.PredictRequest, model_name:
             limits: Limits) -> predict_pb2.PredictResponse:
     """Validates a PredictRequest against the signature, runs it, and builds the response."""
     signature_name = request.model_spec.signature_name or export.SERVING_DEFAULT
-    signature = servable.signature_def(signature_name)
-    expected, received = set(signature.inputs), set(request.inputs)
-    if expected != received:
+    plan = servable.plan(signature_name)
+    received = set(request.inputs)
+    if plan.input_names != received:
+        expected = set(plan.input_names)
         raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
                            f"signature {signature_name!r} takes inputs {sorted(expected)}; the "
                            f"request sent {sorted(received)} (missing: "
                            f"{sorted(expected - received)}, unexpected: "
                            f"{sorted(received - expected)}).")
-    inputs = {name: _input_array(name, request.inputs[name], signature.inputs[name],
-                                 signature_name, limits)
-              for name in sorted(expected)}
-    batch_sizes = {name: array.shape[0] for name, array in inputs.items()}
-    if len(set(batch_sizes.values())) > 1:
-        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
-                           f"inputs have different batch sizes: {batch_sizes}.")
-    outputs = list(request.output_filter) or sorted(signature.outputs)
-    unknown = sorted(set(outputs) - set(signature.outputs))
-    if unknown:
+    inputs = {name: _input_array(name, request.inputs[name], plan.input_dtypes[name],
+                                 plan.input_shapes[name], signature_name, limits)
+              for name in plan.inputs}
+    if len(inputs) > 1:
+        batch_sizes = {name: array.shape[0] for name, array in inputs.items()}
+        if len(set(batch_sizes.values())) > 1:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"inputs have different batch sizes: {batch_sizes}.")
+    outputs = list(request.output_filter) or plan.outputs
+    if not plan.output_names.issuperset(outputs):
+        unknown = sorted(set(outputs) - plan.output_names)
         raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
                            f"output_filter names {unknown}, which signature {signature_name!r} "
-                           f"does not have; its outputs: {sorted(signature.outputs)}.")
-    result = servable.run(signature_name, inputs)
+                           f"does not have; its outputs: {sorted(plan.output_names)}.")
+    result = servable.run(signature_name, inputs, outputs)
     response = predict_pb2.PredictResponse()
     _fill_model_spec(response.model_spec, model_name, servable.version, signature_name)
+    response_outputs = response.outputs
     for name in outputs:
-        tensors.to_tensor_proto(result[name], response.outputs[name])
+        tensors.to_tensor_proto(result[name], response_outputs[name])
     return response
 
 
@@ -616,21 +656,21 @@ def model_status(manager: ModelManager, request: get_model_status_pb2.GetModelSt
     return response
 
 
-def _input_array(name: str, proto, tensor_info, signature_name: str,
+def _input_array(name: str, proto, dtype: int, expected: list[int] | None, signature_name: str,
                  limits: Limits) -> np.ndarray:
-    """One request input as a NumPy array, after checking it against the signature's TensorInfo."""
-    where = f"input {name!r} of signature {signature_name!r}"
-    if proto.dtype != tensor_info.dtype:
+    """One request input as a NumPy array, after checking it against the signature's dtype and
+    shape (`expected`: None for an unknown rank, -1 for a free dimension)."""
+    if proto.dtype != dtype:
         raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
-                           f"{where} has dtype {_dtype_name(proto.dtype)}; expected "
-                           f"{_dtype_name(tensor_info.dtype)}.")
+                           f"input {name!r} of signature {signature_name!r} has dtype "
+                           f"{_dtype_name(proto.dtype)}; expected {_dtype_name(dtype)}.")
+    where = f"input {name!r} of signature {signature_name!r}"
     try:
         array = tensors.to_ndarray(proto)
     except (ValueError, TypeError) as err:
         raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
                            f"{where} is not a valid TensorProto: {err}") from err
-    expected = [dim.size for dim in tensor_info.tensor_shape.dim]
-    if not tensor_info.tensor_shape.unknown_rank and (
+    if expected is not None and (
             array.ndim != len(expected)
             or any(e not in (-1, got) for e, got in zip(expected, array.shape))):
         raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,

@@ -558,3 +558,15 @@ def test_tensor_proto_conversion_matches_tensorflow(array):
         listed.ClearField("tensor_content")
         listed.float_val.extend(np.asarray(array).reshape(-1).tolist())
         np.testing.assert_array_equal(tensors.to_ndarray(listed), expected)
+
+
+def test_string_tensor_proto_matches_the_numpy_path():
+    from tensorflow.core.framework import tensor_pb2
+
+    from serving import tensors
+
+    values = [b"\xff\xd8 jpeg", b"", b"trailing\x00"]
+    for batch in (values, values[:1], []):
+        direct = tensors.string_tensor_proto(batch, tensor_pb2.TensorProto())
+        assert direct == tensors.to_tensor_proto(np.array(batch, dtype=object).reshape(-1))
+        assert tensors.to_ndarray(direct).tolist() == batch
