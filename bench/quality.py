@@ -42,12 +42,12 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True, help="Output folder (datasets, runs, results).")
     parser.add_argument("--ratios", default="0.1,0.3,0.5,0.7,0.9,1.0")
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--num_train", type=int, default=3000)
+    parser.add_argument("--num_train", type=int, default=1200)
     parser.add_argument("--num_val", type=int, default=500)
     parser.add_argument("--num_test", type=int, default=1000)
     parser.add_argument("--logistic_steps", type=int, default=600)
-    parser.add_argument("--imcl_steps", type=int, default=300)
-    parser.add_argument("--eval_every", type=int, default=100)
+    parser.add_argument("--imcl_steps", type=int, default=200)
+    parser.add_argument("--eval_every", type=int, default=50)
     parser.add_argument("--set", action="append", default=[],
                         help="Override a training option for both methods, e.g. --set k=5.")
     parser.add_argument("--imcl_set", action="append", default=[],
@@ -107,9 +107,15 @@ def _build_dataset(args) -> str:
     from imcl_tf import data as data_lib
     from tfrecords_tools import fashion_scenes
     full_dir = os.path.join(args.out, "data", "full")
+    wanted = {"train": args.num_train, "val": args.num_val, "test": args.num_test}
     if not os.path.exists(os.path.join(full_dir, data_lib.DATASET_JSON)):
-        fashion_scenes.build(full_dir, seed=1234, num_shards=2, num_examples={
-            "train": args.num_train, "val": args.num_val, "test": args.num_test})
+        fashion_scenes.build(full_dir, seed=1234, num_shards=2, num_examples=wanted)
+    info = data_lib.load_dataset_info(full_dir)
+    found = {split: info.split(split).num_examples for split in wanted}
+    if found != wanted:
+        raise SystemExit(f"quality: {full_dir} holds {found} scenes but this run asks for {wanted}; "
+                         "cached runs would not match. Use another --out or the sizes it was "
+                         "built with.")
     return full_dir
 
 
@@ -186,10 +192,18 @@ def _load_results(out):
 
 
 def _save_results(out, results):
+    """Merges `results` into <out>/results.json under a lock: several processes may share <out>
+    (e.g. one per group of ratios), each adding its own rows."""
+    import fcntl
     path = os.path.join(out, "results.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(results, f, indent=1, sort_keys=True)
-    os.replace(path + ".tmp", path)
+    with open(path + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        merged = _load_results(out)
+        merged.update(results)
+        results.update(merged)
+        with open(path + ".tmp", "w") as f:
+            json.dump(merged, f, indent=1, sort_keys=True)
+        os.replace(path + ".tmp", path)
 
 
 def _write_main_report(args, results, ratios, seeds):
