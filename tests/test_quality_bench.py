@@ -29,6 +29,17 @@ def test_quick_quality_run_writes_table_plot_and_cached_results(tmp_path):
     again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads((out / "results.json").read_text()) == results
+    # The target diagnostic runs on the same baseline and dataset.
+    report = tmp_path / "targets.md"
+    diagnose = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "bench", "neighbour_targets.py"), "--model_dir",
+         str(out / "runs" / "uniform_30_seed0" / "logistic"), "--data_dir",
+         str(out / "data" / "uniform_30_seed0"), "--dictionaries", "0", "--graphs", "identity",
+         "--lambda_f", "1", "--knn", "5", "--out", str(report)],
+        cwd=ROOT, capture_output=True, text=True)
+    assert diagnose.returncode == 0, diagnose.stderr[-3000:]
+    text = report.read_text()
+    assert "model prediction" in text and "IMCL reconstruction" in text and "kNN" in text
 
 
 def test_other_sizes_in_an_existing_output_folder_are_refused(tmp_path):
