@@ -199,6 +199,46 @@ def _selection_scores(corr_y, corr_f, inv_norm_y, inv_norm_f, lambda_y, lambda_f
     return lambda_y * gain_y + lambda_f * gain_f
 
 
+def refit_on_support(query_y: Any, query_f: Any, support_y: Any, support_f: Any,
+                     valid: Any) -> tuple[tf.Tensor, tf.Tensor]:
+    """Re-solves both coefficient vectors on a fixed support, as the OMP's last refit does.
+
+    For each query, each side on its own, exact nonnegative least squares
+    min_{c >= 0} |q - sum_s c_s v_s|^2 over the valid slots (invalid slots get 0). Use it when
+    the support's vectors have changed since the OMP chose them (e.g. neighbours re-encoded by
+    the current network). No gradient: the coefficients are constants of the loss.
+
+    Args:
+      query_y: [B, L] label states of the queries.
+      query_f: [B, D] features of the queries.
+      support_y: [B, k] + [L], the label-side vectors of each query's slots.
+      support_f: [B, k] + [D], the feature-side vectors of each query's slots.
+      valid: [B, k] bool, False for slots to leave out.
+
+    Returns:
+      (coef_y, coef_f), each [B, k] float32 >= 0, 0 in invalid slots.
+
+    Example:
+      >>> support = np.array([[[1.0, 0.0], [0.0, 1.0]]], np.float32)  # B=1, k=2, 2-d vectors
+      >>> coef_y, coef_f = refit_on_support([[2.0, -1.0]], [[1.0, 3.0]], support, support,
+      ...                                   [[True, False]])
+      >>> coef_y.numpy().tolist(), coef_f.numpy().tolist()
+      ([[2.0, 0.0]], [[1.0, 0.0]])
+    """
+    query_y, query_f, support_y, support_f = (
+        tf.stop_gradient(tf.cast(x, tf.float32))
+        for x in (query_y, query_f, support_y, support_f))
+    mask = tf.cast(valid, tf.float32)[:, :, None]  # [B, k, 1]: an invalid slot is a zero vector
+    chosen_y = support_y * mask
+    chosen_f = support_f * mask
+    gram = tf.stack([tf.matmul(chosen_y, chosen_y, transpose_b=True),
+                     tf.matmul(chosen_f, chosen_f, transpose_b=True)])  # [2, B, k, k]
+    rhs = tf.stack([tf.einsum("bl,bkl->bk", query_y, chosen_y),
+                    tf.einsum("bd,bkd->bk", query_f, chosen_f)])  # [2, B, k]
+    coef = tf.stop_gradient(_nnls_small(gram, rhs))  # [2, B, k]
+    return coef[0], coef[1]
+
+
 def _nnls_small(gram, rhs):
     """Exact NNLS  min_{c >= 0} |q - S c|^2  for a tiny support, batched over leading axes.
 
