@@ -19,11 +19,15 @@ import tensorflow as tf
 from imcl_tf import losses
 from imcl_tf.label_graph import LabelGraph
 from imcl_tf.memory import DictionaryBank
-from imcl_tf.omp import joint_nonnegative_omp
+from imcl_tf.omp import joint_nonnegative_omp, refit_on_support
 
 BACKBONES = ("small_cnn", "mobilenet_v2", "resnet50", "resnet101", "features")
 METHODS = ("imcl", "logistic")
 NEIGHBOUR_MODES = ("cached", "forward")
+# How forward mode gets the coefficients of the re-encoded neighbours (method spec 5.1).
+REFIT_MODES = ("reuse_support_refit", "reuse_all")
+# Named by the method spec but not implemented: refused with an explanation.
+_UNIMPLEMENTED_REFIT_MODES = ("official_pool_rerun",)
 BALANCE_MODES = ("loss_ratio", "none")
 
 # How each keras.applications backbone expects its 0..255 RGB input to be scaled.
@@ -145,6 +149,16 @@ class IMCLModel(keras.Model):
         [0, 1] after every step.
       neighbour_mode: "cached" (neighbour features from the bank) or "forward" (neighbour inputs
         re-run through the backbone with gradient, as the official end-to-end code does).
+      refit_mode: where forward mode's coefficients come from (method spec 5.1 and 8 row 10).
+        "reuse_support_refit" (default) keeps the OMP's support (chosen atoms and valid slots) and
+        re-solves both coefficient vectors by exact NNLS on it with the fresh neighbour features
+        and label states, each side on its own (label side against the query's label state,
+        feature side against its feature with the bias coordinate), as the OMP refits them; the
+        coefficients are constants of the loss (no gradient). "reuse_all" keeps the coefficients
+        the OMP fitted to the bank's cached features and states. Only used when
+        neighbour_mode="forward": in cached mode the neighbours are the very atoms the OMP
+        fitted, so there is nothing to refit. The official code's "official_pool_rerun" (a
+        second OMP over the union of the batch's neighbours) is not implemented.
       feature_loss: add lambda_f * L_f to the loss (the feature side always drives selection).
       freeze_batchnorm: see build_backbone.
       head_weight_decay: L2 factor on the classifier kernel (bias excluded), CUB uses 1e-4.
@@ -159,11 +173,17 @@ class IMCLModel(keras.Model):
                  clip_label_graph: bool = True, neighbour_mode: str = "cached",
                  feature_loss: bool = True, freeze_batchnorm: bool = False,
                  head_weight_decay: float = 0.0, label_graph_init: Any = None,
-                 atom_gradient: bool = True, **kwargs):
+                 atom_gradient: bool = True, refit_mode: str = "reuse_support_refit",
+                 **kwargs):
         super().__init__(**kwargs)
         _check_choice("method", method, METHODS)
         _check_choice("backbone", backbone, BACKBONES)
         _check_choice("neighbour_mode", neighbour_mode, NEIGHBOUR_MODES)
+        if refit_mode in _UNIMPLEMENTED_REFIT_MODES:
+            raise ValueError(f"IMCLModel: refit_mode={refit_mode!r} (a second OMP over the union "
+                             "of the batch's neighbours, method spec 5.1) is not implemented; "
+                             f"choose one of {REFIT_MODES}.")
+        _check_choice("refit_mode", refit_mode, REFIT_MODES)
         _check_choice("balance", balance, BALANCE_MODES)
         if num_classes < 1:
             raise ValueError(f"IMCLModel: num_classes must be >= 1, received {num_classes}.")
@@ -204,6 +224,7 @@ class IMCLModel(keras.Model):
         self.freeze_batchnorm = bool(freeze_batchnorm)
         self.head_weight_decay = float(head_weight_decay)
         self.atom_gradient = bool(atom_gradient)
+        self.refit_mode = refit_mode
 
         self.preprocess = Preprocess(_PREPROCESSING[backbone], name="preprocess")
         self.backbone = build_backbone(backbone, self.input_shape_, backbone_weights,
@@ -300,6 +321,31 @@ class IMCLModel(keras.Model):
 
     def _smoothness_terms(self, inputs, features, logits, labels, ids, training, lambda_y, lambda_f):
         """Steps 2-4 of architecture.md section 5: label states, OMP, smoothness residuals."""
+        fit = self._neighbour_fit(inputs, features, logits, labels, ids, training, lambda_y,
+                                  lambda_f)
+        query_y, query_f = fit["query_y"], fit["query_f"]
+        loss_y, loss_f = losses.smoothness_losses(query_y, query_f, fit["neighbour_y"],
+                                                  fit["neighbour_f"], fit["coef_y"],
+                                                  fit["coef_f"], fit["valid"])
+        batch_size = tf.cast(tf.shape(query_y)[0], tf.float32)
+        return {
+            "loss_y": loss_y,
+            "loss_f": loss_f,
+            "omp_valid_fraction": tf.reduce_mean(tf.cast(fit["valid"], tf.float32)),
+            "residual_y_before": tf.stop_gradient(tf.reduce_sum(tf.square(query_y)) / batch_size),
+            "residual_y_after": tf.stop_gradient(loss_y),
+            "residual_f_before": tf.stop_gradient(tf.reduce_sum(tf.square(query_f)) / batch_size),
+            "residual_f_after": tf.stop_gradient(loss_f),
+        }
+
+    def _neighbour_fit(self, inputs, features, logits, labels, ids, training, lambda_y, lambda_f):
+        """The queries, their neighbours and the coefficients the smoothness residuals use.
+
+        Returns a dict: query_y [B, L], query_f [B, D+1], neighbour_y [B, k, L], neighbour_f
+        [B, k, D+1] (with gradient), coef_y, coef_f [B, k] (constants), valid [B, k], and `omp`,
+        the OMPResult against the bank (whose coefficients forward mode may replace, see
+        `refit_mode`).
+        """
         graph = self.label_graph.matrix  # [L, L]
         query_y = losses.query_label_states(logits, labels, self.asym_c)  # [B, L]
         query_f = _with_bias(features)  # [B, D+1]: the constant coordinate is reconstructed too
@@ -313,6 +359,7 @@ class IMCLModel(keras.Model):
             bank_f, self.k, lambda_y=lambda_y, lambda_f=lambda_f,
             exclude=self.bank.exclusion_mask(ids))
         indices = tf.maximum(omp.indices, 0)  # invalid slots are masked by `valid` below
+        coef_y, coef_f = omp.coef_y, omp.coef_f
         if not self.atom_gradient:
             # Neighbours act as fixed teachers: only the query side learns from the residual.
             atoms_y = tf.stop_gradient(atoms_y)
@@ -325,21 +372,16 @@ class IMCLModel(keras.Model):
                 self.head(neighbour_features), tf.gather(bank_labels, flat), graph, self.asym_c)
             neighbour_y = tf.reshape(neighbour_y, [batch, self.k, self.num_classes])
             neighbour_f = tf.reshape(_with_bias(neighbour_features), [batch, self.k, -1])
+            if self.refit_mode == "reuse_support_refit":
+                # Same support, coefficients re-solved for the fresh vectors (spec 5.1).
+                coef_y, coef_f = refit_on_support(query_y, query_f, neighbour_y, neighbour_f,
+                                                  omp.valid)
         else:
             neighbour_y = tf.gather(atoms_y, indices)  # [B, k, L]
             neighbour_f = tf.gather(bank_f, indices)  # [B, k, D+1]
-        loss_y, loss_f = losses.smoothness_losses(query_y, query_f, neighbour_y, neighbour_f,
-                                                  omp.coef_y, omp.coef_f, omp.valid)
-        batch_size = tf.cast(tf.shape(query_y)[0], tf.float32)
-        return {
-            "loss_y": loss_y,
-            "loss_f": loss_f,
-            "omp_valid_fraction": tf.reduce_mean(tf.cast(omp.valid, tf.float32)),
-            "residual_y_before": tf.stop_gradient(tf.reduce_sum(tf.square(query_y)) / batch_size),
-            "residual_y_after": tf.stop_gradient(loss_y),
-            "residual_f_before": tf.stop_gradient(tf.reduce_sum(tf.square(query_f)) / batch_size),
-            "residual_f_after": tf.stop_gradient(loss_f),
-        }
+        return {"query_y": query_y, "query_f": query_f, "neighbour_y": neighbour_y,
+                "neighbour_f": neighbour_f, "coef_y": coef_y, "coef_f": coef_f,
+                "valid": omp.valid, "omp": omp}
 
     def _update_trackers(self, terms):
         for name, value in terms.items():
@@ -430,7 +472,7 @@ class IMCLModel(keras.Model):
             "learn_label_graph": self.learn_label_graph, "clip_label_graph": self.clip_label_graph,
             "neighbour_mode": self.neighbour_mode, "feature_loss": self.feature_loss,
             "freeze_batchnorm": self.freeze_batchnorm, "head_weight_decay": self.head_weight_decay,
-            "atom_gradient": self.atom_gradient,
+            "atom_gradient": self.atom_gradient, "refit_mode": self.refit_mode,
             "name": self.name,
         }
 

@@ -172,6 +172,9 @@ def test_keras_application_backbones_build_without_downloads():
     ({"backbone": "vgg7"}, "backbone must be one of"),
     ({"method": "logistic", "asym_c": 0.5}, "asym_c must be >= 1"),
     ({"method": "logistic", "backbone_weights": "missing.weights.h5"}, "no such file"),
+    ({"method": "logistic", "refit_mode": "official_pool_rerun"},
+     r"official_pool_rerun.*not implemented.*reuse_support_refit.*reuse_all"),
+    ({"method": "logistic", "refit_mode": "refit_everything"}, "refit_mode must be one of"),
 ])
 def test_bad_configuration_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -184,3 +187,152 @@ def test_bad_batch_structure_is_explained(batches):
     bad = tf.data.Dataset.from_tensor_slices((images, labels)).batch(8)
     with pytest.raises(ValueError, match=r"\(inputs, labels, ids\)"):
         model.fit(bad, epochs=1, verbose=0, shuffle=False)
+
+
+# ---- forward mode: where the coefficients of the re-encoded neighbours come from ---------------
+
+
+def _brute_force_nnls(vectors, query):
+    """min_{c >= 0} |query - vectors^T c|^2 by enumerating every sub-support (float64)."""
+    vectors = np.asarray(vectors, np.float64)
+    query = np.asarray(query, np.float64)
+    best, best_coef = np.inf, np.zeros(len(vectors))
+    for mask in range(2 ** len(vectors)):
+        members = [i for i in range(len(vectors)) if mask >> i & 1]
+        coef = np.zeros(len(vectors))
+        if members:
+            solution, *_ = np.linalg.lstsq(vectors[members].T, query, rcond=None)
+            if np.any(solution < 0):
+                continue
+            coef[members] = solution
+        residual = np.sum((query - coef @ vectors) ** 2)
+        if residual < best - 1e-12:
+            best, best_coef = residual, coef
+    return best_coef
+
+
+def _stale_forward_model(images, labels, ids, refit_mode, rng):
+    """A forward-mode model whose backbone changed since its bank was encoded."""
+    model = _model("imcl", images, labels, ids, neighbour_mode="forward", refit_mode=refit_mode,
+                   balance="none")
+    for variable in model.backbone.trainable_weights:
+        noise = rng.normal(size=variable.shape).astype(np.float32)
+        variable.assign(variable.numpy() * (1.0 + 0.5 * noise))
+    return model
+
+
+def _fit(model, inputs, labels, ids):
+    features = model.extract_features(inputs)
+    logits = model.head(features)
+    return model._neighbour_fit(inputs, features, logits, tf.constant(labels), ids, False,
+                                model.lambda_y, model.lambda_f)
+
+
+def _independent_omp(model, inputs, labels, ids):
+    """The OMP against the cached bank, computed here without the model's helper."""
+    from imcl_tf.omp import joint_nonnegative_omp
+    features = model.extract_features(inputs)
+    query_y = losses.query_label_states(model.head(features), labels, model.asym_c)
+    atoms_y = losses.atom_label_states(model.head(model.bank.features), model.bank.label_rows(),
+                                       model.label_graph.matrix, model.asym_c)
+    bank_f = tf.concat([model.bank.features, tf.ones([model.dictionary_size, 1])], -1)
+    return joint_nonnegative_omp(query_y, tf.concat([features, tf.ones([len(inputs), 1])], -1),
+                                 atoms_y, bank_f, model.k, model.lambda_y, model.lambda_f,
+                                 exclude=model.bank.exclusion_mask(ids))
+
+
+def test_forward_refit_solves_nnls_on_the_omp_support_with_fresh_neighbours(batches, rng):
+    images, labels, ids, _ = batches
+    model = _stale_forward_model(images, labels, ids, "reuse_support_refit", rng)
+    inputs, batch_labels, batch_ids = images[16:24], labels[16:24], ids[16:24]
+    fit = _fit(model, inputs, batch_labels, batch_ids)
+    omp = _independent_omp(model, inputs, batch_labels, batch_ids)
+    np.testing.assert_array_equal(fit["valid"], omp.valid)  # the support is the OMP's
+    np.testing.assert_array_equal(np.where(omp.valid, fit["omp"].indices, -1),
+                                  np.where(omp.valid, omp.indices, -1))
+    valid = omp.valid.numpy()
+    assert valid.any()
+    # The fresh neighbours, encoded here by the current network.
+    indices = np.maximum(omp.indices.numpy(), 0)
+    fresh = model.extract_features(model.bank(indices.reshape(-1))).numpy()
+    neighbour_f = np.concatenate([fresh, np.ones((len(fresh), 1), np.float32)], -1)
+    neighbour_y = losses.atom_label_states(
+        model.head(fresh), tf.gather(model.bank.label_rows(), indices.reshape(-1)),
+        model.label_graph.matrix, model.asym_c).numpy()
+    neighbour_f = neighbour_f.reshape(len(inputs), model.k, -1)
+    neighbour_y = neighbour_y.reshape(len(inputs), model.k, -1)
+    np.testing.assert_allclose(fit["neighbour_f"], neighbour_f, rtol=1e-5, atol=1e-5)
+    features = model.extract_features(inputs).numpy()
+    query_f = np.concatenate([features, np.ones((len(features), 1), np.float32)], -1)
+    query_y = losses.query_label_states(model.head(features), batch_labels, model.asym_c).numpy()
+    for coef, query, neighbours, side in ((fit["coef_y"], query_y, neighbour_y, "y"),
+                                          (fit["coef_f"], query_f, neighbour_f, "f")):
+        expected = np.zeros(valid.shape)
+        for row in range(len(inputs)):
+            slots = np.flatnonzero(valid[row])
+            expected[row, slots] = _brute_force_nnls(neighbours[row, slots], query[row])
+        np.testing.assert_allclose(coef, expected, rtol=2e-3, atol=2e-4, err_msg=side)
+    # The backbone changed since the bank was encoded: the OMP's coefficients are stale.
+    assert not np.allclose(fit["coef_f"], omp.coef_f, rtol=1e-3, atol=1e-4)
+    # On the same support the refit can only lower each side's residual.
+    refit = model._smoothness_terms(inputs, tf.constant(features), model.head(features),
+                                    tf.constant(batch_labels), batch_ids, False, model.lambda_y,
+                                    model.lambda_f)
+    model.refit_mode = "reuse_all"
+    reused = model._smoothness_terms(inputs, tf.constant(features), model.head(features),
+                                     tf.constant(batch_labels), batch_ids, False, model.lambda_y,
+                                     model.lambda_f)
+    assert float(refit["loss_y"]) <= float(reused["loss_y"]) * (1 + 1e-5) + 1e-6
+    assert float(refit["loss_f"]) < float(reused["loss_f"])
+
+
+def test_forward_reuse_all_keeps_the_omp_coefficients(batches, rng):
+    images, labels, ids, _ = batches
+    model = _stale_forward_model(images, labels, ids, "reuse_all", rng)
+    inputs, batch_labels, batch_ids = images[16:24], labels[16:24], ids[16:24]
+    fit = _fit(model, inputs, batch_labels, batch_ids)
+    omp = _independent_omp(model, inputs, batch_labels, batch_ids)
+    np.testing.assert_array_equal(fit["valid"], omp.valid)
+    np.testing.assert_allclose(fit["coef_y"], omp.coef_y, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(fit["coef_f"], omp.coef_f, rtol=1e-6, atol=1e-7)
+    assert model.get_config()["refit_mode"] == "reuse_all"
+    assert IMCLModel.from_config(model.get_config()).refit_mode == "reuse_all"
+
+
+def test_forward_refit_coefficients_carry_no_gradient(batches, rng):
+    images, labels, ids, _ = batches
+    model = _stale_forward_model(images, labels, ids, "reuse_support_refit", rng)
+    inputs, batch_labels, batch_ids = images[16:24], labels[16:24], ids[16:24]
+    with tf.GradientTape(persistent=True) as tape:
+        fit = _fit(model, inputs, batch_labels, batch_ids)
+        coefficients = tf.reduce_sum(fit["coef_y"]) + tf.reduce_sum(fit["coef_f"])
+        residual = tf.reduce_sum(tf.square(fit["query_f"] - tf.einsum(
+            "bk,bkd->bd", fit["coef_f"], fit["neighbour_f"])))
+    assert float(coefficients) > 0
+    variables = model.trainable_weights
+    assert all(g is None for g in tape.gradient(coefficients, variables))
+    # The residual still trains the backbone (through the query and the re-encoded neighbours).
+    grads = tape.gradient(residual, model.backbone.trainable_weights)
+    assert any(g is not None and np.abs(g.numpy()).sum() > 0 for g in grads)
+
+
+def test_refit_on_support_matches_brute_force_and_leaves_invalid_slots_at_zero(rng):
+    from imcl_tf.omp import refit_on_support
+    batch, k, dim_y, dim_f = 6, 3, 4, 5
+    query_y = rng.normal(size=(batch, dim_y)).astype(np.float32)
+    query_f = rng.normal(size=(batch, dim_f)).astype(np.float32)
+    support_y = rng.normal(size=(batch, k, dim_y)).astype(np.float32)
+    support_f = rng.normal(size=(batch, k, dim_f)).astype(np.float32)
+    # An invalid slot holds a vector that would fit the query exactly: it must still get 0.
+    valid = np.array([[1, 1, 1], [1, 1, 0], [1, 0, 0], [0, 0, 0], [1, 1, 1], [1, 1, 0]], bool)
+    support_y[~valid] = query_y[np.nonzero(~valid)[0]]
+    support_f[~valid] = query_f[np.nonzero(~valid)[0]]
+    coef_y, coef_f = refit_on_support(query_y, query_f, support_y, support_f, valid)
+    for coef, query, support in ((coef_y, query_y, support_y), (coef_f, query_f, support_f)):
+        expected = np.zeros((batch, k))
+        for row in range(batch):
+            slots = np.flatnonzero(valid[row])
+            if len(slots):
+                expected[row, slots] = _brute_force_nnls(support[row, slots], query[row])
+        np.testing.assert_allclose(coef, expected, rtol=1e-4, atol=1e-5)
+        assert np.all(coef.numpy()[~valid] == 0)
