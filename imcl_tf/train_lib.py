@@ -106,6 +106,12 @@ class TrainConfig:
     neighbour_mode: str = _field("cached", "cached: neighbour features from the bank; forward: "
                                            "neighbours re-run through the backbone.",
                                  models.NEIGHBOUR_MODES)
+    refit_mode: str = _field("reuse_support_refit", "Forward mode's coefficients: "
+                                                    "reuse_support_refit re-solves them by NNLS "
+                                                    "on the OMP's support with the fresh "
+                                                    "neighbour features; reuse_all keeps the "
+                                                    "OMP's (from the cached bank).",
+                             models.REFIT_MODES)
     label_graph: str = _field("identity", "identity, cooccurrence (known training positives), or "
                                           "a .npy file of shape [L, L].")
     label_graph_top_k: int = _field(0, "Co-occurrence graph: keep the top k related labels per "
@@ -489,7 +495,7 @@ class _Trainer:
                 clip_label_graph=config.clip_label_graph, neighbour_mode=config.neighbour_mode,
                 feature_loss=config.feature_loss, freeze_batchnorm=config.freeze_batchnorm,
                 head_weight_decay=config.head_weight_decay, label_graph_init=graph,
-                atom_gradient=config.atom_gradient)
+                atom_gradient=config.atom_gradient, refit_mode=config.refit_mode)
             optimizer = make_optimizer(config.optimizer, config.learning_rate)
             model.compile(optimizer=optimizer, jit_compile=False)
             model.optimizer.build(model.trainable_variables)
