@@ -163,7 +163,8 @@ class IMCLModel(keras.Model):
       freeze_batchnorm: see build_backbone.
       head_weight_decay: L2 factor on the classifier kernel (bias excluded), CUB uses 1e-4.
       atom_gradient: let the smoothness residuals also train the neighbours' label states (the
-        official code does); False treats neighbours as fixed teachers of the query.
+        official code does); False treats neighbours as fixed teachers of the query: no gradient
+        through their label states or (forward mode) their features, so none reaches the graph.
     """
 
     def __init__(self, num_classes: int, input_shape_: tuple[int, ...], backbone: str = "small_cnn",
@@ -372,6 +373,9 @@ class IMCLModel(keras.Model):
                 self.head(neighbour_features), tf.gather(bank_labels, flat), graph, self.asym_c)
             neighbour_y = tf.reshape(neighbour_y, [batch, self.k, self.num_classes])
             neighbour_f = tf.reshape(_with_bias(neighbour_features), [batch, self.k, -1])
+            if not self.atom_gradient:
+                neighbour_y = tf.stop_gradient(neighbour_y)
+                neighbour_f = tf.stop_gradient(neighbour_f)
             if self.refit_mode == "reuse_support_refit":
                 # Same support, coefficients re-solved for the fresh vectors (spec 5.1).
                 coef_y, coef_f = refit_on_support(query_y, query_f, neighbour_y, neighbour_f,

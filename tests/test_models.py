@@ -112,6 +112,22 @@ def test_gradients_reach_classifier_backbone_and_graph_only_through_atoms(batche
     assert graph_grad is None or np.abs(graph_grad.numpy()).sum() == 0
 
 
+@pytest.mark.parametrize("mode", ["cached", "forward"])
+def test_neighbours_as_fixed_teachers_give_the_graph_no_gradient(batches, mode):
+    images, labels, ids, _ = batches
+    graph = np.full((CLASSES, CLASSES), 0.1, np.float32) + np.eye(CLASSES, dtype=np.float32)
+    model = _model("imcl", images, labels, ids, label_graph_init=graph / graph.sum(0),
+                   neighbour_mode=mode, atom_gradient=False)
+    with tf.GradientTape() as tape:
+        terms = model._loss_terms(images[16:24], labels[16:24], ids[16:24], training=False)
+        smooth = terms["loss_y"] + terms["loss_f"]
+    head_grad, graph_grad = tape.gradient(smooth, [model.head.kernel,
+                                                   model.label_graph.graph_matrix])
+    assert np.abs(head_grad.numpy()).sum() > 0  # the query side still learns
+    # The graph acts on neighbours only, so detached neighbours leave it untouched.
+    assert graph_grad is None or np.abs(graph_grad.numpy()).sum() == 0
+
+
 def test_a_query_never_selects_itself(batches):
     images, labels, ids, _ = batches
     model = _model("imcl", images, labels, ids)

@@ -79,7 +79,8 @@ def test_every_model_option_is_a_flag_and_reaches_the_model(dataset, tmp_path):
     config = config_for(dataset, tmp_path, k=2, lambda_y=0.7, lambda_f=0.3, asym_c=1.5,
                         balance="none", learn_label_graph=False, clip_label_graph=False,
                         neighbour_mode="forward", feature_loss=False, freeze_batchnorm=True,
-                        head_weight_decay=1e-4, atom_gradient=False, dictionary_per_class=2)
+                        head_weight_decay=1e-4, atom_gradient=False, refit_mode="reuse_all",
+                        dictionary_per_class=2)
     trainer = train_lib._Trainer(config)
     trainer._build()
     model_config = trainer.model.get_config()
