@@ -257,12 +257,19 @@ def _independent_omp(model, inputs, labels, ids):
                                  exclude=model.bank.exclusion_mask(ids))
 
 
-def test_forward_refit_solves_nnls_on_the_omp_support_with_fresh_neighbours(batches, rng):
+def _stale_forward_fit(batches, rng, refit_mode):
+    """A forward-mode model with a stale bank, its fit on one batch and an independent OMP."""
     images, labels, ids, _ = batches
-    model = _stale_forward_model(images, labels, ids, "reuse_support_refit", rng)
+    model = _stale_forward_model(images, labels, ids, refit_mode, rng)
     inputs, batch_labels, batch_ids = images[16:24], labels[16:24], ids[16:24]
     fit = _fit(model, inputs, batch_labels, batch_ids)
     omp = _independent_omp(model, inputs, batch_labels, batch_ids)
+    return model, inputs, batch_labels, batch_ids, fit, omp
+
+
+def test_forward_refit_solves_nnls_on_the_omp_support_with_fresh_neighbours(batches, rng):
+    model, inputs, batch_labels, batch_ids, fit, omp = _stale_forward_fit(
+        batches, rng, "reuse_support_refit")
     np.testing.assert_array_equal(fit["valid"], omp.valid)  # the support is the OMP's
     np.testing.assert_array_equal(np.where(omp.valid, fit["omp"].indices, -1),
                                   np.where(omp.valid, omp.indices, -1))
@@ -303,11 +310,7 @@ def test_forward_refit_solves_nnls_on_the_omp_support_with_fresh_neighbours(batc
 
 
 def test_forward_reuse_all_keeps_the_omp_coefficients(batches, rng):
-    images, labels, ids, _ = batches
-    model = _stale_forward_model(images, labels, ids, "reuse_all", rng)
-    inputs, batch_labels, batch_ids = images[16:24], labels[16:24], ids[16:24]
-    fit = _fit(model, inputs, batch_labels, batch_ids)
-    omp = _independent_omp(model, inputs, batch_labels, batch_ids)
+    model, inputs, batch_labels, batch_ids, fit, omp = _stale_forward_fit(batches, rng, "reuse_all")
     np.testing.assert_array_equal(fit["valid"], omp.valid)
     np.testing.assert_allclose(fit["coef_y"], omp.coef_y, rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(fit["coef_f"], omp.coef_f, rtol=1e-6, atol=1e-7)
