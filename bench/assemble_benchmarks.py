@@ -36,6 +36,9 @@ def assemble(root: str = ROOT) -> str:
             raise SystemExit(f"assemble_benchmarks: {section_path} must start with a '# ' title.")
         title, body = lines[0][2:], "\n".join(lines[1:]).strip("\n")
         body = _demote_headings(body)
+        # Links relative to bench/results/ (plots beside the results file) must still resolve
+        # from the repository root.
+        body = re.sub(r"\]\((?![a-z]+:|/|#)([^)\s]+)\)", r"](bench/results/\1)", body)
         parts.append(f"## {title}\n\n(from `bench/results/{name}.md`)\n\n{body}")
     return "\n\n".join(parts) + "\n"
 

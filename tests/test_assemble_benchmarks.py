@@ -20,7 +20,8 @@ def test_header_kept_sections_in_order_and_headings_demoted(tmp_path):
     _write(tmp_path / "BENCHMARKS.md", "# BENCHMARKS\n\nintro | table\n\n## Old section\n\nstale\n")
     for name in assemble_benchmarks.SECTIONS:
         _write(tmp_path / "bench" / "results" / f"{name}.md",
-               f"# Title {name}\n\n## Sub {name}\n\n```\n# a shell comment\n```\n")
+               f"# Title {name}\n\n## Sub {name}\n\n```\n# a shell comment\n```\n"
+               f"![plot]({name}.png) [web](https://example.org/x)\n")
     text = assemble_benchmarks.assemble(str(tmp_path))
     assert text.startswith("# BENCHMARKS\n\nintro | table\n\n## Title quality\n")
     assert "stale" not in text
@@ -28,6 +29,7 @@ def test_header_kept_sections_in_order_and_headings_demoted(tmp_path):
     assert positions == sorted(positions)
     assert "### Sub omp" in text and "\n# a shell comment\n" in text
     assert "(from `bench/results/serving.md`)" in text
+    assert "![plot](bench/results/omp.png)" in text and "[web](https://example.org/x)" in text
 
 
 def test_missing_results_file_is_named(tmp_path):
