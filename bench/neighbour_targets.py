@@ -47,6 +47,14 @@ def main(argv=None) -> int:
     parser.add_argument("--knn", default="10,30")
     parser.add_argument("--out", default="", help="Markdown file for the table (default: stdout).")
     args = parser.parse_args(argv)
+    dictionaries = _numbers(parser, "--dictionaries", args.dictionaries, int, minimum=0)
+    lambdas_f = _numbers(parser, "--lambda_f", args.lambda_f, float, minimum=0)
+    knn_sizes = _numbers(parser, "--knn", args.knn, int, minimum=1)
+    graphs = [g.strip() for g in args.graphs.split(",") if g.strip()]
+    if not graphs:
+        parser.error("--graphs: give at least one of identity, cooccurrence or a .npy path.")
+    if args.k < 1:
+        parser.error(f"--k must be >= 1, received {args.k}.")
 
     import tensorflow as tf
     from imcl_tf import data as data_lib, label_graph, losses, memory, metrics, models
@@ -83,14 +91,17 @@ def main(argv=None) -> int:
         return 100.0 * float(np.nanmean(metrics.per_class_ap(scores, hidden)))
 
     rows = [("model prediction sigma_c(z)", "-", hidden_map(predicted))]
-    for per_class in [int(v) for v in args.dictionaries.split(",")]:
+    for per_class in dictionaries:
         bank = memory.select_dictionary(labels, per_class=per_class, seed=0)
         exclude = ids[:, None] == ids[bank][None, :]
-        for graph_name in args.graphs.split(","):
+        if args.k > len(bank):
+            raise SystemExit(f"neighbour_targets: --k={args.k} is larger than the dictionary of "
+                             f"{len(bank)} images (--dictionaries {per_class}); lower --k.")
+        for graph_name in graphs:
             graph = label_graph.build_label_graph(graph_name, labels.shape[1], labels)
             atoms_y = losses.atom_label_states(logits[bank], labels[bank], graph,
                                                args.asym_c).numpy()
-            for lambda_f in [float(v) for v in args.lambda_f.split(",")]:
+            for lambda_f in lambdas_f:
                 result = joint_nonnegative_omp(query_y, with_bias, atoms_y, with_bias[bank],
                                                args.k, lambda_y=1.0, lambda_f=lambda_f,
                                                exclude=exclude)
@@ -110,7 +121,7 @@ def main(argv=None) -> int:
     np.fill_diagonal(similarity, -np.inf)
     probability = tf.sigmoid(logits).numpy()
     base_rate = float((labels > 0).sum() / max((labels != 0).sum(), 1))
-    for n in [int(v) for v in args.knn.split(",")]:
+    for n in [n for n in knn_sizes if n < len(features)]:
         nearest = np.argsort(-similarity, axis=1)[:, :n]
         neighbour_labels = labels[nearest]  # [N, n, L]
         known = (neighbour_labels != 0).sum(1)
@@ -133,6 +144,17 @@ def main(argv=None) -> int:
         with open(args.out, "w") as f:
             f.write(text)
     return 0
+
+
+def _numbers(parser, flag, text, cast, minimum):
+    """A comma-separated list of numbers >= minimum, or a usage error naming the flag."""
+    try:
+        values = [cast(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        parser.error(f"{flag}: expected comma-separated {cast.__name__} values, received {text!r}.")
+    if not values or min(values) < minimum:
+        parser.error(f"{flag}: expected values >= {minimum}, received {text!r}.")
+    return values
 
 
 if __name__ == "__main__":

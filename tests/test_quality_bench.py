@@ -55,3 +55,16 @@ def test_other_sizes_in_an_existing_output_folder_are_refused(tmp_path):
     args = quality.argparse.Namespace(out=str(out), num_train=16, num_val=4, num_test=4)
     with pytest.raises(SystemExit, match="holds .* scenes but this run asks for"):
         quality._build_dataset(args)
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("--knn", "0", "--knn: expected values >= 1"),
+    ("--lambda_f", "a", "--lambda_f: expected comma-separated float values"),
+    ("--dictionaries", "-1", "--dictionaries: expected values >= 0"),
+    ("--graphs", ",", "--graphs: give at least one"),
+])
+def test_neighbour_targets_bad_flags_are_named(flag, value, message):
+    done = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "bench", "neighbour_targets.py"), "--model_dir", "m",
+         "--data_dir", "d", flag, value], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 2 and message in done.stderr, done.stderr[-2000:]
