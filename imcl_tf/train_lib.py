@@ -551,12 +551,17 @@ class _Trainer:
             _write_json(os.path.join(self.work_dir, RUN_CONFIG), run_config)
 
     def _dataset(self, split, training, seed=None):
-        """A non-distributed pipeline with the global batch size (evaluation, calibration)."""
+        """A non-distributed pipeline with the global batch size (evaluation, calibration).
+
+        Evaluation pipelines keep a fixed element order, so every validation sees the same
+        batches and a saved model reproduces its logged mAP exactly (batch composition changes
+        float rounding, and near-tied scores can then swap ranks).
+        """
         return data_lib.make_dataset(
             self.config.data_dir, split, batch_size=self.config.batch_size,
             image_size=self.image_size, training=training, augment=training and self.config.augment,
             seed=self.config.seed if seed is None else seed, repeat=training,
-            drop_remainder=training)
+            drop_remainder=training, deterministic=not training)
 
     def _train_dataset(self, seed):
         """The training pipeline; under a strategy each worker reads its own shard FILES."""
