@@ -60,6 +60,9 @@ def main() -> None:
                         help="internal: serve VERSION_DIR with the bare reference servicer")
     args = parser.parse_args()
     if args.bare_server:
+        if not os.path.isfile(os.path.join(args.bare_server, "saved_model.pb")):
+            parser.error(f"--bare_server={args.bare_server} has no saved_model.pb; give a version "
+                         "folder written by python -m imcl_tf.export.")
         serve_bare(args.bare_server)
         return
 
