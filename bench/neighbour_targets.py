@@ -110,7 +110,8 @@ def main(argv=None) -> int:
                 coef_y = np.where(valid, coef_y, 0.0)
                 target = np.einsum("bk,bkl->bl", coef_y, atoms_y[np.maximum(indices, 0)])
                 total = coef_y.sum(1, keepdims=True)
-                setting = (f"dictionary {len(bank)} ({'whole split' if per_class == 0 else f'{per_class}/class'}), "
+                size = "whole split" if per_class == 0 else f"{per_class}/class"
+                setting = (f"dictionary {len(bank)} ({size}), "
                            f"{graph_name} graph, lambda_f {lambda_f:g}; sum c = "
                            f"{float(total.mean()):.2f}")
                 rows.append(("IMCL reconstruction", setting, hidden_map(target)))
@@ -121,7 +122,11 @@ def main(argv=None) -> int:
     np.fill_diagonal(similarity, -np.inf)
     probability = tf.sigmoid(logits).numpy()
     base_rate = float((labels > 0).sum() / max((labels != 0).sum(), 1))
-    for n in [n for n in knn_sizes if n < len(features)]:
+    if max(knn_sizes) >= len(features):
+        raise SystemExit(f"neighbour_targets: --knn {args.knn} asks for {max(knn_sizes)} "
+                         f"neighbours, but the training split has only {len(features)} images "
+                         "(the image itself excluded); give smaller sizes.")
+    for n in knn_sizes:
         nearest = np.argsort(-similarity, axis=1)[:, :n]
         neighbour_labels = labels[nearest]  # [N, n, L]
         known = (neighbour_labels != 0).sum(1)

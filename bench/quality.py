@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 
@@ -145,7 +146,7 @@ def _run_pair(args, full_dir, results, variant, ratio, seed, base, imcl_only):
     data_dir = _partial_dir(args, full_dir, protocol, ratio, seed)
     tag = f"{protocol}_{int(round(ratio * 100))}_seed{seed}"
     logistic_dir = os.path.join(args.out, "runs", tag, "logistic")
-    if not _finished(logistic_dir):
+    if not _completed_or_cleared(logistic_dir):
         train_lib.run(train_lib.TrainConfig(
             data_dir=data_dir, model_dir=logistic_dir, method="logistic", seed=seed,
             train_steps=args.logistic_steps, eval_every=args.eval_every,
@@ -153,13 +154,14 @@ def _run_pair(args, full_dir, results, variant, ratio, seed, base, imcl_only):
     # Control: the baseline trained for as many extra steps as IMCL gets, so that a gain cannot
     # come from the extra steps alone.
     control_dir = os.path.join(args.out, "runs", tag, "logistic_extra")
-    if not _finished(control_dir):
+    if not _completed_or_cleared(control_dir):
         train_lib.run(train_lib.TrainConfig(
             data_dir=data_dir, model_dir=control_dir, method="logistic", seed=seed,
             warm_start=logistic_dir, train_steps=args.imcl_steps, eval_every=args.eval_every,
             **{k: v for k, v in base.items()}))
     imcl_dir = os.path.join(args.out, "runs", tag, "imcl_" + _slug(variant))
-    _finished(imcl_dir)  # no result row, so any IMCL run folder here is a leftover: start afresh
+    # No result row, so an IMCL run folder here is a leftover of an interrupted run.
+    _completed_or_cleared(imcl_dir)
     t0 = time.time()
     train_lib.run(train_lib.TrainConfig(
         data_dir=data_dir, model_dir=imcl_dir, method="imcl", seed=seed, warm_start=logistic_dir,
@@ -186,13 +188,13 @@ def _run_pair(args, full_dir, results, variant, ratio, seed, base, imcl_only):
     return result
 
 
-def _finished(run_dir):
-    """A run is reused only if it completed (summary.json is written last); an interrupted one
-    (killed mid-way, best.keras from an early evaluation) is trained again from scratch."""
+def _completed_or_cleared(run_dir):
+    """True if the run in `run_dir` completed (summary.json is written last), so it is reused.
+    Otherwise deletes what an interrupted run left there (best.keras from an early evaluation,
+    checkpoints) so it trains again from scratch, and returns False."""
     if os.path.exists(os.path.join(run_dir, "summary.json")):
         return True
     if os.path.exists(run_dir):
-        import shutil
         shutil.rmtree(run_dir)
     return False
 

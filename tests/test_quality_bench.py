@@ -40,6 +40,15 @@ def test_quick_quality_run_writes_table_plot_and_cached_results(tmp_path):
     assert diagnose.returncode == 0, diagnose.stderr[-3000:]
     text = report.read_text()
     assert "model prediction" in text and "IMCL reconstruction" in text and "kNN" in text
+    # More kNN neighbours than training images is an error, not a silently missing row.
+    too_many = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "bench", "neighbour_targets.py"), "--model_dir",
+         str(out / "runs" / "uniform_30_seed0" / "logistic"), "--data_dir",
+         str(out / "data" / "uniform_30_seed0"), "--dictionaries", "0", "--graphs", "identity",
+         "--lambda_f", "1", "--knn", "5,100000"],
+        cwd=ROOT, capture_output=True, text=True)
+    assert too_many.returncode != 0
+    assert "--knn 5,100000 asks for 100000 neighbours" in too_many.stderr
 
 
 def test_other_sizes_in_an_existing_output_folder_are_refused(tmp_path):
