@@ -11,7 +11,8 @@ image (architecture.md section 4). The modules, one job each:
   pipeline      tf.data pipelines: make_dataset, load_split_arrays
   verify        verify_dataset and its statistics (SplitStats, DatasetReport)
 
-Everything public is importable from `imcl_tf.data` itself (`from imcl_tf.data import make_dataset`).
+Everything public is importable from `imcl_tf.data` itself, e.g. `from imcl_tf.data import
+make_dataset`.
 """
 
 from imcl_tf.data.dataset_info import (DatasetInfo, SplitInfo, load_dataset_info,

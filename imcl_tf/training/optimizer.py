@@ -7,7 +7,6 @@ import tensorflow as tf
 from absl import logging
 
 OPTIMIZERS = ("adam", "adamw", "rmsprop", "sgd")
-
 LR_SCHEDULES = ("constant", "plateau")
 PLATEAU_FACTOR = 0.8  # the official code's LearningRate helper always multiplies by 0.8
 
