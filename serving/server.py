@@ -24,6 +24,7 @@ import concurrent.futures
 import dataclasses
 import functools
 import logging
+import math
 import os
 import re
 import signal
@@ -41,7 +42,7 @@ from tensorflow_serving.apis import (classification_pb2, get_model_metadata_pb2,
                                      get_model_status_pb2, model_service_pb2_grpc, predict_pb2,
                                      prediction_log_pb2, prediction_service_pb2_grpc)
 
-from imcl_tf import export
+from imcl_tf import data, export, image_header
 from serving import tensors
 
 DEFAULT_PORT = 8500  # TF Serving's gRPC port
@@ -50,15 +51,20 @@ SIGNATURE_DEF_FIELD = "signature_def"  # the one metadata field TF Serving knows
 MAX_WARMUP_RECORDS = 1000  # TF Serving's limit on warm-up records
 _State = get_model_status_pb2.ModelVersionStatus.State
 _LOG = logging.getLogger("serving.server")
-# First bytes of the formats imcl_tf.data.decode_image accepts (JPEG, PNG, GIF, BMP): a cheap check
-# that names the bad element before the graph runs.
-_IMAGE_MAGIC = (b"\xff\xd8", b"\x89PNG\r\n\x1a\n", b"GIF", b"BM")
+DEFAULT_MAX_MESSAGE_MB = 64
 
 
 @dataclasses.dataclass(frozen=True)
 class Limits:
-    """Per-request limits applied to every Predict and Classify."""
+    """Per-request limits applied to every Predict and Classify, checked before anything is
+    built from the request: a compact TensorProto (one value and a huge shape) or a small image
+    that decodes to gigapixels is refused from its header."""
     max_batch_size: int = 64
+    # Elements all inputs of one request may expand to: what a dense float32 message of
+    # --max_message_mb carries (16.8 M for 64 MiB).
+    max_request_elements: int = DEFAULT_MAX_MESSAGE_MB * 1024 * 1024 // 4
+    max_image_pixels: int = image_header.DEFAULT_MAX_IMAGE_PIXELS
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_MB * 1024 * 1024  # also the REST body limit
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,7 +90,9 @@ class RequestError(Exception):
 
 
 def start_server(model_base_path: str, model_name: str, *, port: int = 0,
-                 host: str = DEFAULT_HOST, max_batch_size: int = 64, max_message_mb: int = 64,
+                 host: str = DEFAULT_HOST, max_batch_size: int = 64,
+                 max_message_mb: int = DEFAULT_MAX_MESSAGE_MB,
+                 max_image_pixels: int = image_header.DEFAULT_MAX_IMAGE_PIXELS,
                  poll_seconds: float = 1.0, num_versions: int = 2, num_threads: int = 16,
                  enable_batching: bool = False, num_batch_threads: int = 2,
                  batch_timeout_micros: int = 0) -> tuple["ServingServer", int]:
@@ -110,12 +118,14 @@ def start_server(model_base_path: str, model_name: str, *, port: int = 0,
         raise ValueError(f"--poll_seconds must be positive. Received: {poll_seconds}.")
     if batch_timeout_micros < 0:
         raise ValueError(f"--batch_timeout_micros must be >= 0. Received: {batch_timeout_micros}.")
-    limits = Limits(max_batch_size=max_batch_size)
+    image_header.check_max_image_pixels(max_image_pixels)
+    max_bytes = max_message_mb * 1024 * 1024
+    limits = Limits(max_batch_size=max_batch_size, max_request_elements=max_bytes // 4,
+                    max_image_pixels=max_image_pixels, max_message_bytes=max_bytes)
     batching = (BatchingOptions(max_batch_size, num_batch_threads, batch_timeout_micros)
                 if enable_batching else None)
     manager = ModelManager(model_base_path, model_name, limits, num_versions=num_versions,
                            batching=batching)
-    max_bytes = max_message_mb * 1024 * 1024
     server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=num_threads),
                          options=[("grpc.max_receive_message_length", max_bytes),
                                   ("grpc.max_send_message_length", max_bytes),
@@ -543,14 +553,19 @@ def predict(servable: Servable, request: predict_pb2.PredictRequest, model_name:
                            f"request sent {sorted(received)} (missing: "
                            f"{sorted(expected - received)}, unexpected: "
                            f"{sorted(received - expected)}).")
-    inputs = {name: _input_array(name, request.inputs[name], plan.input_dtypes[name],
-                                 plan.input_shapes[name], signature_name, limits)
+    # Every shape is checked from tensor_shape before any array is built: a compact TensorProto
+    # (one value, a huge shape) would otherwise be expanded to its full size first.
+    shapes = {name: _checked_shape(name, request.inputs[name], plan.input_dtypes[name],
+                                   plan.input_shapes[name], signature_name, limits)
               for name in plan.inputs}
-    if len(inputs) > 1:
-        batch_sizes = {name: array.shape[0] for name, array in inputs.items()}
+    _check_elements(shapes, signature_name, limits)
+    if len(shapes) > 1:
+        batch_sizes = {name: shape[0] for name, shape in shapes.items()}
         if len(set(batch_sizes.values())) > 1:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
                                f"inputs have different batch sizes: {batch_sizes}.")
+    inputs = {name: _input_array(name, request.inputs[name], signature_name, limits)
+              for name in plan.inputs}
     outputs = list(request.output_filter) or plan.outputs
     if not plan.output_names.issuperset(outputs):
         unknown = sorted(set(outputs) - plan.output_names)
@@ -591,11 +606,10 @@ def classify(servable: Servable, request: classification_pb2.ClassificationReque
         raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
                            f"signature {signature_name!r} cannot serve Classify: {problem}. Use "
                            f"signature_name={export.CLASSIFY!r}, or Predict for this signature.")
-    serialized = _serialized_examples(request.input)
+    serialized = _serialized_examples(request.input, limits)
     if not serialized:
         raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
                            "Input is empty: the ClassificationRequest has no examples.")
-    _check_batch(len(serialized), "input.example_list", limits)
     result = servable.run(signature_name,
                           {export.CLASSIFY_INPUT: np.array(serialized, dtype=object)})
     classes = result.get(export.CLASSIFY_CLASSES)  # [B, L] bytes
@@ -656,38 +670,71 @@ def model_status(manager: ModelManager, request: get_model_status_pb2.GetModelSt
     return response
 
 
-def _input_array(name: str, proto, dtype: int, expected: list[int] | None, signature_name: str,
-                 limits: Limits) -> np.ndarray:
-    """One request input as a NumPy array, after checking it against the signature's dtype and
-    shape (`expected`: None for an unknown rank, -1 for a free dimension)."""
+def _checked_shape(name: str, proto, dtype: int, expected: list[int] | None,
+                   signature_name: str, limits: Limits) -> list[int]:
+    """A request input's shape read from its tensor_shape (nothing is built), after checking its
+    dtype, shape and batch size against the signature (`expected`: None for an unknown rank, -1
+    for a free dimension) and --max_batch_size."""
+    where = f"input {name!r} of signature {signature_name!r}"
     if proto.dtype != dtype:
         raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
-                           f"input {name!r} of signature {signature_name!r} has dtype "
-                           f"{_dtype_name(proto.dtype)}; expected {_dtype_name(dtype)}.")
+                           f"{where} has dtype {_dtype_name(proto.dtype)}; expected "
+                           f"{_dtype_name(dtype)}.")
+    if proto.tensor_shape.unknown_rank:
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"{where} has an unknown rank; send its full shape.")
+    shape = [dim.size for dim in proto.tensor_shape.dim]
+    if any(size < 0 for size in shape):
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"{where} has shape {shape}; every dimension must be >= 0.")
+    if expected is not None and (
+            len(shape) != len(expected)
+            or any(e not in (-1, got) for e, got in zip(expected, shape))):
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"{where} has shape {shape}; expected {expected} (-1: any size).")
+    if not shape:
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"{where} is a scalar; send a batch (first dimension).")
+    _check_batch(shape[0], where, limits)
+    return shape
+
+
+def _check_elements(shapes: Mapping[str, list[int]], where: str, limits: Limits) -> None:
+    """The request's inputs together expand to at most limits.max_request_elements values."""
+    counts = {name: math.prod(shape) for name, shape in shapes.items()}
+    total = sum(counts.values())
+    if total > limits.max_request_elements:
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"the inputs of signature {where!r} have {total:,} elements "
+                           f"({', '.join(f'{name}: {shapes[name]}' for name in sorted(shapes))}), "
+                           f"over this server's limit of {limits.max_request_elements:,} per "
+                           f"request (what a dense float32 message of --max_message_mb="
+                           f"{limits.max_message_bytes // (1024 * 1024)} holds); split the "
+                           "request.")
+
+
+def _input_array(name: str, proto, signature_name: str, limits: Limits) -> np.ndarray:
+    """One request input as a NumPy array; call after _checked_shape and _check_elements.
+    Image bytes are checked from their headers (format, size, --max_image_pixels)."""
     where = f"input {name!r} of signature {signature_name!r}"
     try:
         array = tensors.to_ndarray(proto)
     except (ValueError, TypeError) as err:
         raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
                            f"{where} is not a valid TensorProto: {err}") from err
-    if expected is not None and (
-            array.ndim != len(expected)
-            or any(e not in (-1, got) for e, got in zip(expected, array.shape))):
-        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
-                           f"{where} has shape {list(array.shape)}; expected {expected} "
-                           "(-1: any size).")
-    if array.ndim == 0:
-        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
-                           f"{where} is a scalar; send a batch (first dimension).")
-    _check_batch(array.shape[0], where, limits)
     if name == export.IMAGE_BYTES_INPUT:
-        for i, encoded in enumerate(array.reshape(-1)):
-            if not encoded.startswith(_IMAGE_MAGIC):
-                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
-                                   f"{where}: element {i} is not a JPEG or PNG image (it starts "
-                                   f"with {bytes(encoded[:8])!r}, {len(encoded)} bytes); send the "
-                                   "encoded file bytes.")
+        check_images(array.reshape(-1), f"{where}: element", limits)
     return array
+
+
+def check_images(encoded: Sequence[bytes], where: str, limits: Limits) -> None:
+    """Reads each image's size from its header and refuses unknown formats, truncated headers
+    and images over --max_image_pixels, before the signature decodes anything."""
+    for i, image in enumerate(encoded):
+        try:
+            image_header.check_image_pixels(image, limits.max_image_pixels, f"{where} {i}")
+        except (image_header.ImageHeaderError, image_header.ImageTooLargeError) as err:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(err)) from err
 
 
 def _check_batch(batch: int, where: str, limits: Limits) -> None:
@@ -700,21 +747,32 @@ def _check_batch(batch: int, where: str, limits: Limits) -> None:
                            f"--max_batch_size={limits.max_batch_size}; split the request.")
 
 
-def _serialized_examples(model_input) -> list[bytes]:
-    """Serialized tf.Examples of a serving Input, the context merged in as TF Serving does."""
+def _serialized_examples(model_input, limits: Limits) -> list[bytes]:
+    """Serialized tf.Examples of a serving Input, the context merged in as TF Serving does; their
+    images are checked from their headers (check_images) before the signature decodes them."""
     kind = model_input.WhichOneof("kind")
+    if kind not in ("example_list", "example_list_with_context"):
+        return []
+    listed = getattr(model_input, kind).examples
+    where = f"input.{kind}.examples"
+    if listed:
+        _check_batch(len(listed), where, limits)  # before anything is merged or looked at
     if kind == "example_list":
-        return [example.SerializeToString() for example in model_input.example_list.examples]
-    if kind == "example_list_with_context":
+        examples = list(listed)
+    else:
         context = model_input.example_list_with_context.context
-        merged = []
-        for example in model_input.example_list_with_context.examples:
+        examples = []
+        for example in listed:
             combined = tf.train.Example()
             combined.CopyFrom(context)
             combined.MergeFrom(example)  # the example's own features win over the context's
-            merged.append(combined.SerializeToString())
-        return merged
-    return []
+            examples.append(combined)
+    for i, example in enumerate(examples):
+        if data.IMAGE_ENCODED_KEY in example.features.feature:
+            feature = example.features.feature[data.IMAGE_ENCODED_KEY]
+            check_images(feature.bytes_list.value, f"{where}[{i}] feature "
+                         f"{data.IMAGE_ENCODED_KEY!r} value", limits)
+    return [example.SerializeToString() for example in examples]
 
 
 def _fill_model_spec(spec, model_name: str, version: int, signature_name: str) -> None:
