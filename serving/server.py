@@ -355,7 +355,9 @@ class _Task:
         self.done = False
 
 
-MAX_LOAD_ATTEMPTS = 5  # like TF Serving's --max_num_load_retries: one attempt per poll
+QUICK_LOAD_ATTEMPTS = 5  # failed loads retried at every poll (a copy may still be running) ...
+MAX_RETRY_SECONDS = 60.0  # ... then with a doubling delay up to this, and at once on any change
+MAX_FINGERPRINT_FILES = 10_000  # files of a version folder looked at to notice a change
 
 
 def tf_error_summary(message: str) -> str:
@@ -381,7 +383,15 @@ class _VersionState:
     error_code: int = 0
     error_message: str = ""
     attempts: int = 0  # failed loads so far
-    mtime: float = 0.0  # of the version folder at the last failure: a change earns new attempts
+    # (path, size, mtime) of every file in the version folder at the last failure: a copy that
+    # completes later changes it (the folder's own mtime does not change on writes inside
+    # variables/), which earns a new attempt at once.
+    fingerprint: tuple = ()
+    retry_at: float = 0.0  # monotonic time of the next attempt when nothing changed (inf: never)
+
+
+class VersionRejected(Exception):
+    """A version that loaded but fails the sanity checks; it is not swapped in."""
 
 
 class ModelManager:
@@ -401,6 +411,8 @@ class ModelManager:
         self._servables: dict[int, Servable] = {}
         self._states: dict[int, _VersionState] = {}
         self._refresh_lock = threading.Lock()
+        self._base_missing = False  # warned that the base path is gone (once per absence)
+        self._kept_without_disk = False  # warned that no new version loads (once)
         self._stop = threading.Event()
         self._poller: threading.Thread | None = None
 
@@ -443,58 +455,114 @@ class ModelManager:
     # -- loading (poller thread) --
 
     def refresh(self) -> None:
-        """Loads new versions, then swaps the served set; unloads versions gone from disk."""
+        """Loads new versions, then swaps the served set; unloads versions removed from disk.
+
+        A base path that is missing, unreadable or empty for a poll (a redeploy by `mv`) keeps
+        the loaded versions serving, and so does a new set of versions none of which loads: the
+        server never drops to nothing while something was serving.
+        """
         with self._refresh_lock:
-            on_disk = export.list_versions(self.model_base_path)
+            try:
+                on_disk = export.list_versions(self.model_base_path)
+                missing = None if on_disk else "has no version folder"
+                if not os.path.isdir(self.model_base_path):
+                    missing = "is missing"
+            except OSError as err:
+                on_disk, missing = [], f"cannot be read ({err})"
+            if missing:
+                if self._servables and not self._base_missing:
+                    _LOG.warning("the base path %s %s; keeping versions %s of %s serving until "
+                                 "it is back", self.model_base_path, missing,
+                                 sorted(self._servables), self.model_name)
+                self._base_missing = True
+                return
+            if self._base_missing:
+                _LOG.info("the base path %s is back: versions %s", self.model_base_path, on_disk)
+                self._base_missing = False
             wanted = on_disk[-self.num_versions:]
             servables = dict(self._servables)
             for version in wanted:
                 if version not in servables and self._should_try(version):
-                    servable = self._load(version)
+                    servable = self._load(version, self._newest(servables))
                     if servable is not None:
                         servables[version] = servable
             # Keep the newest `num_versions` of what loaded (an older one stays in service while a
             # newer one fails to load).
             keep = sorted(v for v in servables if v in on_disk)[-self.num_versions:]
             new_servables = {v: servables[v] for v in keep}
+            if not new_servables and self._servables:
+                if not self._kept_without_disk:
+                    _LOG.warning("none of versions %s of %s under %s loads; versions %s keep "
+                                 "serving", on_disk, self.model_name, self.model_base_path,
+                                 sorted(self._servables))
+                self._kept_without_disk = True
+                return
+            self._kept_without_disk = False
             for version in set(self._servables) - set(new_servables):
                 self._states[version] = _VersionState(_State.END)
                 _LOG.info("unloaded version %d of %s", version, self.model_name)
             self._servables = new_servables  # the atomic swap
 
+    @staticmethod
+    def _newest(servables: Mapping[int, Servable]) -> Servable | None:
+        return servables[max(servables)] if servables else None
+
     def _should_try(self, version: int) -> bool:
-        """Whether to (re)load: a failed version is retried a few polls in a row (a copy may have
-        been incomplete), then only after its folder changes."""
+        """Whether to (re)load: a failed version is retried at every poll a few times, then with
+        a doubling delay; any change to its files earns an attempt at once. A version rejected
+        by the sanity checks is retried only after a change."""
         state = self._states.get(version)
         if state is None or state.error_code == 0:
             return True
-        return state.attempts < MAX_LOAD_ATTEMPTS or self._mtime(version) != state.mtime
+        return (time.monotonic() >= state.retry_at
+                or self._fingerprint(version) != state.fingerprint)
 
-    def _mtime(self, version: int) -> float:
-        try:
-            return os.stat(os.path.join(self.model_base_path, str(version))).st_mtime
-        except OSError:
-            return 0.0
+    def _fingerprint(self, version: int) -> tuple:
+        """(relative path, size, mtime_ns) of the files of a version folder, sorted."""
+        root = os.path.join(self.model_base_path, str(version))
+        entries = []
+        for folder, _, files in os.walk(root):
+            for name in files:
+                path = os.path.join(folder, name)
+                try:
+                    info = os.stat(path)
+                except OSError:  # removed while walking: the next poll sees the change
+                    continue
+                entries.append((os.path.relpath(path, root), info.st_size, info.st_mtime_ns))
+                if len(entries) >= MAX_FINGERPRINT_FILES:
+                    return tuple(sorted(entries))
+        return tuple(sorted(entries))
 
-    def _load(self, version: int) -> Servable | None:
+    def _load(self, version: int, previous: Servable | None) -> Servable | None:
+        """Loads, checks (check_version) and warms up a version; None when any step fails."""
         path = os.path.join(self.model_base_path, str(version))
-        previous = self._states.get(version)
-        mtime = self._mtime(version)
-        attempts = previous.attempts if previous and previous.mtime == mtime else 0
-        self._states[version] = _VersionState(_State.LOADING, attempts=attempts, mtime=mtime)
+        state = self._states.get(version)
+        attempts = state.attempts if state is not None else 0
+        fingerprint = self._fingerprint(version)
+        self._states[version] = _VersionState(_State.LOADING, attempts=attempts)
         start = time.monotonic()
         try:
             servable = Servable(version, path, self.batching)
+            check_version(servable, previous)
             count = run_warmup(servable, self.model_name, self.limits)
         except Exception as err:  # a bad version must not take the server down
             message = f"{type(err).__name__}: {err}".strip()
+            retry_at = start + (0.0 if attempts + 1 < QUICK_LOAD_ATTEMPTS else
+                                min(MAX_RETRY_SECONDS, 2.0 ** (attempts + 1 - QUICK_LOAD_ATTEMPTS)))
             if isinstance(err, RequestError):
                 message = f"warm-up request failed: {err.message}"
-            _LOG.error("failed to load version %d of %s from %s (attempt %d): %s", version,
-                       self.model_name, path, attempts + 1, message)
+            elif isinstance(err, VersionRejected):
+                message = f"rejected: {err}"
+                retry_at = float("inf")  # the same files fail the same check
+            _LOG.error("failed to load version %d of %s from %s (attempt %d): %s; %s", version,
+                       self.model_name, path, attempts + 1, message,
+                       "the versions loaded keep serving" if previous is not None else
+                       "nothing is served until a version loads")
             self._states[version] = _VersionState(
-                _State.END, error_code=error_codes_pb2.INTERNAL, error_message=message,
-                attempts=attempts + 1, mtime=mtime)
+                _State.END, error_code=error_codes_pb2.INTERNAL if not isinstance(
+                    err, VersionRejected) else error_codes_pb2.FAILED_PRECONDITION,
+                error_message=message, attempts=attempts + 1, fingerprint=fingerprint,
+                retry_at=retry_at)
             return None
         self._states[version] = _VersionState(_State.AVAILABLE)
         _LOG.info("loaded version %d of %s in %.1f s (%d warm-up requests)", version,
@@ -516,6 +584,38 @@ class ModelManager:
         self._stop.set()
         if self._poller is not None:
             self._poller.join()
+
+
+def check_version(servable: Servable, previous: Servable | None) -> None:
+    """Sanity checks a loaded version must pass before it takes traffic.
+
+    Its class-name asset must have one name per output column (what top_k_classes and Classify
+    read), and it must have every signature of the version serving now, so that clients of that
+    version keep working.
+
+    Raises:
+      VersionRejected saying what is wrong.
+    """
+    try:
+        names = export.read_class_names(servable.path)
+    except OSError as err:
+        raise VersionRejected(f"its class names asset cannot be read ({err}); export it with "
+                              "python -m imcl_tf.export") from err
+    for name, signature in sorted(servable.signature_defs.items()):
+        for output in (export.PROBABILITIES, export.LOGITS, export.CLASSIFY_SCORES,
+                       export.CLASSIFY_CLASSES):
+            if output not in signature.outputs:
+                continue
+            dims = signature.outputs[output].tensor_shape.dim
+            if dims and dims[-1].size not in (-1, len(names)):
+                raise VersionRejected(
+                    f"signature {name!r} output {output!r} has {dims[-1].size} columns but "
+                    f"{export.CLASS_NAMES_ASSET} lists {len(names)} class names")
+    if previous is not None:
+        lost = sorted(set(previous.signatures) - set(servable.signatures))
+        if lost:
+            raise VersionRejected(f"it lacks signatures {lost} that version {previous.version} "
+                                  "(serving now) has; clients using them would break")
 
 
 def run_warmup(servable: Servable, model_name: str, limits: Limits) -> int:
