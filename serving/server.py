@@ -24,6 +24,7 @@ import concurrent.futures
 import dataclasses
 import functools
 import logging
+import math
 import os
 import re
 import signal
@@ -41,7 +42,7 @@ from tensorflow_serving.apis import (classification_pb2, get_model_metadata_pb2,
                                      get_model_status_pb2, model_service_pb2_grpc, predict_pb2,
                                      prediction_log_pb2, prediction_service_pb2_grpc)
 
-from imcl_tf import export
+from imcl_tf import data, export, image_header
 from serving import tensors
 
 DEFAULT_PORT = 8500  # TF Serving's gRPC port
@@ -50,15 +51,20 @@ SIGNATURE_DEF_FIELD = "signature_def"  # the one metadata field TF Serving knows
 MAX_WARMUP_RECORDS = 1000  # TF Serving's limit on warm-up records
 _State = get_model_status_pb2.ModelVersionStatus.State
 _LOG = logging.getLogger("serving.server")
-# First bytes of the formats imcl_tf.data.decode_image accepts (JPEG, PNG, GIF, BMP): a cheap check
-# that names the bad element before the graph runs.
-_IMAGE_MAGIC = (b"\xff\xd8", b"\x89PNG\r\n\x1a\n", b"GIF", b"BM")
+DEFAULT_MAX_MESSAGE_MB = 64
 
 
 @dataclasses.dataclass(frozen=True)
 class Limits:
-    """Per-request limits applied to every Predict and Classify."""
+    """Per-request limits applied to every Predict and Classify, checked before anything is
+    built from the request: a compact TensorProto (one value and a huge shape) or a small image
+    that decodes to gigapixels is refused from its header."""
     max_batch_size: int = 64
+    # Elements all inputs of one request may expand to: what a dense float32 message of
+    # --max_message_mb carries (16.8 M for 64 MiB).
+    max_request_elements: int = DEFAULT_MAX_MESSAGE_MB * 1024 * 1024 // 4
+    max_image_pixels: int = image_header.DEFAULT_MAX_IMAGE_PIXELS
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_MB * 1024 * 1024  # also the REST body limit
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,7 +90,9 @@ class RequestError(Exception):
 
 
 def start_server(model_base_path: str, model_name: str, *, port: int = 0,
-                 host: str = DEFAULT_HOST, max_batch_size: int = 64, max_message_mb: int = 64,
+                 host: str = DEFAULT_HOST, max_batch_size: int = 64,
+                 max_message_mb: int = DEFAULT_MAX_MESSAGE_MB,
+                 max_image_pixels: int = image_header.DEFAULT_MAX_IMAGE_PIXELS,
                  poll_seconds: float = 1.0, num_versions: int = 2, num_threads: int = 16,
                  enable_batching: bool = False, num_batch_threads: int = 2,
                  batch_timeout_micros: int = 0) -> tuple["ServingServer", int]:
@@ -110,12 +118,14 @@ def start_server(model_base_path: str, model_name: str, *, port: int = 0,
         raise ValueError(f"--poll_seconds must be positive. Received: {poll_seconds}.")
     if batch_timeout_micros < 0:
         raise ValueError(f"--batch_timeout_micros must be >= 0. Received: {batch_timeout_micros}.")
-    limits = Limits(max_batch_size=max_batch_size)
+    image_header.check_max_image_pixels(max_image_pixels)
+    max_bytes = max_message_mb * 1024 * 1024
+    limits = Limits(max_batch_size=max_batch_size, max_request_elements=max_bytes // 4,
+                    max_image_pixels=max_image_pixels, max_message_bytes=max_bytes)
     batching = (BatchingOptions(max_batch_size, num_batch_threads, batch_timeout_micros)
                 if enable_batching else None)
     manager = ModelManager(model_base_path, model_name, limits, num_versions=num_versions,
                            batching=batching)
-    max_bytes = max_message_mb * 1024 * 1024
     server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=num_threads),
                          options=[("grpc.max_receive_message_length", max_bytes),
                                   ("grpc.max_send_message_length", max_bytes),
@@ -345,7 +355,9 @@ class _Task:
         self.done = False
 
 
-MAX_LOAD_ATTEMPTS = 5  # like TF Serving's --max_num_load_retries: one attempt per poll
+QUICK_LOAD_ATTEMPTS = 5  # failed loads retried at every poll (a copy may still be running) ...
+MAX_RETRY_SECONDS = 60.0  # ... then with a doubling delay up to this, and at once on any change
+MAX_FINGERPRINT_FILES = 10_000  # files of a version folder looked at to notice a change
 
 
 def tf_error_summary(message: str) -> str:
@@ -371,7 +383,15 @@ class _VersionState:
     error_code: int = 0
     error_message: str = ""
     attempts: int = 0  # failed loads so far
-    mtime: float = 0.0  # of the version folder at the last failure: a change earns new attempts
+    # (path, size, mtime) of every file in the version folder at the last failure: a copy that
+    # completes later changes it (the folder's own mtime does not change on writes inside
+    # variables/), which earns a new attempt at once.
+    fingerprint: tuple = ()
+    retry_at: float = 0.0  # monotonic time of the next attempt when nothing changed (inf: never)
+
+
+class VersionRejected(Exception):
+    """A version that loaded but fails the sanity checks; it is not swapped in."""
 
 
 class ModelManager:
@@ -391,6 +411,8 @@ class ModelManager:
         self._servables: dict[int, Servable] = {}
         self._states: dict[int, _VersionState] = {}
         self._refresh_lock = threading.Lock()
+        self._base_missing = False  # warned that the base path is gone (once per absence)
+        self._kept_without_disk = False  # warned that no new version loads (once)
         self._stop = threading.Event()
         self._poller: threading.Thread | None = None
 
@@ -433,58 +455,114 @@ class ModelManager:
     # -- loading (poller thread) --
 
     def refresh(self) -> None:
-        """Loads new versions, then swaps the served set; unloads versions gone from disk."""
+        """Loads new versions, then swaps the served set; unloads versions removed from disk.
+
+        A base path that is missing, unreadable or empty for a poll (a redeploy by `mv`) keeps
+        the loaded versions serving, and so does a new set of versions none of which loads: the
+        server never drops to nothing while something was serving.
+        """
         with self._refresh_lock:
-            on_disk = export.list_versions(self.model_base_path)
+            try:
+                on_disk = export.list_versions(self.model_base_path)
+                missing = None if on_disk else "has no version folder"
+                if not os.path.isdir(self.model_base_path):
+                    missing = "is missing"
+            except OSError as err:
+                on_disk, missing = [], f"cannot be read ({err})"
+            if missing:
+                if self._servables and not self._base_missing:
+                    _LOG.warning("the base path %s %s; keeping versions %s of %s serving until "
+                                 "it is back", self.model_base_path, missing,
+                                 sorted(self._servables), self.model_name)
+                self._base_missing = True
+                return
+            if self._base_missing:
+                _LOG.info("the base path %s is back: versions %s", self.model_base_path, on_disk)
+                self._base_missing = False
             wanted = on_disk[-self.num_versions:]
             servables = dict(self._servables)
             for version in wanted:
                 if version not in servables and self._should_try(version):
-                    servable = self._load(version)
+                    servable = self._load(version, self._newest(servables))
                     if servable is not None:
                         servables[version] = servable
             # Keep the newest `num_versions` of what loaded (an older one stays in service while a
             # newer one fails to load).
             keep = sorted(v for v in servables if v in on_disk)[-self.num_versions:]
             new_servables = {v: servables[v] for v in keep}
+            if not new_servables and self._servables:
+                if not self._kept_without_disk:
+                    _LOG.warning("none of versions %s of %s under %s loads; versions %s keep "
+                                 "serving", on_disk, self.model_name, self.model_base_path,
+                                 sorted(self._servables))
+                self._kept_without_disk = True
+                return
+            self._kept_without_disk = False
             for version in set(self._servables) - set(new_servables):
                 self._states[version] = _VersionState(_State.END)
                 _LOG.info("unloaded version %d of %s", version, self.model_name)
             self._servables = new_servables  # the atomic swap
 
+    @staticmethod
+    def _newest(servables: Mapping[int, Servable]) -> Servable | None:
+        return servables[max(servables)] if servables else None
+
     def _should_try(self, version: int) -> bool:
-        """Whether to (re)load: a failed version is retried a few polls in a row (a copy may have
-        been incomplete), then only after its folder changes."""
+        """Whether to (re)load: a failed version is retried at every poll a few times, then with
+        a doubling delay; any change to its files earns an attempt at once. A version rejected
+        by the sanity checks is retried only after a change."""
         state = self._states.get(version)
         if state is None or state.error_code == 0:
             return True
-        return state.attempts < MAX_LOAD_ATTEMPTS or self._mtime(version) != state.mtime
+        return (time.monotonic() >= state.retry_at
+                or self._fingerprint(version) != state.fingerprint)
 
-    def _mtime(self, version: int) -> float:
-        try:
-            return os.stat(os.path.join(self.model_base_path, str(version))).st_mtime
-        except OSError:
-            return 0.0
+    def _fingerprint(self, version: int) -> tuple:
+        """(relative path, size, mtime_ns) of the files of a version folder, sorted."""
+        root = os.path.join(self.model_base_path, str(version))
+        entries = []
+        for folder, _, files in os.walk(root):
+            for name in files:
+                path = os.path.join(folder, name)
+                try:
+                    info = os.stat(path)
+                except OSError:  # removed while walking: the next poll sees the change
+                    continue
+                entries.append((os.path.relpath(path, root), info.st_size, info.st_mtime_ns))
+                if len(entries) >= MAX_FINGERPRINT_FILES:
+                    return tuple(sorted(entries))
+        return tuple(sorted(entries))
 
-    def _load(self, version: int) -> Servable | None:
+    def _load(self, version: int, previous: Servable | None) -> Servable | None:
+        """Loads, checks (check_version) and warms up a version; None when any step fails."""
         path = os.path.join(self.model_base_path, str(version))
-        previous = self._states.get(version)
-        mtime = self._mtime(version)
-        attempts = previous.attempts if previous and previous.mtime == mtime else 0
-        self._states[version] = _VersionState(_State.LOADING, attempts=attempts, mtime=mtime)
+        state = self._states.get(version)
+        attempts = state.attempts if state is not None else 0
+        fingerprint = self._fingerprint(version)
+        self._states[version] = _VersionState(_State.LOADING, attempts=attempts)
         start = time.monotonic()
         try:
             servable = Servable(version, path, self.batching)
+            check_version(servable, previous)
             count = run_warmup(servable, self.model_name, self.limits)
         except Exception as err:  # a bad version must not take the server down
             message = f"{type(err).__name__}: {err}".strip()
+            retry_at = start + (0.0 if attempts + 1 < QUICK_LOAD_ATTEMPTS else
+                                min(MAX_RETRY_SECONDS, 2.0 ** (attempts + 1 - QUICK_LOAD_ATTEMPTS)))
             if isinstance(err, RequestError):
                 message = f"warm-up request failed: {err.message}"
-            _LOG.error("failed to load version %d of %s from %s (attempt %d): %s", version,
-                       self.model_name, path, attempts + 1, message)
+            elif isinstance(err, VersionRejected):
+                message = f"rejected: {err}"
+                retry_at = float("inf")  # the same files fail the same check
+            _LOG.error("failed to load version %d of %s from %s (attempt %d): %s; %s", version,
+                       self.model_name, path, attempts + 1, message,
+                       "the versions loaded keep serving" if previous is not None else
+                       "nothing is served until a version loads")
             self._states[version] = _VersionState(
-                _State.END, error_code=error_codes_pb2.INTERNAL, error_message=message,
-                attempts=attempts + 1, mtime=mtime)
+                _State.END, error_code=error_codes_pb2.INTERNAL if not isinstance(
+                    err, VersionRejected) else error_codes_pb2.FAILED_PRECONDITION,
+                error_message=message, attempts=attempts + 1, fingerprint=fingerprint,
+                retry_at=retry_at)
             return None
         self._states[version] = _VersionState(_State.AVAILABLE)
         _LOG.info("loaded version %d of %s in %.1f s (%d warm-up requests)", version,
@@ -506,6 +584,38 @@ class ModelManager:
         self._stop.set()
         if self._poller is not None:
             self._poller.join()
+
+
+def check_version(servable: Servable, previous: Servable | None) -> None:
+    """Sanity checks a loaded version must pass before it takes traffic.
+
+    Its class-name asset must have one name per output column (what top_k_classes and Classify
+    read), and it must have every signature of the version serving now, so that clients of that
+    version keep working.
+
+    Raises:
+      VersionRejected saying what is wrong.
+    """
+    try:
+        names = export.read_class_names(servable.path)
+    except OSError as err:
+        raise VersionRejected(f"its class names asset cannot be read ({err}); export it with "
+                              "python -m imcl_tf.export") from err
+    for name, signature in sorted(servable.signature_defs.items()):
+        for output in (export.PROBABILITIES, export.LOGITS, export.CLASSIFY_SCORES,
+                       export.CLASSIFY_CLASSES):
+            if output not in signature.outputs:
+                continue
+            dims = signature.outputs[output].tensor_shape.dim
+            if dims and dims[-1].size not in (-1, len(names)):
+                raise VersionRejected(
+                    f"signature {name!r} output {output!r} has {dims[-1].size} columns but "
+                    f"{export.CLASS_NAMES_ASSET} lists {len(names)} class names")
+    if previous is not None:
+        lost = sorted(set(previous.signatures) - set(servable.signatures))
+        if lost:
+            raise VersionRejected(f"it lacks signatures {lost} that version {previous.version} "
+                                  "(serving now) has; clients using them would break")
 
 
 def run_warmup(servable: Servable, model_name: str, limits: Limits) -> int:
@@ -543,14 +653,19 @@ def predict(servable: Servable, request: predict_pb2.PredictRequest, model_name:
                            f"request sent {sorted(received)} (missing: "
                            f"{sorted(expected - received)}, unexpected: "
                            f"{sorted(received - expected)}).")
-    inputs = {name: _input_array(name, request.inputs[name], plan.input_dtypes[name],
-                                 plan.input_shapes[name], signature_name, limits)
+    # Every shape is checked from tensor_shape before any array is built: a compact TensorProto
+    # (one value, a huge shape) would otherwise be expanded to its full size first.
+    shapes = {name: _checked_shape(name, request.inputs[name], plan.input_dtypes[name],
+                                   plan.input_shapes[name], signature_name, limits)
               for name in plan.inputs}
-    if len(inputs) > 1:
-        batch_sizes = {name: array.shape[0] for name, array in inputs.items()}
+    _check_elements(shapes, signature_name, limits)
+    if len(shapes) > 1:
+        batch_sizes = {name: shape[0] for name, shape in shapes.items()}
         if len(set(batch_sizes.values())) > 1:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
                                f"inputs have different batch sizes: {batch_sizes}.")
+    inputs = {name: _input_array(name, request.inputs[name], signature_name, limits)
+              for name in plan.inputs}
     outputs = list(request.output_filter) or plan.outputs
     if not plan.output_names.issuperset(outputs):
         unknown = sorted(set(outputs) - plan.output_names)
@@ -591,11 +706,10 @@ def classify(servable: Servable, request: classification_pb2.ClassificationReque
         raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
                            f"signature {signature_name!r} cannot serve Classify: {problem}. Use "
                            f"signature_name={export.CLASSIFY!r}, or Predict for this signature.")
-    serialized = _serialized_examples(request.input)
+    serialized = _serialized_examples(request.input, limits)
     if not serialized:
         raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
                            "Input is empty: the ClassificationRequest has no examples.")
-    _check_batch(len(serialized), "input.example_list", limits)
     result = servable.run(signature_name,
                           {export.CLASSIFY_INPUT: np.array(serialized, dtype=object)})
     classes = result.get(export.CLASSIFY_CLASSES)  # [B, L] bytes
@@ -656,38 +770,71 @@ def model_status(manager: ModelManager, request: get_model_status_pb2.GetModelSt
     return response
 
 
-def _input_array(name: str, proto, dtype: int, expected: list[int] | None, signature_name: str,
-                 limits: Limits) -> np.ndarray:
-    """One request input as a NumPy array, after checking it against the signature's dtype and
-    shape (`expected`: None for an unknown rank, -1 for a free dimension)."""
+def _checked_shape(name: str, proto, dtype: int, expected: list[int] | None,
+                   signature_name: str, limits: Limits) -> list[int]:
+    """A request input's shape read from its tensor_shape (nothing is built), after checking its
+    dtype, shape and batch size against the signature (`expected`: None for an unknown rank, -1
+    for a free dimension) and --max_batch_size."""
+    where = f"input {name!r} of signature {signature_name!r}"
     if proto.dtype != dtype:
         raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
-                           f"input {name!r} of signature {signature_name!r} has dtype "
-                           f"{_dtype_name(proto.dtype)}; expected {_dtype_name(dtype)}.")
+                           f"{where} has dtype {_dtype_name(proto.dtype)}; expected "
+                           f"{_dtype_name(dtype)}.")
+    if proto.tensor_shape.unknown_rank:
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"{where} has an unknown rank; send its full shape.")
+    shape = [dim.size for dim in proto.tensor_shape.dim]
+    if any(size < 0 for size in shape):
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"{where} has shape {shape}; every dimension must be >= 0.")
+    if expected is not None and (
+            len(shape) != len(expected)
+            or any(e not in (-1, got) for e, got in zip(expected, shape))):
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"{where} has shape {shape}; expected {expected} (-1: any size).")
+    if not shape:
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"{where} is a scalar; send a batch (first dimension).")
+    _check_batch(shape[0], where, limits)
+    return shape
+
+
+def _check_elements(shapes: Mapping[str, list[int]], where: str, limits: Limits) -> None:
+    """The request's inputs together expand to at most limits.max_request_elements values."""
+    counts = {name: math.prod(shape) for name, shape in shapes.items()}
+    total = sum(counts.values())
+    if total > limits.max_request_elements:
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"the inputs of signature {where!r} have {total:,} elements "
+                           f"({', '.join(f'{name}: {shapes[name]}' for name in sorted(shapes))}), "
+                           f"over this server's limit of {limits.max_request_elements:,} per "
+                           f"request (what a dense float32 message of --max_message_mb="
+                           f"{limits.max_message_bytes // (1024 * 1024)} holds); split the "
+                           "request.")
+
+
+def _input_array(name: str, proto, signature_name: str, limits: Limits) -> np.ndarray:
+    """One request input as a NumPy array; call after _checked_shape and _check_elements.
+    Image bytes are checked from their headers (format, size, --max_image_pixels)."""
     where = f"input {name!r} of signature {signature_name!r}"
     try:
         array = tensors.to_ndarray(proto)
     except (ValueError, TypeError) as err:
         raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
                            f"{where} is not a valid TensorProto: {err}") from err
-    if expected is not None and (
-            array.ndim != len(expected)
-            or any(e not in (-1, got) for e, got in zip(expected, array.shape))):
-        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
-                           f"{where} has shape {list(array.shape)}; expected {expected} "
-                           "(-1: any size).")
-    if array.ndim == 0:
-        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
-                           f"{where} is a scalar; send a batch (first dimension).")
-    _check_batch(array.shape[0], where, limits)
     if name == export.IMAGE_BYTES_INPUT:
-        for i, encoded in enumerate(array.reshape(-1)):
-            if not encoded.startswith(_IMAGE_MAGIC):
-                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
-                                   f"{where}: element {i} is not a JPEG or PNG image (it starts "
-                                   f"with {bytes(encoded[:8])!r}, {len(encoded)} bytes); send the "
-                                   "encoded file bytes.")
+        check_images(array.reshape(-1), f"{where}: element", limits)
     return array
+
+
+def check_images(encoded: Sequence[bytes], where: str, limits: Limits) -> None:
+    """Reads each image's size from its header and refuses unknown formats, truncated headers
+    and images over --max_image_pixels, before the signature decodes anything."""
+    for i, image in enumerate(encoded):
+        try:
+            image_header.check_image_pixels(image, limits.max_image_pixels, f"{where} {i}")
+        except (image_header.ImageHeaderError, image_header.ImageTooLargeError) as err:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(err)) from err
 
 
 def _check_batch(batch: int, where: str, limits: Limits) -> None:
@@ -700,21 +847,32 @@ def _check_batch(batch: int, where: str, limits: Limits) -> None:
                            f"--max_batch_size={limits.max_batch_size}; split the request.")
 
 
-def _serialized_examples(model_input) -> list[bytes]:
-    """Serialized tf.Examples of a serving Input, the context merged in as TF Serving does."""
+def _serialized_examples(model_input, limits: Limits) -> list[bytes]:
+    """Serialized tf.Examples of a serving Input, the context merged in as TF Serving does; their
+    images are checked from their headers (check_images) before the signature decodes them."""
     kind = model_input.WhichOneof("kind")
+    if kind not in ("example_list", "example_list_with_context"):
+        return []
+    listed = getattr(model_input, kind).examples
+    where = f"input.{kind}.examples"
+    if listed:
+        _check_batch(len(listed), where, limits)  # before anything is merged or looked at
     if kind == "example_list":
-        return [example.SerializeToString() for example in model_input.example_list.examples]
-    if kind == "example_list_with_context":
+        examples = list(listed)
+    else:
         context = model_input.example_list_with_context.context
-        merged = []
-        for example in model_input.example_list_with_context.examples:
+        examples = []
+        for example in listed:
             combined = tf.train.Example()
             combined.CopyFrom(context)
             combined.MergeFrom(example)  # the example's own features win over the context's
-            merged.append(combined.SerializeToString())
-        return merged
-    return []
+            examples.append(combined)
+    for i, example in enumerate(examples):
+        if data.IMAGE_ENCODED_KEY in example.features.feature:
+            feature = example.features.feature[data.IMAGE_ENCODED_KEY]
+            check_images(feature.bytes_list.value, f"{where}[{i}] feature "
+                         f"{data.IMAGE_ENCODED_KEY!r} value", limits)
+    return [example.SerializeToString() for example in examples]
 
 
 def _fill_model_spec(spec, model_name: str, version: int, signature_name: str) -> None:

@@ -163,7 +163,7 @@ def _bad_requests(encoded):
          grpc.StatusCode.INVALID_ARGUMENT, "has shape [1, 8, 8, 3]; expected [-1, 16, 16, 3]"),
         ("not an image", "Predict",
          predict_request({"image_bytes": np.array([jpeg, b"hello world"], dtype=object)}),
-         grpc.StatusCode.INVALID_ARGUMENT, "element 1 is not a JPEG or PNG image"),
+         grpc.StatusCode.INVALID_ARGUMENT, "element 1: not a PNG, JPEG, GIF or BMP file"),
         ("truncated JPEG", "Predict",
          predict_request({"image_bytes": np.array([jpeg[: len(jpeg) // 2]], dtype=object)}),
          grpc.StatusCode.INVALID_ARGUMENT, "image_bytes[0]"),
