@@ -70,7 +70,10 @@ def cooccurrence_graph(label_rows, top_k: int | None = None) -> np.ndarray:
     dividing by every image where j is positive would give (known ratio) x P(l | j) and shrink the
     graph towards the identity exactly when few labels are known. Unknown entries are ignored;
     pass the TRAINING split only. A label without any known positive gets an identity column; an
-    l never known on the images where j is positive gets G[l, j] = 0 (no evidence).
+    l never known on the images where j is positive gets G[l, j] = 0 (no evidence). With
+    positives-only labels (caption words, single-positive) every known l co-occurs with j, so G
+    is 1 wherever two labels ever co-occur: to treat unknowns as absent, pass the rows with 0
+    replaced by -1 (that gives #(l, j positive) / #(j positive)).
 
     Args:
       label_rows: [N, L] label rows in {+1, -1, 0}, or an iterable of such [n, L] chunks (to stream
