@@ -61,13 +61,19 @@ def identity_graph(num_classes: int) -> np.ndarray:
 
 
 def cooccurrence_graph(label_rows, top_k: int | None = None) -> np.ndarray:
-    """Co-occurrence graph from KNOWN POSITIVES, float32 [L, L] with entries in [0, 1].
+    """Co-occurrence graph from KNOWN labels, float32 [L, L] with entries in [0, 1].
 
     G[l, j] = (number of images where l and j are both known positive) /
-              (number of images where j is known positive),
-    i.e. how often l is a known positive among the images where j is one; the diagonal is 1. Known
-    negatives and unknown entries are ignored, so pass the TRAINING split only. A label without
-    any known positive gets an identity column.
+              (number of images where j is known positive AND l is known, +1 or -1),
+    i.e. an estimate of P(l | j) from the images where both are observed; the diagonal is 1.
+    Counting only the images where l is known keeps the estimate unbiased under random masking:
+    dividing by every image where j is positive would give (known ratio) x P(l | j) and shrink the
+    graph towards the identity exactly when few labels are known. Unknown entries are ignored;
+    pass the TRAINING split only. A label without any known positive gets an identity column; an
+    l never known on the images where j is positive gets G[l, j] = 0 (no evidence). With
+    positives-only labels (caption words, single-positive) every known l co-occurs with j, so G
+    is 1 wherever two labels ever co-occur: to treat unknowns as absent, pass the rows with 0
+    replaced by -1 (that gives #(l, j positive) / #(j positive)).
 
     Args:
       label_rows: [N, L] label rows in {+1, -1, 0}, or an iterable of such [n, L] chunks (to stream
@@ -81,6 +87,7 @@ def cooccurrence_graph(label_rows, top_k: int | None = None) -> np.ndarray:
     chunks = [label_rows] if isinstance(label_rows, np.ndarray) or _is_2d_list(label_rows) \
         else label_rows
     counts = None  # [L, L] float64: counts[l, j] = #images with l and j both known positive
+    known_counts = None  # [L, L] float64: known_counts[l, j] = #images with j positive, l known
     for index, chunk in enumerate(chunks):
         chunk = np.asarray(chunk)
         if chunk.ndim != 2:
@@ -92,17 +99,19 @@ def cooccurrence_graph(label_rows, top_k: int | None = None) -> np.ndarray:
                              f"Received other values in chunk {index}, e.g. {bad.tolist()}.")
         if counts is None:
             counts = np.zeros([chunk.shape[1]] * 2, np.float64)
+            known_counts = np.zeros_like(counts)
         elif chunk.shape[1] != counts.shape[0]:
             raise ValueError(f"cooccurrence_graph: chunk {index} has {chunk.shape[1]} classes, "
                              f"the first had {counts.shape[0]}.")
         positives = (chunk > 0).astype(np.float32)  # [n, L]
-        counts += positives.T @ positives  # exact: float32 integers are exact up to 2^24 per chunk
+        known = (chunk != 0).astype(np.float32)  # [n, L]
+        # Exact: float32 integers are exact up to 2^24 per chunk.
+        counts += positives.T @ positives
+        known_counts += known.T @ positives
     if counts is None:
         raise ValueError("cooccurrence_graph: no label rows were given.")
-    positives_per_label = np.diag(counts).copy()  # [L]
     with np.errstate(divide="ignore", invalid="ignore"):
-        graph = np.where(positives_per_label[None, :] > 0,
-                         counts / positives_per_label[None, :], 0.0)  # [L, L], column-wise
+        graph = np.where(known_counts > 0, counts / known_counts, 0.0)  # [L, L], column-wise
     np.fill_diagonal(graph, 1.0)
     if top_k is not None:
         graph = _keep_top_k_per_column(graph, top_k)

@@ -18,7 +18,7 @@ from absl import flags
 from PIL import Image
 
 from imcl_tf import data
-from tfrecords_tools import arrays, coco, common, cub, manifest, openimages, voc
+from tfrecords_tools import arrays, coco, coco_captions, common, cub, manifest, openimages, voc
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -136,12 +136,12 @@ def test_progress_lines_count_rate_and_eta():
 
 def test_every_converter_defines_its_flags_once_in_one_process():
     flag_values = flags.FlagValues()
-    for module in (coco, voc, openimages, cub, manifest, arrays):
+    for module in (coco, coco_captions, voc, openimages, cub, manifest, arrays):
         module.define_flags(flag_values)
         module.define_flags(flag_values)  # a second call must not raise DuplicateFlagError
     for name in ("output_dir", "split", "num_shards", "num_workers", "seed", "shuffle",
                  "skip_corrupt", "annotations", "voc_root", "image_labels", "cub_root",
-                 "manifest", "features"):
+                 "manifest", "features", "captions", "vocabulary", "unmentioned"):
         assert name in flag_values
 
 

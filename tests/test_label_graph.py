@@ -55,6 +55,7 @@ def test_normalize_graph_rejects_bad_matrices():
 
 
 def reference_cooccurrence(rows, top_k=None):
+    """P(l | j) estimated on the images where j is a known positive and l is known."""
     num_labels = rows.shape[1]
     graph = np.zeros((num_labels, num_labels))
     for j in range(num_labels):
@@ -63,8 +64,9 @@ def reference_cooccurrence(rows, top_k=None):
             graph[j, j] = 1.0
             continue
         for l in range(num_labels):
-            both = sum(1 for i in images_with_j if rows[i, l] == 1)
-            graph[l, j] = both / len(images_with_j)
+            l_known = [i for i in images_with_j if rows[i, l] != 0]
+            both = sum(1 for i in l_known if rows[i, l] == 1)
+            graph[l, j] = both / len(l_known) if l_known else 0.0
         if top_k is not None:
             candidates = sorted((l for l in range(num_labels) if l != j),
                                 key=lambda l: (-graph[l, j], l))
@@ -76,22 +78,52 @@ def reference_cooccurrence(rows, top_k=None):
 def test_cooccurrence_graph_matches_reference(rng):
     rows = label_rows(rng, 40, 7)
     rows[:, 6] = np.minimum(rows[:, 6], 0)  # a label with no known positive: identity column
-    np.testing.assert_allclose(cooccurrence_graph(rows), reference_cooccurrence(rows), rtol=1e-6)
+    rows[rows[:, 2] == 1, 5] = 0  # label 5 never known where 2 is positive: G[5, 2] = 0
+    expected = reference_cooccurrence(rows)
+    assert expected[5, 2] == 0.0 and expected[6, 6] == 1.0 and expected[:6, 6].sum() == 0.0
+    np.testing.assert_allclose(cooccurrence_graph(rows), expected, rtol=1e-6)
     np.testing.assert_allclose(cooccurrence_graph(rows, top_k=2),
                                reference_cooccurrence(rows, top_k=2), rtol=1e-6)
 
 
-def test_cooccurrence_graph_uses_known_positives_only(rng):
-    rows = label_rows(rng, 30, 6)
+def test_cooccurrence_graph_matches_reference_on_sparse_partial_labels(rng):
+    # Correlated full labels, then uniform masking at 20 %: many pairs are rarely both known.
+    full = np.where(rng.random((200, 9)) < 0.3, 1.0, -1.0)
+    full[:, 1] = np.where(rng.random(200) < 0.8, full[:, 0], -full[:, 0])
+    rows = (full * (rng.random(full.shape) < 0.2)).astype(np.float32)
+    np.testing.assert_allclose(cooccurrence_graph(rows), reference_cooccurrence(rows), rtol=1e-6)
+
+
+def test_cooccurrence_graph_does_not_shrink_with_the_known_ratio(rng):
+    # Two labels that always occur together, masked uniformly at 30 % known: G[0, 1] = P(0 | 1) = 1.
+    full = np.repeat(np.where(rng.random((2000, 1)) < 0.5, 1.0, -1.0), 2, axis=1)
+    rows = (full * (rng.random(full.shape) < 0.3)).astype(np.float32)
     graph = cooccurrence_graph(rows)
-    # Turning unknowns into negatives and vice versa changes nothing: only +1 entries count.
-    swapped = np.where(rows == 0, -1.0, np.where(rows == -1, 0.0, rows))
-    np.testing.assert_array_equal(cooccurrence_graph(swapped), graph)
-    # An extra known positive does change it.
+    assert graph[0, 1] == 1.0 and graph[1, 0] == 1.0
+    # Independent labels with P(l) = 0.4: the estimate stays near 0.4 at 30 % and at 100 % known.
+    independent = np.where(rng.random((4000, 2)) < 0.4, 1.0, -1.0)
+    masked = (independent * (rng.random(independent.shape) < 0.3)).astype(np.float32)
+    assert abs(cooccurrence_graph(masked)[0, 1] - 0.4) < 0.06
+    assert abs(cooccurrence_graph(independent.astype(np.float32))[0, 1] - 0.4) < 0.03
+
+
+def test_cooccurrence_graph_column_depends_on_known_entries_where_j_is_positive(rng):
+    rows = label_rows(rng, 30, 6)
+    rows[0, [1, 3]] = 1.0  # G[3, 1] > 0
+    rows[1, 1], rows[1, 3] = 1.0, 0.0  # an image with 1 positive and 3 unknown
+    graph = cooccurrence_graph(rows)
+    assert graph[3, 1] > 0
+    # Outside the images where label 1 is positive, turning unknowns into negatives and back
+    # leaves column 1 unchanged.
+    outside = rows[:, 1] != 1
+    swapped = rows.copy()
+    swapped[outside] = np.where(rows[outside] == 0, -1.0,
+                                np.where(rows[outside] == -1, 0.0, rows[outside]))
+    np.testing.assert_array_equal(cooccurrence_graph(swapped)[:, 1], graph[:, 1])
+    # On an image where 1 is positive, making an unknown label a known negative lowers its entry.
     changed = rows.copy()
-    zero_position = np.argwhere(rows[:, 1] != 1)[0, 0]
-    changed[zero_position, 1] = 1.0
-    assert not np.array_equal(cooccurrence_graph(changed), graph)
+    changed[1, 3] = -1.0
+    assert cooccurrence_graph(changed)[3, 1] < graph[3, 1]
 
 
 def test_cooccurrence_graph_accepts_chunks(rng):

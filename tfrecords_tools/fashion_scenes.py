@@ -7,7 +7,20 @@ co-occurrence label graph has something to learn; the rest are random class sets
 (every class known present or absent); tfrecords_tools.partial masks them afterwards.
 
 Train and val scenes take items from disjoint index ranges of Fashion-MNIST's 60k training file,
-test scenes from its 10k test file, so no item image is shared between splits.
+test scenes from its 10k test file, so no item image is shared between splits. With
+--reserve_pretrain_items the training scenes use only train[0:40000], leaving
+train[40000:50000] (PRETRAIN_SOURCE) to no scene at all: the items a backbone can be pretrained
+on (tfrecords_tools.fashion_pretrain) for the transfer regime.
+
+Label spaces (--label_space):
+  items                the 10 Fashion-MNIST classes (the demo).
+  item_tint_position   80 labels "<item> <tint> <left|right>": the item class, one of 4 named
+                       tints and the half of the scene holding the item's centre. Templates,
+                       tints and random items are drawn with long-tailed (Zipf-like)
+                       probabilities, and the items of a scene usually share the scene's colour
+                       scheme, so label frequencies span two orders of magnitude and labels
+                       co-occur through outfits and colour schemes (the paper's regime: many
+                       classes, few known labels for most of them).
 
     python -m tfrecords_tools.fashion_scenes --output_dir /tmp/fashion_scenes
 """
@@ -49,6 +62,20 @@ ADD_PROBABILITY = 0.3  # a template scene gains one random extra item
 REMOVE_PROBABILITY = 0.3  # a template scene loses one of its items
 MAX_ITEMS = 4
 
+LABEL_SPACES = ("items", "item_tint_position")
+# item_tint_position: named tints (RGB before jitter and shading), their long-tailed
+# probabilities, how often an item takes the scene's colour scheme, and the positions.
+TINT_NAMES = ("red", "green", "blue", "purple")
+TINT_RGB = ((200.0, 40.0, 40.0), (40.0, 150.0, 60.0), (40.0, 70.0, 210.0), (130.0, 40.0, 160.0))
+TINT_WEIGHTS = (0.45, 0.3, 0.17, 0.08)
+SCHEME_PROBABILITY = 0.7
+TINT_JITTER = 15.0
+POSITION_NAMES = ("left", "right")
+# Zipf-like weights: template t is drawn with probability proportional to 1 / (t + 1); in the
+# random scenes item class c with probability proportional to 1 / (c + 1) ** 0.8.
+TEMPLATE_WEIGHTS = tuple(1.0 / (t + 1) for t in range(len(OUTFIT_TEMPLATES)))
+ITEM_WEIGHTS = tuple(1.0 / (c + 1) ** 0.8 for c in range(len(CLASS_NAMES)))
+
 
 @dataclasses.dataclass(frozen=True)
 class SplitSource:
@@ -65,6 +92,36 @@ SPLIT_SOURCES = {
     "test": SplitSource("t10k", 0, 10_000),
 }
 SPLIT_ORDER = ("train", "val", "test")
+# Items no scene uses when the training scenes are built with reserve_pretrain_items.
+PRETRAIN_SOURCE = SplitSource("train", 40_000, 50_000)
+RESERVED_TRAIN_SOURCE = SplitSource("train", 0, 40_000)
+
+
+def split_sources(reserve_pretrain_items: bool = False) -> dict[str, SplitSource]:
+    """The item source of every split; with reserve_pretrain_items, PRETRAIN_SOURCE is left out."""
+    if not reserve_pretrain_items:
+        return dict(SPLIT_SOURCES)
+    return {**SPLIT_SOURCES, "train": RESERVED_TRAIN_SOURCE}
+
+
+def label_names(label_space: str = "items") -> list[str]:
+    """The class names of a label space (item_tint_position: item-major, then tint, position)."""
+    _check_label_space(label_space)
+    if label_space == "items":
+        return list(CLASS_NAMES)
+    return [f"{item} {tint} {position}" for item in CLASS_NAMES for tint in TINT_NAMES
+            for position in POSITION_NAMES]
+
+
+def label_index(item: int, tint: int, position: int) -> int:
+    """The item_tint_position label of an item class, tint index and position index."""
+    return (item * len(TINT_NAMES) + tint) * len(POSITION_NAMES) + position
+
+
+def _check_label_space(label_space: str) -> None:
+    if label_space not in LABEL_SPACES:
+        raise ValueError(f"label_space must be one of {LABEL_SPACES}. Received: "
+                         f"{label_space!r}.")
 
 DEFAULT_FASHION_MNIST_DIR = os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "fashion-mnist")
@@ -95,6 +152,13 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
                          flag_values=flag_values)
     flags.DEFINE_integer("num_shards", 4, "TFRecord shards per split (>= the training workers).",
                          lower_bound=1, flag_values=flag_values)
+    flags.DEFINE_enum("label_space", "items", list(LABEL_SPACES),
+                      "items: the 10 item classes (the demo); item_tint_position: 80 long-tailed "
+                      "labels (item x tint x left/right half).", flag_values=flag_values)
+    flags.DEFINE_boolean("reserve_pretrain_items", False,
+                         "Training scenes use only train[0:40000], so train[40000:50000] is "
+                         "left to backbone pretraining (tfrecords_tools.fashion_pretrain).",
+                         flag_values=flag_values)
     flags.mark_flag_as_required("output_dir", flag_values=flag_values)
 
 
@@ -105,6 +169,8 @@ def build(output_dir: str,
           num_examples: dict[str, int] | None = None,
           seed: int = 0,
           num_shards: int = 4,
+          label_space: str = "items",
+          reserve_pretrain_items: bool = False,
           progress_interval: float = 10.0,
           stream=None) -> data.DatasetInfo:
     """Composes the scenes of every split, writes the shards and dataset.json; returns the info.
@@ -118,6 +184,8 @@ def build(output_dir: str,
       seed: composition seed; each split draws from its own stream, so changing one split's size
         leaves the others unchanged.
       num_shards: shards per split.
+      label_space: one of LABEL_SPACES (see the module docstring).
+      reserve_pretrain_items: training scenes leave PRETRAIN_SOURCE unused.
     """
     stream = stream if stream is not None else sys.stderr
     num_examples = dict(num_examples or {"train": 6000, "val": 1000, "test": 2000})
@@ -126,30 +194,32 @@ def build(output_dir: str,
         raise ValueError(f"unknown splits {unknown}; the demo has {list(SPLIT_ORDER)}.")
     if image_size < 32:
         raise ValueError(f"image_size must be >= 32 to fit the items. Received: {image_size}.")
+    class_names = label_names(label_space)
+    sources = split_sources(reserve_pretrain_items)
     fashion = {name: load_fashion_mnist(fashion_mnist_dir, name) for name in ("train", "t10k")}
     splits = {}
     for split in SPLIT_ORDER:
         count = num_examples.get(split, 0)
         if count <= 0:
             continue
-        source = SPLIT_SOURCES[split]
+        source = sources[split]
         images, labels = fashion[source.file]
         rng = np.random.default_rng([seed, SPLIT_ORDER.index(split)])
         progress = Progress(f"fashion_scenes {split}", total=count, interval=progress_interval,
                             stream=stream)
         with data.SplitWriter(output_dir, split, num_shards) as writer:
             for index, scene in enumerate(compose_scenes(images, labels, source, count, rng,
-                                                         image_size)):
-                positives = sorted(scene.classes)
-                negatives = [c for c in range(len(CLASS_NAMES)) if c not in scene.classes]
+                                                         image_size, label_space)):
+                positives = sorted(scene.labels)
+                negatives = [c for c in range(len(class_names)) if c not in scene.labels]
                 writer.write(data.make_example(f"{split}-{index:06d}", positives, negatives,
-                                               len(CLASS_NAMES),
+                                               len(class_names),
                                                encoded_image=encode_png(scene.image)))
                 progress.update()
         progress.close()
         splits[split] = writer.split_info
     info = data.DatasetInfo(
-        class_names=list(CLASS_NAMES),
+        class_names=class_names,
         splits=splits,
         mode="image",
         image_size=image_size,
@@ -161,9 +231,13 @@ def build(output_dir: str,
             "date": data.utc_now(),
             "seed": seed,
             "flags": {"image_size": image_size, "seed": seed, "num_shards": num_shards,
+                      "label_space": label_space,
+                      "reserve_pretrain_items": reserve_pretrain_items,
                       **{f"num_{split}": num_examples.get(split, 0) for split in SPLIT_ORDER}},
             "source": SOURCE_DESCRIPTION,
-            "item_sources": {split: dataclasses.asdict(SPLIT_SOURCES[split]) for split in splits},
+            "item_sources": {split: dataclasses.asdict(sources[split]) for split in splits},
+            **({"unused_item_source": dataclasses.asdict(PRETRAIN_SOURCE)}
+               if reserve_pretrain_items else {}),
             "templates": [[CLASS_NAMES[c] for c in t] for t in OUTFIT_TEMPLATES],
             "template_probability": TEMPLATE_PROBABILITY,
         })
@@ -177,18 +251,21 @@ def build(output_dir: str,
 class Scene:
     """One composed scene: the RGB image, its classes and the Fashion-MNIST items drawn."""
     image: np.ndarray  # uint8 [S, S, 3]
-    classes: frozenset[int]
+    classes: frozenset[int]  # the item classes
     item_indices: tuple[int, ...]  # indices into the split's Fashion-MNIST file
+    labels: frozenset[int] = frozenset()  # the label-space classes (= classes for "items")
 
 
 def compose_scenes(images: np.ndarray, labels: np.ndarray, source: SplitSource, count: int,
-                   rng: np.random.Generator, image_size: int = 64):
+                   rng: np.random.Generator, image_size: int = 64, label_space: str = "items"):
     """Yields `count` Scenes whose items come only from `images[source.start:source.stop]`.
 
     Args:
       images: uint8 [N, 28, 28] Fashion-MNIST images (bright item on black).
       labels: int [N] their classes.
+      label_space: one of LABEL_SPACES; "items" draws exactly what it always drew.
     """
+    _check_label_space(label_space)
     # Per class, the item indices this split may use.
     in_range = np.arange(source.start, source.stop)
     by_class = [in_range[labels[source.start:source.stop] == c] for c in range(len(CLASS_NAMES))]
@@ -197,16 +274,29 @@ def compose_scenes(images: np.ndarray, labels: np.ndarray, source: SplitSource, 
         raise data.DataError(f"Fashion-MNIST {source.file}[{source.start}:{source.stop}] has no "
                              f"items of classes {empty}; the files look wrong.")
     for _ in range(count):
-        classes = draw_classes(rng)
+        if label_space == "items":
+            classes, tints = draw_classes(rng), None
+        else:
+            classes, tints = draw_longtail_classes(rng)
         canvas = _background(rng, image_size)  # float32 [S, S, 3]
         boxes: list[tuple[int, int, int]] = []
-        item_indices = []
-        for c in classes:
+        item_indices, scene_labels = [], []
+        for position, c in enumerate(classes):
             item = int(by_class[c][rng.integers(len(by_class[c]))])
             item_indices.append(item)
-            _paste_item(canvas, images[item], rng, boxes)
+            if tints is None:
+                _paste_item(canvas, images[item], rng, boxes)
+                scene_labels.append(c)
+            else:
+                rgb = np.asarray(TINT_RGB[tints[position]], np.float32) + rng.uniform(
+                    -TINT_JITTER, TINT_JITTER, size=3).astype(np.float32)
+                _paste_item(canvas, images[item], rng, boxes, tint=rgb)
+                top, left, side = boxes[-1]
+                half = int(left + side / 2.0 >= image_size / 2.0)
+                scene_labels.append(label_index(c, tints[position], half))
         yield Scene(image=np.clip(np.rint(canvas), 0, 255).astype(np.uint8),
-                    classes=frozenset(classes), item_indices=tuple(item_indices))
+                    classes=frozenset(classes), item_indices=tuple(item_indices),
+                    labels=frozenset(scene_labels))
 
 
 def draw_classes(rng: np.random.Generator) -> list[int]:
@@ -224,6 +314,34 @@ def draw_classes(rng: np.random.Generator) -> list[int]:
         classes = [int(c) for c in rng.choice(num_classes, size=size, replace=False)]
     rng.shuffle(classes)  # drawing order = depth order
     return classes
+
+
+def draw_longtail_classes(rng: np.random.Generator) -> tuple[list[int], list[int]]:
+    """item_tint_position: (distinct item classes, their tint indices) of one scene.
+
+    A template (Zipf-weighted) perturbed as in `draw_classes`, or a random set of items drawn
+    with ITEM_WEIGHTS; the scene draws a colour scheme from TINT_WEIGHTS and each item takes it
+    with probability SCHEME_PROBABILITY, otherwise its own tint from TINT_WEIGHTS.
+    """
+    num_classes = len(CLASS_NAMES)
+    if rng.random() < TEMPLATE_PROBABILITY:
+        weights = np.asarray(TEMPLATE_WEIGHTS) / sum(TEMPLATE_WEIGHTS)
+        classes = list(OUTFIT_TEMPLATES[rng.choice(len(OUTFIT_TEMPLATES), p=weights)])
+        if rng.random() < REMOVE_PROBABILITY and len(classes) > 1:
+            classes.pop(int(rng.integers(len(classes))))
+        if rng.random() < ADD_PROBABILITY and len(classes) < MAX_ITEMS:
+            others = [c for c in range(num_classes) if c not in classes]
+            classes.append(int(rng.choice(others)))
+    else:
+        size = int(rng.integers(1, MAX_ITEMS + 1))
+        weights = np.asarray(ITEM_WEIGHTS) / sum(ITEM_WEIGHTS)
+        classes = [int(c) for c in rng.choice(num_classes, size=size, replace=False, p=weights)]
+    rng.shuffle(classes)  # drawing order = depth order
+    tint_weights = np.asarray(TINT_WEIGHTS) / sum(TINT_WEIGHTS)
+    scheme = int(rng.choice(len(TINT_NAMES), p=tint_weights))
+    tints = [scheme if rng.random() < SCHEME_PROBABILITY
+             else int(rng.choice(len(TINT_NAMES), p=tint_weights)) for _ in classes]
+    return classes, tints
 
 
 @functools.lru_cache(maxsize=4)
@@ -300,8 +418,11 @@ _MAX_OVERLAP = 0.35  # of the smaller item's box, so every item stays recognisab
 
 
 def _paste_item(canvas: np.ndarray, item: np.ndarray, rng: np.random.Generator,
-                boxes: list[tuple[int, int, int]]) -> None:
-    """Draws a tinted, scaled item onto `canvas` in place, avoiding heavy overlap with `boxes`."""
+                boxes: list[tuple[int, int, int]], tint: np.ndarray | None = None) -> None:
+    """Draws a tinted, scaled item onto `canvas` in place, avoiding heavy overlap with `boxes`.
+
+    `tint` (RGB float32 [3]) replaces the random saturated tint; its box is appended to `boxes`.
+    """
     size = canvas.shape[0]
     scale = size / 64.0
     side = int(round(rng.integers(_ITEM_SIZE_RANGE[0], _ITEM_SIZE_RANGE[1] + 1) * scale))
@@ -314,8 +435,9 @@ def _paste_item(canvas: np.ndarray, item: np.ndarray, rng: np.random.Generator,
     resized = Image.fromarray(item).resize((side, side), Image.BILINEAR)
     alpha = np.asarray(resized, np.float32)[:, :, None] / 255.0  # [s, s, 1] item intensity
     # A saturated, darker-than-background tint keeps items visible on every background.
-    tint = rng.uniform(20, 160, size=3).astype(np.float32)
-    tint[rng.integers(3)] = rng.uniform(120, 230)
+    if tint is None:
+        tint = rng.uniform(20, 160, size=3).astype(np.float32)
+        tint[rng.integers(3)] = rng.uniform(120, 230)
     shading = 0.6 + 0.4 * alpha  # keeps the item's own texture visible inside its silhouette
     region = canvas[top:top + side, left:left + side]
     region[...] = (1.0 - alpha) * region + alpha * (tint[None, None, :] * shading)
@@ -340,7 +462,9 @@ def _build_from_flags(flag_values: flags.FlagValues) -> data.DatasetInfo:
                  num_examples={"train": flag_values.num_train, "val": flag_values.num_val,
                                "test": flag_values.num_test},
                  seed=flag_values.seed,
-                 num_shards=flag_values.num_shards)
+                 num_shards=flag_values.num_shards,
+                 label_space=flag_values.label_space,
+                 reserve_pretrain_items=flag_values.reserve_pretrain_items)
 
 
 def main(argv: Sequence[str]) -> None:

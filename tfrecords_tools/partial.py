@@ -198,6 +198,18 @@ def _split_paths(input_dir: str, split_info: data.SplitInfo) -> list[str]:
     return [os.path.join(input_dir, name) for name in split_info.shards]
 
 
+def read_label_rows(data_dir: str, split: str) -> np.ndarray:
+    """A split's label rows as float32 [N, L] in {+1, -1, 0}, in file order, without the images."""
+    info = data.load_dataset_info(data_dir)
+    split_info = info.split(split)
+    pos_rows, pos_classes, neg_rows, neg_classes = _read_labels(
+        _split_paths(data_dir, split_info), split_info.num_examples, split)
+    rows = np.zeros([split_info.num_examples, info.num_classes], np.float32)
+    rows[neg_rows, neg_classes] = -1.0
+    rows[pos_rows, pos_classes] = 1.0
+    return rows
+
+
 def _read_labels(paths: list[str], num_examples: int, split: str
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Flat (row, class) pairs of the known positives and negatives, rows in file order."""
