@@ -347,45 +347,54 @@ class IMCLModel(keras.Model):
         the OMPResult against the bank (whose coefficients forward mode may replace, see
         `refit_mode`).
         """
-        graph = self.label_graph.matrix  # [L, L]
         query_y = losses.query_label_states(logits, labels, self.asym_c)  # [B, L]
         query_f = _with_bias(features)  # [B, D+1]: the constant coordinate is reconstructed too
         bank_f = _with_bias(self.bank.features)  # [M, D+1], constants until the next refresh
-        bank_labels = self.bank.label_rows()  # [M, L]
-        # Atom label states with the CURRENT classifier and graph (gradient reaches both).
-        atoms_y = losses.atom_label_states(self.head(self.bank.features), bank_labels, graph,
-                                           self.asym_c)  # [M, L]
+        # Atom label states for SELECTION only, with the current classifier and graph but no
+        # gradient (architecture.md section 5, scale rules): only the B x k selected neighbours
+        # enter the loss, and their states are recomputed with gradient below.
+        atoms_y = self.selection_atom_states()  # [M, L]
         omp = joint_nonnegative_omp(
-            tf.stop_gradient(query_y), tf.stop_gradient(query_f), tf.stop_gradient(atoms_y),
+            tf.stop_gradient(query_y), tf.stop_gradient(query_f), atoms_y,
             bank_f, self.k, lambda_y=lambda_y, lambda_f=lambda_f,
             exclude=self.bank.exclusion_mask(ids))
         indices = tf.maximum(omp.indices, 0)  # invalid slots are masked by `valid` below
         coef_y, coef_f = omp.coef_y, omp.coef_f
-        if not self.atom_gradient:
-            # Neighbours act as fixed teachers: only the query side learns from the residual.
-            atoms_y = tf.stop_gradient(atoms_y)
+        batch = tf.shape(indices)[0]
+        flat = tf.reshape(indices, [-1])  # [B*k]
+        neighbour_labels = tf.cast(tf.gather(self.bank.labels, flat), tf.float32)  # [B*k, L]
         if self.neighbour_mode == "forward":
             # Neighbour inputs go through the backbone again, with gradient (spec 3.3).
-            batch = tf.shape(indices)[0]
-            flat = tf.reshape(indices, [-1])  # [B*k]
             neighbour_features = self.extract_features(self.bank(flat), training=training)
-            neighbour_y = losses.atom_label_states(
-                self.head(neighbour_features), tf.gather(bank_labels, flat), graph, self.asym_c)
-            neighbour_y = tf.reshape(neighbour_y, [batch, self.k, self.num_classes])
-            neighbour_f = tf.reshape(_with_bias(neighbour_features), [batch, self.k, -1])
-            if not self.atom_gradient:
-                neighbour_y = tf.stop_gradient(neighbour_y)
-                neighbour_f = tf.stop_gradient(neighbour_f)
-            if self.refit_mode == "reuse_support_refit":
-                # Same support, coefficients re-solved for the fresh vectors (spec 5.1).
-                coef_y, coef_f = refit_on_support(query_y, query_f, neighbour_y, neighbour_f,
-                                                  omp.valid)
         else:
-            neighbour_y = tf.gather(atoms_y, indices)  # [B, k, L]
-            neighbour_f = tf.gather(bank_f, indices)  # [B, k, D+1]
+            # The cached features of the chosen atoms (constants until the next refresh).
+            neighbour_features = tf.gather(self.bank.features, flat)  # [B*k, D]
+        # The chosen neighbours' label states, with gradient to the classifier and the graph.
+        neighbour_y = losses.atom_label_states(
+            self.head(neighbour_features), neighbour_labels, self.label_graph, self.asym_c)
+        neighbour_y = tf.reshape(neighbour_y, [batch, self.k, self.num_classes])
+        neighbour_f = tf.reshape(_with_bias(neighbour_features), [batch, self.k, -1])
+        if not self.atom_gradient:
+            # Neighbours act as fixed teachers: only the query side learns from the residual.
+            neighbour_y = tf.stop_gradient(neighbour_y)
+            neighbour_f = tf.stop_gradient(neighbour_f)
+        if self.neighbour_mode == "forward" and self.refit_mode == "reuse_support_refit":
+            # Same support, coefficients re-solved for the fresh vectors (spec 5.1).
+            coef_y, coef_f = refit_on_support(query_y, query_f, neighbour_y, neighbour_f,
+                                              omp.valid)
         return {"query_y": query_y, "query_f": query_f, "neighbour_y": neighbour_y,
                 "neighbour_f": neighbour_f, "coef_y": coef_y, "coef_f": coef_f,
                 "valid": omp.valid, "omp": omp}
+
+    def selection_atom_states(self) -> tf.Tensor:
+        """[M, L] label states of every bank atom (current classifier and graph), no gradient.
+
+        They only choose the neighbours (the OMP); the loss uses the chosen neighbours' states
+        recomputed with gradient.
+        """
+        logits = self.head(self.bank.features)  # [M, L]
+        return tf.stop_gradient(losses.atom_label_states(
+            logits, self.bank.label_rows(), self.label_graph, self.asym_c))
 
     def _update_trackers(self, terms):
         for name, value in terms.items():
