@@ -162,6 +162,8 @@ class IMCLModel(keras.Model):
       feature_loss: add lambda_f * L_f to the loss (the feature side always drives selection).
       freeze_batchnorm: see build_backbone.
       head_weight_decay: L2 factor on the classifier kernel (bias excluded), CUB uses 1e-4.
+      label_graph_layout: {"num_entries", "structure"} of a saved graph (get_config() writes it),
+        used when label_graph_init is None to rebuild the graph's storage before its weights load.
       atom_gradient: let the smoothness residuals also train the neighbours' label states (the
         official code does); False treats neighbours as fixed teachers of the query: no gradient
         through their label states or (forward mode) their features, so none reaches the graph.
@@ -175,7 +177,7 @@ class IMCLModel(keras.Model):
                  feature_loss: bool = True, freeze_batchnorm: bool = False,
                  head_weight_decay: float = 0.0, label_graph_init: Any = None,
                  atom_gradient: bool = True, refit_mode: str = "reuse_support_refit",
-                 **kwargs):
+                 label_graph_layout: dict[str, Any] | None = None, **kwargs):
         super().__init__(**kwargs)
         _check_choice("method", method, METHODS)
         _check_choice("backbone", backbone, BACKBONES)
@@ -233,10 +235,18 @@ class IMCLModel(keras.Model):
         self.feature_dim = int(self.backbone.output.shape[-1])
         # Logits stay float32 under mixed precision: losses and OMP need the precision.
         self.head = keras.layers.Dense(self.num_classes, dtype="float32", name="classifier")
-        graph_init = (np.eye(self.num_classes, dtype=np.float32) if label_graph_init is None
-                      else np.asarray(label_graph_init, np.float32))
-        self.label_graph = LabelGraph(graph_init, learnable=learn_label_graph and method == "imcl",
-                                      clip=clip_label_graph, name="label_graph")
+        graph_learnable = learn_label_graph and method == "imcl"
+        if label_graph_init is None and label_graph_layout is not None:
+            # Rebuilt from a config: a placeholder of the saved support size, values from weights.
+            self.label_graph = LabelGraph(None, self.num_classes, learnable=graph_learnable,
+                                          clip=clip_label_graph, name="label_graph",
+                                          num_entries=label_graph_layout.get("num_entries"),
+                                          structure=label_graph_layout.get("structure"))
+        else:
+            graph_init = (np.eye(self.num_classes, dtype=np.float32) if label_graph_init is None
+                          else np.asarray(label_graph_init, np.float32))
+            self.label_graph = LabelGraph(graph_init, learnable=graph_learnable,
+                                          clip=clip_label_graph, name="label_graph")
         self.bank = None
         if method == "imcl":
             self.bank = DictionaryBank(
@@ -486,6 +496,8 @@ class IMCLModel(keras.Model):
             "neighbour_mode": self.neighbour_mode, "feature_loss": self.feature_loss,
             "freeze_batchnorm": self.freeze_batchnorm, "head_weight_decay": self.head_weight_decay,
             "atom_gradient": self.atom_gradient, "refit_mode": self.refit_mode,
+            "label_graph_layout": {"num_entries": self.label_graph.get_config()["num_entries"],
+                                   "structure": self.label_graph.structure},
             "name": self.name,
         }
 

@@ -97,7 +97,7 @@ def test_gradients_reach_classifier_backbone_and_graph_only_through_atoms(batche
             terms = model._loss_terms(images[16:24], labels[16:24], ids[16:24], training=False)
             smooth = terms["loss_y"] + terms["loss_f"]
         variables = [model.head.kernel, model.backbone.trainable_weights[0],
-                     model.label_graph.graph_matrix]
+                     model.label_graph.values]
         return tape.gradient(smooth, variables)
 
     head_grad, backbone_grad, graph_grad = smoothness_gradients(model)
@@ -122,7 +122,7 @@ def test_neighbours_as_fixed_teachers_give_the_graph_no_gradient(batches, mode):
         terms = model._loss_terms(images[16:24], labels[16:24], ids[16:24], training=False)
         smooth = terms["loss_y"] + terms["loss_f"]
     head_grad, graph_grad = tape.gradient(smooth, [model.head.kernel,
-                                                   model.label_graph.graph_matrix])
+                                                   model.label_graph.values])
     assert np.abs(head_grad.numpy()).sum() > 0  # the query side still learns
     # The graph acts on neighbours only, so detached neighbours leave it untouched.
     assert graph_grad is None or np.abs(graph_grad.numpy()).sum() == 0
@@ -401,8 +401,12 @@ def _dense_graph_parts(layer):
 
 
 @pytest.mark.parametrize("graph_kind", ["identity", "sparse", "dense"])
-def test_selected_neighbour_recompute_gives_the_full_gradient_loss_and_gradients(batches, rng,
-                                                                                 graph_kind):
+def test_selected_neighbour_recompute_gives_the_full_gradient_loss_and_gradients(
+        batches, rng, monkeypatch, graph_kind):
+    """Also the sparse graph product against a dense one: same loss, same gradients."""
+    import imcl_tf.label_graph as label_graph_lib
+    monkeypatch.setattr(label_graph_lib, "DENSE_PRODUCT_RATIO",
+                        0 if graph_kind == "sparse" else 10**6)
     images, labels, ids, _ = batches
     if graph_kind == "identity":
         graph = None
@@ -412,6 +416,9 @@ def test_selected_neighbour_recompute_gives_the_full_gradient_loss_and_gradients
         graph = raw + np.eye(CLASSES)
         graph = (graph / graph.sum(0)).astype(np.float32)
     model = _model("imcl", images, labels, ids, label_graph_init=graph, balance="none")
+    expected_structure = {"identity": "diagonal", "sparse": "general", "dense": "general"}
+    assert model.label_graph.structure == expected_structure[graph_kind]
+    assert model.label_graph.dense_product == (graph_kind == "dense")
     for variable in model.trainable_weights:  # a trained-looking model, not the initial one
         variable.assign(variable + 0.05 * rng.normal(size=variable.shape).astype(np.float32))
     for variable in model.label_graph.trainable_weights:  # the graph stays in [0, 1]
@@ -434,3 +441,23 @@ def test_selected_neighbour_recompute_gives_the_full_gradient_loss_and_gradients
         a = tf.convert_to_tensor(a).numpy() if a is not None else np.zeros(variable.shape)
         b = tf.convert_to_tensor(b).numpy() if b is not None else np.zeros(variable.shape)
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=variable.path)
+
+
+def test_sparse_graph_model_trains_saves_and_reloads(batches, tmp_path, rng):
+    images, labels, ids, dataset = batches
+    raw = rng.random((CLASSES, CLASSES)) * (rng.random((CLASSES, CLASSES)) < 0.3)
+    graph = raw + np.eye(CLASSES)
+    graph = (graph / graph.sum(0)).astype(np.float32)
+    model = _model("imcl", images, labels, ids, label_graph_init=graph, balance="none")
+    model.fit(dataset, epochs=1, verbose=0, shuffle=False)
+    matrix = model.label_graph.matrix.numpy()
+    assert not np.array_equal(matrix, graph)  # the graph learned
+    np.testing.assert_array_equal(matrix[graph == 0], 0)  # on its support only
+    assert matrix.min() >= 0 and matrix.max() <= 1  # clipped
+    path = str(tmp_path / "model.keras")
+    save_model_file(model, path)
+    reloaded = keras.saving.load_model(path, compile=False)
+    np.testing.assert_array_equal(reloaded.label_graph.matrix.numpy(), matrix)
+    assert reloaded.label_graph.num_entries == np.count_nonzero(graph)
+    logistic = _model("logistic", images, labels, ids)
+    assert logistic.label_graph.weights == []  # a fixed identity graph stores nothing
