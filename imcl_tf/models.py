@@ -162,6 +162,8 @@ class IMCLModel(keras.Model):
       feature_loss: add lambda_f * L_f to the loss (the feature side always drives selection).
       freeze_batchnorm: see build_backbone.
       head_weight_decay: L2 factor on the classifier kernel (bias excluded), CUB uses 1e-4.
+      omp_jit_compile: run the OMP XLA-compiled inside the step (architecture.md section 5);
+        False runs it as ordinary TensorFlow ops (a fallback where XLA is unavailable).
       label_graph_layout: {"num_entries", "structure"} of a saved graph (get_config() writes it),
         used when label_graph_init is None to rebuild the graph's storage before its weights load.
       atom_gradient: let the smoothness residuals also train the neighbours' label states (the
@@ -177,7 +179,8 @@ class IMCLModel(keras.Model):
                  feature_loss: bool = True, freeze_batchnorm: bool = False,
                  head_weight_decay: float = 0.0, label_graph_init: Any = None,
                  atom_gradient: bool = True, refit_mode: str = "reuse_support_refit",
-                 label_graph_layout: dict[str, Any] | None = None, **kwargs):
+                 label_graph_layout: dict[str, Any] | None = None, omp_jit_compile: bool = True,
+                 **kwargs):
         super().__init__(**kwargs)
         _check_choice("method", method, METHODS)
         _check_choice("backbone", backbone, BACKBONES)
@@ -228,6 +231,7 @@ class IMCLModel(keras.Model):
         self.head_weight_decay = float(head_weight_decay)
         self.atom_gradient = bool(atom_gradient)
         self.refit_mode = refit_mode
+        self.omp_jit_compile = bool(omp_jit_compile)
 
         self.preprocess = Preprocess(_PREPROCESSING[backbone], name="preprocess")
         self.backbone = build_backbone(backbone, self.input_shape_, backbone_weights,
@@ -367,7 +371,7 @@ class IMCLModel(keras.Model):
         omp = joint_nonnegative_omp(
             tf.stop_gradient(query_y), tf.stop_gradient(query_f), atoms_y,
             bank_f, self.k, lambda_y=lambda_y, lambda_f=lambda_f,
-            exclude=self.bank.exclusion_mask(ids))
+            exclude=self.bank.exclusion_mask(ids), jit_compile=self.omp_jit_compile)
         indices = tf.maximum(omp.indices, 0)  # invalid slots are masked by `valid` below
         coef_y, coef_f = omp.coef_y, omp.coef_f
         batch = tf.shape(indices)[0]
@@ -496,6 +500,7 @@ class IMCLModel(keras.Model):
             "neighbour_mode": self.neighbour_mode, "feature_loss": self.feature_loss,
             "freeze_batchnorm": self.freeze_batchnorm, "head_weight_decay": self.head_weight_decay,
             "atom_gradient": self.atom_gradient, "refit_mode": self.refit_mode,
+            "omp_jit_compile": self.omp_jit_compile,
             "label_graph_layout": {"num_entries": self.label_graph.get_config()["num_entries"],
                                    "structure": self.label_graph.structure},
             "name": self.name,

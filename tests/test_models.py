@@ -461,3 +461,31 @@ def test_sparse_graph_model_trains_saves_and_reloads(batches, tmp_path, rng):
     assert reloaded.label_graph.num_entries == np.count_nonzero(graph)
     logistic = _model("logistic", images, labels, ids)
     assert logistic.label_graph.weights == []  # a fixed identity graph stores nothing
+
+
+@pytest.mark.slow  # XLA compiles the OMP for each model: ~40 s on 2 cores
+def test_xla_compiled_omp_inside_the_train_step_matches_the_uncompiled_one(batches):
+    images, labels, ids, dataset = batches
+    trained = []
+    for jit in (True, False):
+        keras.utils.set_random_seed(3)
+        with tf.distribute.get_strategy().scope():  # the default strategy, as train.py runs it
+            model = _model("imcl", images, labels, ids, balance="none", omp_jit_compile=jit)
+        assert model.get_config()["omp_jit_compile"] is jit
+        inputs, batch_labels, batch_ids = images[16:24], labels[16:24], ids[16:24]
+        terms = model._loss_terms(inputs, batch_labels, batch_ids, training=False)
+        trained.append((model, _fit(model, inputs, batch_labels, batch_ids)["omp"], terms))
+        history = model.fit(dataset.take(3), epochs=1, verbose=0, shuffle=False)
+        assert np.isfinite(history.history["loss"][-1])
+    (compiled, omp_a, terms_a), (plain, omp_b, terms_b) = trained
+    np.testing.assert_array_equal(omp_a.valid, omp_b.valid)
+    np.testing.assert_array_equal(omp_a.indices, omp_b.indices)
+    # The untrained CNN's features are nearly collinear, so the feature-side NNLS is
+    # ill-conditioned and XLA's different float32 rounding moves its coefficients by ~1e-3
+    # relative; the residual (what the loss uses) is insensitive to that.
+    np.testing.assert_allclose(omp_a.coef_f, omp_b.coef_f, rtol=1e-2, atol=1e-4)
+    np.testing.assert_allclose(omp_a.coef_y, omp_b.coef_y, rtol=1e-2, atol=1e-4)
+    for name in ("loss", "loss_y", "loss_f"):
+        np.testing.assert_allclose(terms_a[name], terms_b[name], rtol=1e-5, err_msg=name)
+    for a, b in zip(compiled.trainable_weights, plain.trainable_weights):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-5, err_msg=a.path)
