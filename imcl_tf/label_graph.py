@@ -16,9 +16,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from imcl_tf.choices import GRAPH_KINDS
 from imcl_tf.data import DataError
-
-GRAPH_KINDS = ("identity", "cooccurrence")
 
 
 # ---- Builders ----------------------------------------------------------------------------------

@@ -17,9 +17,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-logger = logging.getLogger(__name__)
+from imcl_tf.choices import BALANCE_MODES
 
-BALANCE_MODES = ("loss_ratio", "none")
+logger = logging.getLogger(__name__)
 
 
 # ---- Partial binary cross-entropy (spec 3.1) ---------------------------------------------------

@@ -17,18 +17,13 @@ import numpy as np
 import tensorflow as tf
 
 from imcl_tf import losses
+from imcl_tf.choices import BACKBONES, BALANCE_MODES, METHODS, NEIGHBOUR_MODES, REFIT_MODES
 from imcl_tf.label_graph import LabelGraph
 from imcl_tf.memory import DictionaryBank
 from imcl_tf.omp import joint_nonnegative_omp, refit_on_support
 
-BACKBONES = ("small_cnn", "mobilenet_v2", "resnet50", "resnet101", "features")
-METHODS = ("imcl", "logistic")
-NEIGHBOUR_MODES = ("cached", "forward")
-# How forward mode gets the coefficients of the re-encoded neighbours (method spec 5.1).
-REFIT_MODES = ("reuse_support_refit", "reuse_all")
 # Named by the method spec but not implemented: refused with an explanation.
 _UNIMPLEMENTED_REFIT_MODES = ("official_pool_rerun",)
-BALANCE_MODES = ("loss_ratio", "none")
 
 # How each keras.applications backbone expects its 0..255 RGB input to be scaled.
 _PREPROCESSING = {"small_cnn": "unit", "mobilenet_v2": "symmetric", "resnet50": "caffe",

@@ -10,9 +10,8 @@ from typing import Any
 import keras
 import tensorflow as tf
 
+from imcl_tf.choices import STRATEGIES
 from imcl_tf.training.errors import bad_flag
-
-STRATEGIES = ("default", "mirrored", "multi_worker")
 
 
 # One strategy object per process: MultiWorkerMirroredStrategy configures the collective runtime

@@ -6,8 +6,8 @@ import keras
 import tensorflow as tf
 from absl import logging
 
-OPTIMIZERS = ("adam", "adamw", "rmsprop", "sgd")
-LR_SCHEDULES = ("constant", "plateau")
+from imcl_tf.choices import LR_SCHEDULES, OPTIMIZERS
+
 PLATEAU_FACTOR = 0.8  # the official code's LearningRate helper always multiplies by 0.8
 
 
