@@ -174,10 +174,10 @@ def test_flagfile_errors_name_the_file_and_the_include_chain(tmp_path):
         train.parse_flags(["train", f"--flagfile={loop}"], fresh_flags())
 
 
-# ---- configs/*.flags -----------------------------------------------------------------------------
+# ---- imcl_tf/configs/*.flags ---------------------------------------------------------------------
 
 
-CONFIG_FILES = sorted(glob.glob(os.path.join(REPO_ROOT, "configs", "*.flags")))
+CONFIG_FILES = sorted(glob.glob(os.path.join(REPO_ROOT, "imcl_tf", "configs", "*.flags")))
 DATASET_CONFIGS = ["demo.flags", "cub.flags", "coco.flags", "openimages.flags", "voc.flags"]
 
 
@@ -220,7 +220,7 @@ def test_config_file_sets_only_known_flags_with_valid_values(path):
 
 @pytest.mark.parametrize("name", DATASET_CONFIGS)
 def test_dataset_configs_explain_how_to_build_their_dataset(name):
-    with open(os.path.join(REPO_ROOT, "configs", name), encoding="utf-8") as f:
+    with open(os.path.join(REPO_ROOT, "imcl_tf", "configs", name), encoding="utf-8") as f:
         header = "".join(line for line in f if line.startswith("#"))
     assert "python -m tfrecords_tools." in header
     assert "tfrecords_tools.partial" in header or "partial labels" in header.lower()
@@ -230,7 +230,7 @@ def test_paper_configs_carry_the_papers_recipe():
     """Spot checks against imcl-method.md 6.5 (the values with a source in the paper's code)."""
     def parsed(name):
         flag_values = fresh_flags()
-        train.parse_flags(["train", f"--flagfile={os.path.join(REPO_ROOT, 'configs', name)}"],
+        train.parse_flags(["train", f"--flagfile={os.path.join(REPO_ROOT, 'imcl_tf', 'configs', name)}"],
                           flag_values)
         return train.config_from_flags(flag_values)
 
