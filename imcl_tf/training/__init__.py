@@ -1,4 +1,4 @@
-"""Training of imcl_tf, behind `python -m imcl_tf.train`; one module per job:
+"""Training of imcl_tf, behind `imcl-train` (`python -m imcl_tf.train`); one module per job:
 
   config         TrainConfig: every option (each also a flag), validated
   trainer        run(config) and the trainer: setup, the fit loop, the end of a run
@@ -17,8 +17,23 @@
     summary = run(TrainConfig(data_dir="data/demo", model_dir="runs/demo", train_steps=200))
 """
 
-from imcl_tf.training.config import TrainConfig
-from imcl_tf.training.report import format_summary
-from imcl_tf.training.trainer import run
+import importlib
+
+# Imported on first use (PEP 562), so that `from imcl_tf.training.config import TrainConfig`
+# (the flags of imcl-train) does not import the trainer and TensorFlow.
+_EXPORTS = {"TrainConfig": "imcl_tf.training.config", "format_summary": "imcl_tf.training.report",
+            "run": "imcl_tf.training.trainer"}
 
 __all__ = ["TrainConfig", "format_summary", "run"]
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_EXPORTS))

@@ -1,19 +1,21 @@
-"""TrainConfig: every training option (each also a flag of `python -m imcl_tf.train`), validated."""
+"""TrainConfig: every training option (each also a flag of `imcl-train`), validated.
+
+Defining the options imports no TensorFlow (the choices come from `imcl_tf.choices`), so
+`imcl-train --help` is fast; `validate` imports what reads datasets and runs.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import os
+from typing import TYPE_CHECKING
 
-import numpy as np
-
-from imcl_tf import data as data_lib
-from imcl_tf import label_graph as graph_lib
-from imcl_tf import models
-from imcl_tf.training.distribution import STRATEGIES, cluster_size
+from imcl_tf import choices as option_choices
 from imcl_tf.training.errors import bad_flag
-from imcl_tf.training.optimizer import LR_SCHEDULES, OPTIMIZERS
 from imcl_tf.training.run_files import CHECKPOINT_DIR, LOGISTIC_STAGE_DIR, RUN_CONFIG, read_json
+
+if TYPE_CHECKING:
+    from imcl_tf import data as data_lib
 
 
 def _field(default, help_text, choices=None):
@@ -29,9 +31,10 @@ class TrainConfig:
     data_dir: str = _field("", "Dataset folder written by tfrecords_tools (has dataset.json).")
     model_dir: str = _field("", "Run folder: checkpoints, TensorBoard logs, best/latest models.")
     method: str = _field("imcl", "imcl (smoothness loss) or logistic (masked BCE baseline).",
-                         models.METHODS)
+                         option_choices.METHODS)
     backbone: str = _field("small_cnn", "Feature extractor (features: a linear adapter over the "
-                                        "dataset's precomputed embeddings).", models.BACKBONES)
+                                        "dataset's precomputed embeddings).",
+                          option_choices.BACKBONES)
     backbone_weights: str = _field("none", "none, imagenet, or a Keras weights file.")
     image_size: int = _field(0, "Square input size; 0 takes dataset.json's image_size hint.")
     batch_size: int = _field(32, "Global batch size (split across replicas).")
@@ -44,10 +47,10 @@ class TrainConfig:
     log_every: int = _field(10, "Write training scalars to TensorBoard every this many steps.")
     learning_rate: float = _field(1e-3, "Base learning rate.")
     optimizer: str = _field("adam", "Optimizer; rmsprop is the paper's RMSProp(rho 0.9, momentum "
-                                    "0.9, epsilon 1.0).", OPTIMIZERS)
+                                    "0.9, epsilon 1.0).", option_choices.OPTIMIZERS)
     lr_schedule: str = _field("constant", "constant, or plateau: the paper's EMA plateau rule "
                                           "(x0.8 when the EMA of validation mAP drops).",
-                              LR_SCHEDULES)
+                              option_choices.LR_SCHEDULES)
     plateau_alpha: float = _field(0.3, "EMA weight of the plateau rule.")
     plateau_patience: int = _field(2, "Evaluations to wait after a decay.")
     plateau_min_lr: float = _field(0.0, "The plateau rule decays only while the learning rate is "
@@ -60,7 +63,7 @@ class TrainConfig:
     lambda_f: float = _field(0.5, "Feature-side smoothness multiplier (scaled by --balance).")
     balance: str = _field("loss_ratio", "loss_ratio: lambda = multiplier * L_c / L_term on "
                                         "calibration batches; none: lambda = multiplier.",
-                          models.BALANCE_MODES)
+                          option_choices.BALANCE_MODES)
     calibration_batches: int = _field(10, "Batches averaged by --balance=loss_ratio.")
     feature_loss: bool = _field(True, "Add lambda_f * L_f to the loss (it always guides the OMP).")
     atom_gradient: bool = _field(True, "The smoothness residuals also train the neighbours' label "
@@ -72,13 +75,13 @@ class TrainConfig:
     refresh_every: int = _field(100, "Re-encode the bank's features every this many steps.")
     neighbour_mode: str = _field("cached", "cached: neighbour features from the bank; forward: "
                                            "neighbours re-run through the backbone.",
-                                 models.NEIGHBOUR_MODES)
+                                 option_choices.NEIGHBOUR_MODES)
     refit_mode: str = _field("reuse_support_refit", "Forward mode's coefficients: "
                                                     "reuse_support_refit re-solves them by NNLS "
                                                     "on the OMP's support with the fresh "
                                                     "neighbour features; reuse_all keeps the "
                                                     "OMP's (from the cached bank).",
-                             models.REFIT_MODES)
+                             option_choices.REFIT_MODES)
     label_graph: str = _field("identity", "identity, cooccurrence (known training positives), or "
                                           "a .npy file of shape [L, L].")
     label_graph_top_k: int = _field(0, "Co-occurrence graph: keep the top k related labels per "
@@ -96,7 +99,7 @@ class TrainConfig:
                                    "validation, the last model is kept as best).")
     strategy: str = _field("default", "tf.distribute strategy: default (one device), mirrored "
                                       "(all local GPUs, else all logical CPUs), multi_worker "
-                                      "(TF_CONFIG).", STRATEGIES)
+                                      "(TF_CONFIG).", option_choices.STRATEGIES)
     mixed_precision: bool = _field(False, "mixed_float16 compute; OMP and losses stay float32.")
     seed: int = _field(0, "Seed of initialisation, data order and bank choice.")
     export_dir: str = _field("", "Export base for TensorFlow Serving (<export_dir>/<model_name>/"
@@ -151,7 +154,8 @@ class TrainConfig:
             bad_flag("plateau_alpha", f"must be in (0, 1], received {self.plateau_alpha}.")
         if self.verbose not in (0, 1, 2):
             bad_flag("verbose", f"must be 0, 1 or 2, received {self.verbose}.")
-        if self.label_graph not in graph_lib.GRAPH_KINDS and not self.label_graph.endswith(".npy"):
+        if (self.label_graph not in option_choices.GRAPH_KINDS
+                and not self.label_graph.endswith(".npy")):
             bad_flag("label_graph", f"must be identity, cooccurrence or a .npy file, received "
                                     f"{self.label_graph!r}.")
         if self.backbone_weights == "imagenet" and self.backbone in ("small_cnn", "features"):
@@ -168,6 +172,11 @@ class TrainConfig:
 
         Raises ValueError naming the first bad flag, the value received and what to do.
         """
+        import numpy as np
+
+        from imcl_tf import data as data_lib
+        from imcl_tf.training.distribution import cluster_size
+
         self.validate_options()
         if not os.path.exists(os.path.join(self.data_dir, data_lib.DATASET_JSON)):
             bad_flag("data_dir", f"{self.data_dir!r} has no {data_lib.DATASET_JSON}; build the "
@@ -215,6 +224,8 @@ class TrainConfig:
         self._validate_resume()
 
     def _validate_warm_start(self, info: data_lib.DatasetInfo) -> None:
+        from imcl_tf import models
+
         if not os.path.exists(os.path.join(self.warm_start, models.MODEL_CONFIG_JSON)):
             bad_flag("warm_start", f"{self.warm_start!r} is not the model_dir of a finished run "
                                    f"(no {models.MODEL_CONFIG_JSON}).")
