@@ -434,49 +434,7 @@ def _percent(value, signed: bool = False) -> str:
     return f"{100 * value:+.2f}" if signed else f"{100 * value:.2f}"
 
 
-# ---- Command line ------------------------------------------------------------------------------
+if __name__ == "__main__":  # the command's flags and main are in imcl_tf.evaluate_cli
+    from imcl_tf.evaluate_cli import run_cli
 
-
-def _define_flags() -> None:
-    # Defined only when run as a program, so importing this module next to imcl_tf.train (which
-    # also has --model_dir and --data_dir) never registers a flag twice.
-    from absl import flags
-
-    flags.DEFINE_string("model_dir", None, "Training run folder to evaluate.", required=True)
-    flags.DEFINE_string("data_dir", None, "Dataset folder (dataset.json + TFRecord shards).",
-                        required=True)
-    flags.DEFINE_string("split", "test", "Split of the dataset to evaluate on.")
-    flags.DEFINE_string("output_dir", None, "Where the results go; default "
-                        "<model_dir>/eval/<split>.")
-    flags.DEFINE_string("baseline_model_dir", None, "A baseline run (e.g. --method=logistic) "
-                        "evaluated the same way: adds deltas and frequency groups.")
-    flags.DEFINE_enum("checkpoint", "best", ["best", "latest"], "Which saved model of the run(s).")
-    flags.DEFINE_integer("num_groups", 10, "Frequency groups (5 in the paper, 10 in its "
-                         "supplement).")
-    flags.DEFINE_integer("batch_size", 64, "Images per forward pass.")
-    flags.DEFINE_string("train_split", "train", "Split whose known positives order the classes "
-                        "into frequency groups.")
-
-
-def main(argv: Sequence[str]) -> None:
-    from absl import app, flags
-
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {list(argv[1:])!r}; every option is a --flag.")
-    values = flags.FLAGS
-    try:
-        result = evaluate_model_dir(
-            values.model_dir, values.data_dir, split=values.split, output_dir=values.output_dir,
-            baseline_model_dir=values.baseline_model_dir, checkpoint=values.checkpoint,
-            num_groups=values.num_groups, batch_size=values.batch_size,
-            train_split=values.train_split)
-    except (EvaluationError, data.DataError, FileNotFoundError) as err:
-        raise SystemExit(f"imcl_tf.evaluate: error: {err}") from None
-    print(format_summary(result))
-
-
-if __name__ == "__main__":
-    from absl import app as _app
-
-    _define_flags()
-    _app.run(main)
+    run_cli()
