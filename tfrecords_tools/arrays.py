@@ -24,7 +24,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import tensorflow as tf
-from absl import app, flags
+from absl import flags
 
 from imcl_tf import data
 from tfrecords_tools import common
@@ -239,5 +239,6 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    from tfrecords_tools import commands
+
+    commands.run_tool("arrays", define_flags, main)

@@ -16,7 +16,7 @@ import os
 from typing import Any, Sequence
 
 import tensorflow as tf
-from absl import app, flags
+from absl import flags
 
 from imcl_tf import data
 from tfrecords_tools import common
@@ -133,5 +133,6 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    from tfrecords_tools import commands
+
+    commands.run_tool("coco", define_flags, main)

@@ -21,7 +21,7 @@ import sys
 from typing import Sequence
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from imcl_tf import data
 from tfrecords_tools import common
@@ -163,5 +163,6 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    from tfrecords_tools import commands
+
+    commands.run_tool("extract_features", define_flags, main)

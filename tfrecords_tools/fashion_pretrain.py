@@ -25,7 +25,7 @@ import time
 from typing import Sequence
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from imcl_tf import data
 from tfrecords_tools import common, fashion_scenes
@@ -185,5 +185,6 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    from tfrecords_tools import commands
+
+    commands.run_tool("fashion_pretrain", define_flags, main)

@@ -14,7 +14,7 @@ import json
 import sys
 from typing import Any, Sequence, TextIO
 
-from absl import app, flags
+from absl import flags
 
 from imcl_tf import data
 
@@ -157,5 +157,6 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    from tfrecords_tools import commands
+
+    commands.run_tool("inspect", define_flags, main)

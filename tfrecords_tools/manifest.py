@@ -31,7 +31,7 @@ import re
 from typing import Any, Iterator, Sequence
 
 import tensorflow as tf
-from absl import app, flags
+from absl import flags
 
 from imcl_tf import data
 from tfrecords_tools import common
@@ -226,5 +226,6 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    from tfrecords_tools import commands
+
+    commands.run_tool("manifest", define_flags, main)

@@ -27,7 +27,7 @@ import sys
 from typing import Any, Sequence
 
 import tensorflow as tf
-from absl import app, flags
+from absl import flags
 
 from imcl_tf import data
 from tfrecords_tools import common
@@ -247,5 +247,6 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    from tfrecords_tools import commands
+
+    commands.run_tool("openimages", define_flags, main)

@@ -25,7 +25,7 @@ from typing import Sequence, TextIO
 
 import numpy as np
 import tensorflow as tf
-from absl import app, flags
+from absl import flags
 
 from imcl_tf import data
 from tfrecords_tools import common
@@ -341,5 +341,6 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    from tfrecords_tools import commands
+
+    commands.run_tool("partial", define_flags, main)
