@@ -1,4 +1,4 @@
-"""The training run behind `python -m imcl_tf.train`: `run(config)` and the trainer it drives.
+"""The training run behind `imcl-train`: `run(config)` and the trainer it drives.
 
 `run(TrainConfig(...))` does everything the CLI does and returns a summary dict, so tests, the
 demo driver and the benchmarks drive training without going through absl flags. The run folder
@@ -28,7 +28,7 @@ from imcl_tf.training.distribution import (is_chief, is_chief_process, local_byt
                                            make_strategy, prepare_multi_worker_fit, task_id)
 from imcl_tf.training.errors import bad_flag
 from imcl_tf.training.optimizer import PlateauState, make_optimizer
-from imcl_tf.training.progress import Clock, keras_verbose
+from imcl_tf.training.progress import Clock, LiveBar, LiveBarCallback, shows_live_bar
 from imcl_tf.training.report import format_number
 from imcl_tf.training.run_files import (CHECKPOINT_DIR, LOG_DIR, LOGISTIC_STAGE_DIR, RUN_CONFIG,
                                         SUMMARY_JSON, read_json, write_json)
@@ -256,18 +256,27 @@ class _Trainer:
         config, model = self.config, self.model
         step = int(model.optimizer.iterations.numpy())
         self.clock = Clock(step, self.train_steps)
+        # One display per run: an interval line after each validation and, with --verbose=1 on a
+        # terminal, a live bar between them (Keras' own bar is off: verbose=0 below).
+        bar = LiveBar(self.train_steps) if self.is_chief and shows_live_bar(config.verbose) \
+            else None
+        callbacks = self.callbacks + ([LiveBarCallback(bar)] if bar else [])
         while step < self.train_steps:
             interval_end = min((step // self.eval_every + 1) * self.eval_every, self.train_steps)
             # A seed per interval start: a resumed run continues with the order it would have had.
             dataset = self._train_dataset(seed=config.seed + step)
             self.clock.start_interval()
+            if bar:
+                bar.start_interval(step)
             model.fit(dataset, epochs=1, steps_per_epoch=interval_end - step,
-                      callbacks=self.callbacks, verbose=keras_verbose(config.verbose),
-                      shuffle=False)
+                      callbacks=callbacks, verbose=0, shuffle=False)
             step = int(model.optimizer.iterations.numpy())
             self.clock.end_training(step)
             self._end_of_interval(step)
             self.clock.end_interval()
+            if bar:
+                bar.clear()
+                bar.val_map = None if self.last_val is None else float(self.last_val["mAP"])
             if self.is_chief:
                 if config.verbose:
                     print(self._progress_line(step), flush=True)
