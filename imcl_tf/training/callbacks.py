@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING
 import keras
 import numpy as np
 import tensorflow as tf
-from absl import logging
 
 from imcl_tf import metrics, models
 from imcl_tf.training.run_files import FREQUENCY_CHART, LOG_DIR
@@ -118,9 +117,7 @@ class TrainingMonitor(keras.callbacks.Callback):
             chart = self._frequency_chart(per_class)
             if chart is not None:
                 tf.summary.image("metrics/frequency_group_gain", chart[None], max_outputs=1)
-        self.val_writer.flush()
-        logging.info("step %d: validation mAP %.4f (all classes %.4f)", step, val["mAP"],
-                     val["mAP_all_classes"])
+        self.val_writer.flush()  # (the progress line reports the validation mAP)
 
     def _frequency_chart(self, per_class_ap):
         """The supplement's Fig. 1 (left) against the warm-start baseline, as an image tensor."""
