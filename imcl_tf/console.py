@@ -81,6 +81,42 @@ def import_tensorflow_quietly() -> Any:
     return tf
 
 
+class _PlainFormatter(std_logging.Formatter):
+    """Log lines for a person at a console: INFO is the bare message, others name their level."""
+
+    def format(self, record: std_logging.LogRecord) -> str:
+        message = record.getMessage()
+        if record.exc_info:
+            message += "\n" + self.formatException(record.exc_info)
+        if record.levelno == std_logging.INFO:
+            return message
+        return f"{record.levelname}: {message}"
+
+
+# The folders of this project's packages: INFO lines logged from elsewhere (TensorFlow logs some
+# through absl, e.g. "Sharding callback duration" at every checkpoint) are dropped.
+_PROJECT_DIRS = tuple(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                   name) + os.sep
+                      for name in ("imcl_tf", "tfrecords_tools", "serving", "bench"))
+
+
+class _OwnInfoOnly(std_logging.Filter):
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        return record.levelno >= std_logging.WARNING or os.path.abspath(
+            record.pathname).startswith(_PROJECT_DIRS)
+
+
+def plain_log_lines() -> None:
+    """absl's log lines without its `I1202 13:05:59.123 4242 file.py:12]` prefix, and at INFO
+    only the package's own."""
+    from absl import logging as absl_logging
+
+    handler = absl_logging.get_absl_handler()
+    handler.setFormatter(_PlainFormatter())
+    if not any(isinstance(f, _OwnInfoOnly) for f in handler.filters):
+        handler.addFilter(_OwnInfoOnly())
+
+
 def define_debug_flag(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     if "debug" not in flag_values:
         flags.DEFINE_boolean("debug", False, "Show the Python traceback of an error (for a bug "
@@ -183,12 +219,16 @@ def run_app(main: Callable[[list[str]], Any], *, program: str,
 
     def guarded_main(argv: list[str]) -> Any:
         try:
+            plain_log_lines()
             if needs_tensorflow:
                 import_tensorflow_quietly()
             return main(argv)
         except app.UsageError as error:
-            if flags.FLAGS.debug:
-                raise
+            if flags.FLAGS.debug:  # the traceback, not absl's help page
+                import traceback
+
+                traceback.print_exc()
+                raise SystemExit(USAGE_EXIT) from None
             fail(program, error_message(error), USAGE_EXIT,
                  hint=f"({program} --help lists the options)")
         except KeyboardInterrupt:
