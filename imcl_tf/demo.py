@@ -7,8 +7,8 @@ labelled test split, exports the IMCL model for TensorFlow Serving, and prints a
 table with the paths of everything it wrote. Steps already done are reused.
 
 The dataset tools and the training application are run as the commands a user would type
-(`python -m tfrecords_tools.fashion_scenes`, `... partial`, `python -m imcl_tf.train`), so the
-library never imports the tools it drives.
+(`imcl-data fashion_scenes`, `imcl-data partial`, `imcl-train`, each as `python -m ...` of the
+module behind it), so the library never imports the tools it drives.
 """
 
 from __future__ import annotations
@@ -54,13 +54,15 @@ def main(argv):
         if not fashion_mnist_files.has_files(fashion_dir):
             raise ValueError(fashion_mnist_files.missing_files_message(fashion_dir))
         print(f"[1/5] building the demo dataset in {full_dir}")
-        _run_module("tfrecords_tools.fashion_scenes", [
+        _run_module("tfrecords_tools.commands", [
+            "fashion_scenes",
             f"--output_dir={full_dir}", f"--fashion_mnist_dir={fashion_dir}",
             f"--seed={FLAGS.seed}", f"--num_train={FLAGS.num_train}",
             f"--num_val={FLAGS.num_val}", f"--num_test={FLAGS.num_test}"])
     if not os.path.exists(os.path.join(partial_dir, DATASET_JSON)):
         print(f"[2/5] keeping {FLAGS.known_ratio:.0%} of the training labels in {partial_dir}")
-        _run_module("tfrecords_tools.partial", [
+        _run_module("tfrecords_tools.commands", [
+            "partial",
             f"--input_dir={full_dir}", f"--output_dir={partial_dir}", "--protocol=uniform",
             f"--known_ratio={FLAGS.known_ratio!r}", f"--seed={FLAGS.seed}"])
     logistic_dir = os.path.join(out, "runs", "logistic")
@@ -99,6 +101,10 @@ def main(argv):
     print(f"total time:   {time.time() - started:.0f} s")
 
 
+# The console command behind each module the demo runs (what it prints, so a user can rerun a step).
+COMMANDS = {"tfrecords_tools.commands": "imcl-data", "imcl_tf.train": "imcl-train"}
+
+
 def _train(arguments: list[str]) -> None:
     """Runs the training CLI exactly as a user would; a finished run is resumed, not redone."""
     _run_module("imcl_tf.train", arguments)
@@ -107,7 +113,7 @@ def _train(arguments: list[str]) -> None:
 def _run_module(module: str, arguments: list[str]) -> None:
     """Runs `python -m module arguments...`, printing the command; stops the demo if it fails."""
     command = [sys.executable, "-m", module] + arguments
-    print("  $ " + " ".join(command[1:]), flush=True)
+    print("  $ " + " ".join([COMMANDS.get(module, "python -m " + module)] + arguments), flush=True)
     done = subprocess.run(command)
     if done.returncode:
         raise SystemExit(f"imcl-demo: error: step {module} failed with exit status "
@@ -132,7 +138,7 @@ def comparison_table(baseline: dict, control: dict, result: dict) -> str:
 
 def run_cli() -> None:
     """The `imcl-demo` command."""
-    console.run_app(main, program="imcl-demo", flag_modules=[__name__], needs_tensorflow=False)
+    console.run_app(main, program="imcl-demo", flag_modules=[__name__])
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@
         [--baseline_model_dir=runs/logistic] [--output_dir=...] [--checkpoint=best]
 
 The evaluation itself is `imcl_tf.evaluate.evaluate_model_dir` (its docstring lists the files
-written). This module imports no TensorFlow until the flags are parsed, so `--help` is fast.
+written). This module imports no TensorFlow until the flags and folders are checked, so `--help` is fast.
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ def main(argv: Sequence[str]) -> None:
     if not os.path.isdir(FLAGS.data_dir):
         raise ValueError(f"--data_dir={FLAGS.data_dir!r} is not a folder; give a dataset folder "
                          "written by imcl-data.")
+    console.import_tensorflow_quietly()
     from imcl_tf import evaluate
 
     result = evaluate.evaluate_model_dir(
@@ -65,7 +66,8 @@ def main(argv: Sequence[str]) -> None:
 def run_cli() -> None:
     """The `imcl-evaluate` command."""
     define_flags()
-    console.run_app(main, program="imcl-evaluate", flag_modules=[__name__])
+    console.run_app(main, program="imcl-evaluate", flag_modules=[__name__],
+                    needs_tensorflow=False)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
     imcl-export --model_dir=runs/demo --export_base=exports --model_name=demo
 
 writes `<export_base>/<model_name>/<version>/`, a SavedModel for TensorFlow Serving
-(`imcl_tf.export` describes its signatures). No TensorFlow import until the flags are parsed.
+(`imcl_tf.export` describes its signatures). No TensorFlow import until the flags and the run folder are checked.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ def main(argv: Sequence[str]) -> None:
     if not os.path.isdir(FLAGS.model_dir):
         raise ValueError(f"--model_dir={FLAGS.model_dir!r} is not a folder; give the model_dir "
                          "of a run written by imcl-train.")
+    console.import_tensorflow_quietly()
     from imcl_tf import export
 
     version_dir = export.export_from_model_dir(
@@ -57,7 +58,8 @@ def main(argv: Sequence[str]) -> None:
 def run_cli() -> None:
     """The `imcl-export` command."""
     define_flags()
-    console.run_app(main, program="imcl-export", flag_modules=[__name__])
+    console.run_app(main, program="imcl-export", flag_modules=[__name__],
+                    needs_tensorflow=False)
 
 
 if __name__ == "__main__":

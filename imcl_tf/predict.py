@@ -58,11 +58,11 @@ def load_predictor(path: str, checkpoint: str = "best") -> Predictor:
     Raises:
       ValueError: `path` is none of these, or its model takes features rather than images.
     """
-    from imcl_tf import export, models
-
     if not os.path.exists(path):
         raise ValueError(f"--model={path!r} does not exist; give a training run folder "
                          "(imcl-train --model_dir) or a SavedModel export (imcl-export).")
+    from imcl_tf import export, models
+
     if os.path.isfile(path) and path.endswith(".keras"):
         return _keras_predictor(os.path.dirname(os.path.abspath(path)), path)
     if os.path.isfile(os.path.join(path, models.MODEL_CONFIG_JSON)):
@@ -267,6 +267,9 @@ def main(argv: Sequence[str]) -> None:
     if FLAGS.output and not FLAGS.output.endswith((".csv", ".json")):
         raise ValueError(f"--output={FLAGS.output!r}: the name must end in .csv or .json.")
     files = list_images(paths, FLAGS.recursive)
+    if not os.path.exists(FLAGS.model):
+        load_predictor(FLAGS.model)  # the "does not exist" message, before TensorFlow loads
+    console.import_tensorflow_quietly()
     predictor = load_predictor(FLAGS.model, FLAGS.checkpoint)
     skipped: list[str] = []
 
@@ -291,7 +294,8 @@ def main(argv: Sequence[str]) -> None:
 def run_cli() -> None:
     """The `imcl-predict` command."""
     define_flags()
-    console.run_app(main, program="imcl-predict", flag_modules=[__name__])
+    console.run_app(main, program="imcl-predict", flag_modules=[__name__],
+                    needs_tensorflow=False)
 
 
 if __name__ == "__main__":
