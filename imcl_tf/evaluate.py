@@ -1,6 +1,6 @@
 """Evaluation application: scores a trained run on one split of a dataset and writes the results.
 
-    python -m imcl_tf.evaluate --model_dir=runs/imcl --data_dir=data/demo --split=test
+    imcl-evaluate --model_dir=runs/imcl --data_dir=data/demo --split=test
         [--baseline_model_dir=runs/logistic] [--output_dir=...] [--checkpoint=best]
         [--num_groups=10] [--batch_size=64]
 
@@ -270,7 +270,7 @@ def _check_class_names(model_names: Sequence[str] | None, dataset_names: Sequenc
                        model_dir: str, data_dir: str) -> None:
     if model_names is None:
         raise EvaluationError(f"{model_dir}/{models.MODEL_CONFIG_JSON} has no class_names; it was "
-                              "not written by python -m imcl_tf.train.")
+                              "not written by imcl-train.")
     model_names, dataset_names = list(model_names), list(dataset_names)
     if model_names == dataset_names:
         return

@@ -4,7 +4,7 @@
 as an asset and warm-up requests, building it in a hidden temporary folder beside the final one and
 renaming it into place, so a server polling the base path never sees half a model.
 
-    python -m imcl_tf.export --model_dir=runs/demo --export_base=exports --model_name=demo
+    imcl-export --model_dir=runs/demo --export_base=exports --model_name=demo
 
 Signatures (every input and output has an explicit name):
   serving_default   image models: `image_bytes` tf.string [B] (JPEG/PNG), decoded and resized in
@@ -184,7 +184,7 @@ def export_from_model_dir(model_dir: str, export_base: str, model_name: str, *,
     """Loads a training run with `imcl_tf.models.load_model_dir` and exports it (the CLI's body)."""
     if not os.path.isdir(model_dir):
         raise ExportError(f"--model_dir={model_dir!r} is not a folder; give the model_dir of a "
-                          "training run (python -m imcl_tf.train --model_dir=...).")
+                          "training run (imcl-train --model_dir=...).")
     if checkpoint not in ("best", "latest"):
         raise ExportError(f"--checkpoint must be 'best' or 'latest'. Received: {checkpoint!r}.")
     # Imported here so that this module (and the server, which reads its names) does not need the

@@ -552,7 +552,7 @@ def read_model_info(model_dir: str) -> dict[str, Any]:
     path = os.path.join(model_dir, MODEL_CONFIG_JSON)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} not found: {model_dir!r} is not a model_dir written by "
-                                "python -m imcl_tf.train.")
+                                "imcl-train.")
     with open(path, encoding="utf-8") as f:
         return json.load(f)
 

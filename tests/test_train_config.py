@@ -222,7 +222,7 @@ def test_config_file_sets_only_known_flags_with_valid_values(path):
 def test_dataset_configs_explain_how_to_build_their_dataset(name):
     with open(os.path.join(REPO_ROOT, "imcl_tf", "configs", name), encoding="utf-8") as f:
         header = "".join(line for line in f if line.startswith("#"))
-    assert "python -m tfrecords_tools." in header
+    assert "imcl-data " in header
     assert "tfrecords_tools.partial" in header or "partial labels" in header.lower()
 
 

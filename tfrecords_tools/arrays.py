@@ -1,6 +1,6 @@
 r"""Precomputed features + label matrix (.npy or CSV) -> a features-mode imcl_tf dataset.
 
-    python -m tfrecords_tools.arrays --features=X.npy --labels=Y.npy --label_format=partial \
+    imcl-data arrays --features=X.npy --labels=Y.npy --label_format=partial \
         --class_names=classes.txt --ids=ids.txt --output_dir=data/feats --split=train
 
 --features is an [N, D] matrix, --labels an [N, L] matrix, row i of both describing example i.

@@ -1,6 +1,6 @@
 r"""MS-COCO instances annotations -> imcl_tf TFRecords (one image-level multi-label row per image).
 
-    python -m tfrecords_tools.coco --annotations=annotations/instances_train2017.json \
+    imcl-data coco --annotations=annotations/instances_train2017.json \
         --images_dir=train2017 --output_dir=data/coco --split=train --num_shards=64
 
 Classes are the json's categories in category-id order (the 80 object categories of COCO 2017),

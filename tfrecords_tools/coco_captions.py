@@ -1,8 +1,8 @@
 r"""MS-COCO captions -> a caption-WORD label dataset (the paper's MS-COCO 1k setting).
 
-    python -m tfrecords_tools.coco_captions --captions=annotations/captions_train2014.json \
+    imcl-data coco_captions --captions=annotations/captions_train2014.json \
         --images_dir=train2014 --output_dir=data/coco_words --split=train --num_shards=64
-    python -m tfrecords_tools.coco_captions --captions=annotations/captions_val2014.json \
+    imcl-data coco_captions --captions=annotations/captions_val2014.json \
         --images_dir=val2014 --output_dir=data/coco_words --split=test --num_shards=32 \
         --vocabulary=data/coco_words --unmentioned=negative
 

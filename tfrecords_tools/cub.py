@@ -1,6 +1,6 @@
 r"""CUB-200-2011 attribute labels -> imcl_tf TFRecords (312 binary attributes, IMCL spec 6.1).
 
-    python -m tfrecords_tools.cub --cub_root=CUB_200_2011 --split=train,test \
+    imcl-data cub --cub_root=CUB_200_2011 --split=train,test \
         --output_dir=data/cub --num_shards=8
 
 Reads images.txt, train_test_split.txt, image_class_labels.txt, classes.txt, the attribute names

@@ -22,7 +22,7 @@ Label spaces (--label_space):
                        co-occur through outfits and colour schemes (the paper's regime: many
                        classes, few known labels for most of them).
 
-    python -m tfrecords_tools.fashion_scenes --output_dir /tmp/fashion_scenes
+    imcl-data fashion_scenes --output_dir /tmp/fashion_scenes
 """
 
 from __future__ import annotations

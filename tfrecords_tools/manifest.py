@@ -1,6 +1,6 @@
 r"""A custom image list with partial labels (CSV or JSONL manifest) -> imcl_tf TFRecords.
 
-    python -m tfrecords_tools.manifest --manifest=train.csv --images_dir=photos \
+    imcl-data manifest --manifest=train.csv --images_dir=photos \
         --classes=classes.txt --output_dir=data/mine --split=train
 
 --classes is a text file with one class name per line (blank lines ignored); its order is the

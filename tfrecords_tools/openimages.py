@@ -1,6 +1,6 @@
 r"""Open Images human-verified image labels -> imcl_tf TFRecords (partial labels, IMCL spec 6.3).
 
-    python -m tfrecords_tools.openimages --image_labels=train/annotations-human.csv \
+    imcl-data openimages --image_labels=train/annotations-human.csv \
         --classes=class-descriptions.csv --trainable_classes=classes-trainable.txt \
         --images_dir=train_images --output_dir=data/openimages --split=train --num_shards=256
 

@@ -1,6 +1,6 @@
 r"""PASCAL VOC 2007/2012 classification labels -> imcl_tf TFRecords.
 
-    python -m tfrecords_tools.voc --voc_root=VOCdevkit --year=2007 --image_set=trainval \
+    imcl-data voc --voc_root=VOCdevkit --year=2007 --image_set=trainval \
         --output_dir=data/voc2007 --split=train
 
 --voc_root is the VOCdevkit folder (holding VOC<year>/) or the VOC<year> folder itself. The

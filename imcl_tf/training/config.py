@@ -27,7 +27,7 @@ def _field(default, help_text, choices=None):
 
 @dataclasses.dataclass
 class TrainConfig:
-    """Every training option; each is also a flag of `python -m imcl_tf.train`."""
+    """Every training option; each is also a flag of `imcl-train`."""
     data_dir: str = _field("", "Dataset folder written by tfrecords_tools (has dataset.json).")
     model_dir: str = _field("", "Run folder: checkpoints, TensorBoard logs, best/latest models.")
     method: str = _field("imcl", "imcl (smoothness loss) or logistic (masked BCE baseline).",
@@ -106,8 +106,8 @@ class TrainConfig:
                                  "<version>); empty: no export.")
     export_model_name: str = _field("imcl", "Model name inside --export_dir.")
     verify_data: bool = _field(True, "Check dataset.json against its shards before training.")
-    verbose: int = _field(1, "Keras progress: 0 silent, 1 progress bar with ETA (one line per "
-                             "interval when stdout is not a terminal), 2 one line per interval.")
+    verbose: int = _field(1, "Progress: 0 only log lines, 1 one line per evaluation interval "
+                             "and a live bar on a terminal, 2 one line per interval.")
 
     def validate_options(self) -> None:
         """Checks the options on their own (no file is read); raises ValueError naming the flag."""
@@ -180,7 +180,7 @@ class TrainConfig:
         self.validate_options()
         if not os.path.exists(os.path.join(self.data_dir, data_lib.DATASET_JSON)):
             bad_flag("data_dir", f"{self.data_dir!r} has no {data_lib.DATASET_JSON}; build the "
-                                 "dataset with python -m tfrecords_tools.<converter> first.")
+                                 "dataset with imcl-data <tool> first.")
         info = data_lib.load_dataset_info(self.data_dir)
         if "train" not in info.splits:
             bad_flag("data_dir", "the dataset has no 'train' split (it has "
