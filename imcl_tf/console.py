@@ -26,6 +26,7 @@ from typing import Any, Callable, Sequence
 from absl import app, flags
 
 USAGE_EXIT = 2
+HELP_FLAGS = ("--help", "-help", "-h", "-?", "--helpshort", "--helpfull", "--helpxml")
 ERROR_EXIT = 1
 
 # Python loggers of TensorFlow and its libraries whose INFO lines are not ours.
@@ -131,6 +132,11 @@ def adopt_flags_of(module_names: Sequence[str],
     generated `bin/imcl-...` file, so the flags of the module that defines them are adopted.
     """
     program = sys.argv[0]
+    main_module = sys.modules.get("__main__")
+    if module_names and main_module is not None and not main_module.__doc__:
+        # absl's --help starts with the main module's docstring: the command's own
+        owner = sys.modules.get(module_names[0])
+        main_module.__doc__ = getattr(owner, "__doc__", None)
     for name in list(module_names) + [__name__]:
         for flag in flag_values.get_key_flags_for_module(name):
             flag_values.register_key_flag_for_module(program, flag)
@@ -138,7 +144,9 @@ def adopt_flags_of(module_names: Sequence[str],
 
 def is_user_error(error: BaseException) -> bool:
     """Whether an exception reports a user's mistake (bad input, missing file), not a bug."""
-    if isinstance(error, (ValueError, flags.Error, app.UsageError)):
+    if isinstance(error, (ValueError, flags.Error, app.UsageError, FileNotFoundError,
+                          NotADirectoryError, IsADirectoryError, PermissionError,
+                          FileExistsError)):
         return True
     if isinstance(error, OSError) and error.errno in (
             errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EACCES, errno.ENOSPC, errno.EEXIST,
@@ -239,5 +247,11 @@ def run_app(main: Callable[[list[str]], Any], *, program: str,
             fail(program, error_message(error),
                  hint="(--debug shows the Python traceback)")
 
-    app.run(guarded_main, flags_parser=wrap_parser(program, flags_parser, flag_origins))
+    try:
+        app.run(guarded_main, flags_parser=wrap_parser(program, flags_parser, flag_origins))
+    except SystemExit as done:
+        # absl ends --help with status 1; asking for help is not an error.
+        if done.code == 1 and any(a in HELP_FLAGS for a in sys.argv[1:]):
+            raise SystemExit(0) from None
+        raise
 

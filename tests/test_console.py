@@ -57,6 +57,9 @@ def test_info_lines_of_other_libraries_are_dropped_warnings_kept():
 def test_user_errors_and_messages():
     assert console.is_user_error(ValueError("x"))
     assert console.is_user_error(FileNotFoundError(2, "No such file or directory", "a.txt"))
+    assert console.is_user_error(FileNotFoundError("model_config.json not found: ..."))
+    assert console.is_user_error(OSError(28, "No space left on device"))
+    assert not console.is_user_error(OSError(5, "Input/output error"))
     assert not console.is_user_error(KeyError("x"))
     assert not console.is_user_error(TypeError("x"))
     assert console.error_message(FileNotFoundError(2, "No such file", "a.txt")) == \
@@ -110,3 +113,23 @@ def test_live_bar_runs_once_over_the_whole_run_and_shows_val_map(monkeypatch):
     last = stream.getvalue().split("\r")[-1]
     assert last == "step 30/40 [=======>..] 75% | val mAP 0.6123 | ETA 0:00:04"
     assert not progress.shows_live_bar(1, io.StringIO())  # no terminal: interval lines only
+
+
+def test_the_fashion_mnist_files_are_found_or_every_searched_folder_is_named(tmp_path,
+                                                                               monkeypatch):
+    from imcl_tf import fashion_mnist_files as files
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(files, "REPOSITORY_DIR", str(tmp_path / "repo" / "data" / "fashion-mnist"))
+    monkeypatch.delenv(files.ENV_VAR, raising=False)
+    with pytest.raises(ValueError, match="none of .*repo.*fashion-mnist.*--fashion_mnist_dir"):
+        files.find_dir()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    for name in files.FILES[:3]:
+        (mine / name).write_bytes(b"")
+    monkeypatch.setenv(files.ENV_VAR, str(mine))
+    with pytest.raises(ValueError, match="t10k-labels-idx1-ubyte.gz are not in"):
+        files.find_dir(str(mine))
+    (mine / files.FILES[3]).write_bytes(b"")
+    assert files.find_dir() == str(mine) == files.default_dir()
