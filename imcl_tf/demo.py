@@ -21,7 +21,6 @@ import time
 from absl import app, flags
 
 from imcl_tf import console, fashion_mnist_files, flagfiles
-from imcl_tf.data.schema import DATASET_JSON
 
 flags.DEFINE_string("output_dir", "demo_output", "Folder for the dataset, runs and export.")
 flags.DEFINE_float("known_ratio", 0.3, "Share of training labels kept (uniform protocol).")
@@ -44,15 +43,15 @@ def main(argv):
         raise app.UsageError(f"unexpected positional arguments {argv[1:]}; every option is a "
                              "--flag.")
     from imcl_tf import evaluate
+    from imcl_tf.data import DATASET_JSON
+
     started = time.time()
     flagfile = flagfiles.resolve_flagfile(FLAGS.demo_flagfile)
     out = FLAGS.output_dir
     full_dir = os.path.join(out, "fashion_scenes")
     partial_dir = os.path.join(out, f"fashion_scenes_known{int(round(FLAGS.known_ratio * 100))}")
     if not os.path.exists(os.path.join(full_dir, DATASET_JSON)):
-        fashion_dir = FLAGS.fashion_mnist_dir or fashion_mnist_files.default_dir()
-        if not fashion_mnist_files.has_files(fashion_dir):
-            raise ValueError(fashion_mnist_files.missing_files_message(fashion_dir))
+        fashion_dir = fashion_mnist_files.find_dir(FLAGS.fashion_mnist_dir)
         print(f"[1/5] building the demo dataset in {full_dir}")
         _run_module("tfrecords_tools.commands", [
             "fashion_scenes",

@@ -35,6 +35,26 @@ def default_dir() -> str:
     return next((d for d in candidates if has_files(d)), candidates[0])
 
 
+def find_dir(explicit: str | None = None) -> str:
+    """`explicit` if given (it must hold the files), else the first candidate that holds them.
+
+    Raises:
+      ValueError: the files are not there; the message names every folder searched.
+    """
+    if explicit:
+        if not has_files(explicit):
+            raise ValueError(missing_files_message(explicit))
+        return explicit
+    for directory in candidate_dirs():
+        if has_files(directory):
+            return directory
+    searched = ", ".join(repr(d) for d in dict.fromkeys(candidate_dirs()))
+    raise ValueError(f"the four Fashion-MNIST .gz files are in none of {searched}. Download them "
+                     f"from {SOURCE_URL} into a folder and pass --fashion_mnist_dir=FOLDER or set "
+                     f"{ENV_VAR}=FOLDER (a checkout of the repository has them in "
+                     "data/fashion-mnist).")
+
+
 def missing_files_message(directory: str) -> str:
     """What is missing, where it was looked for and what to do."""
     missing = [name for name in FILES if not os.path.isfile(os.path.join(directory, name))]

@@ -76,6 +76,9 @@ def run_cli(argv: Sequence[str] | None = None) -> None:
     console.import_tensorflow_quietly()
     module = importlib.import_module(TOOLS[name][0])
     sys.argv = [f"{PROGRAM} {name}"] + argv[2:]
+    main_module = sys.modules.get("__main__")
+    if main_module is not None:  # absl's --help prints the main module's docstring
+        main_module.__doc__ = module.__doc__
     run_tool(name, module.define_flags, module.main)
 
 
