@@ -179,7 +179,8 @@ def test_evaluate_and_predict_with_something_that_is_not_a_run(dataset, tmp_path
 
     not_a_run = tmp_path / "not_a_run"
     not_a_run.mkdir()
-    done = cli("imcl-evaluate", f"--model_dir={not_a_run}", f"--data_dir={dataset}")
+    done = cli("imcl-evaluate", f"--model_dir={not_a_run}", f"--data_dir={dataset}",
+               "--split=val")
     assert_one_line_error(done, "imcl-evaluate", str(not_a_run))
     images = tmp_path / "images"
     images.mkdir()
