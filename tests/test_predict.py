@@ -156,3 +156,15 @@ def test_cli_labels_a_folder(run, tmp_path):
     with open(output) as f:
         assert len(list(csv.reader(f))) == 1 + 4 * 2
     assert done.stderr.strip().splitlines() == [f"wrote 4 images' labels to {output}"]
+
+
+def test_load_model_of_a_run_and_of_a_keras_file(run):
+    import imcl_tf
+
+    images = np.random.default_rng(1).uniform(0, 255, [2, IMAGE_SIZE, IMAGE_SIZE, 3]).astype(
+        np.float32)
+    expected = keras.ops.convert_to_numpy(run["model"](images, training=False))
+    for path in (run["model_dir"], os.path.join(run["model_dir"], models.BEST_MODEL)):
+        loaded = imcl_tf.load_model(path)
+        np.testing.assert_allclose(keras.ops.convert_to_numpy(loaded(images, training=False)),
+                                   expected, atol=1e-5)

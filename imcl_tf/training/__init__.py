@@ -4,7 +4,7 @@
   trainer        run(config) and the trainer: setup, the fit loop, the end of a run
   callbacks      BankRefresh and TrainingMonitor (TensorBoard logging, checkpoints)
   summaries      TensorBoard summaries beyond scalars (PR curves)
-  progress       the progress line's clock (speed, ETA) and the Keras verbosity
+  progress       the progress display: interval lines (speed, ETA) and the live bar
   report         the end-of-run report (format_summary)
   optimizer      the optimizer of --optimizer and the plateau learning-rate schedule
   distribution   tf.distribute: the strategy, the chief, TF_CONFIG, multi-worker fixes
