@@ -11,9 +11,9 @@ writes into `<model_dir>/eval/<split>` (or --output_dir):
   per_class_ap.csv      one row per class: AP, known positives/negatives in the split, training
                         positives (and the baseline's AP and the gain with a baseline).
   frequency_groups.csv  (baseline only) classes sorted by training positives, cut into equal groups:
-  frequency_groups.png  mean AP gain over the baseline and training images per group (method
-                        spec 6.4, supplement Fig. 1 left).
-Unknown labels of the split are never counted as negatives (method spec 6.4). Every file is
+  frequency_groups.png  mean AP gain over the baseline and training images per group
+                        (docs/method.md §4, supplement Fig. 1 left).
+Unknown labels of the split are never counted as negatives (docs/method.md §4). Every file is
 written under a temporary name and renamed into place.
 """
 

@@ -1,4 +1,4 @@
-"""Export a trained classifier as a TensorFlow Serving SavedModel (architecture.md section 7).
+"""Export a trained classifier as a TensorFlow Serving SavedModel (docs/serving.md).
 
 `export_model` writes `<export_base>/<model_name>/<version>/` with named signatures, the class names
 as an asset and warm-up requests, building it in a hidden temporary folder beside the final one and

@@ -1,8 +1,8 @@
 """Label graphs: builders (identity, co-occurrence, .npy), normalisation and the masked Keras layer.
 
-A graph is a NumPy float32 [L, L] matrix G in the code's row-vector convention (method spec 1 and
-3.4): a label-state row y is propagated as (y G)_j = sum_l y_l G_lj, so column j says how label j is
-predicted from its related labels. After `normalize_graph` every column sums to 1 and the
+A graph is a NumPy float32 [L, L] matrix G in the code's row-vector convention (docs/method.md
+§1, §3): a label-state row y is propagated as (y G)_j = sum_l y_l G_lj, so column j says how
+label j is predicted from its related labels. After `normalize_graph` every column sums to 1 and the
 propagated score of label j is a weighted average of the predictions of j and its related labels.
 `LabelGraph` holds the normalised matrix on its support: only its initially non-zero entries are
 stored, multiplied and trained.
@@ -153,7 +153,8 @@ def load_graph_npy(path, num_classes: int) -> np.ndarray:
 
 
 def normalize_graph(graph) -> np.ndarray:
-    """Sets the diagonal to 1, then divides every column by its sum (spec 3.4), float32 [L, L].
+    """Sets the diagonal to 1, then divides every column by its sum (docs/method.md §3), float32
+    [L, L].
 
     Afterwards every column sums to 1 and G[j, j] = 1 / (sum of column j with its diagonal set to 1).
     """
@@ -183,7 +184,7 @@ STRUCTURES = ("identity", "diagonal", "general")
 class LabelGraph(keras.layers.Layer):
     """The label graph G as a Keras layer: `layer(states [..., L]) -> states @ G`.
 
-    G is stored on its support only (architecture.md section 5, scale rules): the positions of the
+    G is stored on its support only (docs/architecture.md, scale rules): the positions of the
     initial matrix's non-zero entries (`support`, int32 [S, 2] of (row, column), row-major) and
     their values (`values`, float32 [S], the trainable parameters) next to their initial values
     (`initial_values`). Entries outside the support are zero forever and cost nothing, neither in

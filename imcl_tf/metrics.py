@@ -1,7 +1,7 @@
 """Evaluation metrics on partially labelled data (NumPy): AP, mAP conventions, PRF, frequency groups.
 
 Label arrays use the dataset convention: +1 known present, -1 known absent, 0 unknown. Unknown
-entries never count, neither as positives nor as negatives (method spec 6.4).
+entries never count, neither as positives nor as negatives (docs/method.md §4).
 
 mAP conventions (`map_metrics`):
   mAP                 mean AP over the classes with >= 1 known positive and >= 1 known negative.

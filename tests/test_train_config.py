@@ -63,7 +63,7 @@ def test_every_option_is_a_flag_with_the_same_default_and_a_help():
 
 
 def test_architecture_flags_exist():
-    """The flags architecture.md section 6 promises (their names are an interface)."""
+    """The flags docs/architecture.md promises (their names are an interface)."""
     promised = ["data_dir", "model_dir", "method", "backbone", "backbone_weights", "image_size",
                 "batch_size", "train_steps", "epochs", "learning_rate", "optimizer", "k",
                 "lambda_y", "lambda_f", "balance", "dictionary_size", "dictionary_per_class",
@@ -227,7 +227,7 @@ def test_dataset_configs_explain_how_to_build_their_dataset(name):
 
 
 def test_paper_configs_carry_the_papers_recipe():
-    """Spot checks against imcl-method.md 6.5 (the values with a source in the paper's code)."""
+    """Spot checks against docs/method.md (the values with a source in the paper's code)."""
     def parsed(name):
         flag_values = fresh_flags()
         train.parse_flags(["train", f"--flagfile={os.path.join(REPO_ROOT, 'imcl_tf', 'configs', name)}"],

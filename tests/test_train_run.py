@@ -97,7 +97,7 @@ def test_run_config_records_the_resolved_configuration(auto_run):
     resolved = imcl["resolved"]
     assert resolved["warm_start"] == stage_dir
     assert resolved["dictionary_size"] >= 3
-    # loss_ratio balance (method spec 3.5): lambda = multiplier * L_c / L_term
+    # loss_ratio balance (docs/method.md §1): lambda = multiplier * L_c / L_term
     np.testing.assert_allclose(resolved["lambda_y"], config.lambda_y * resolved["calibration_bce"]
                                / resolved["calibration_loss_y"], rtol=1e-6)
     np.testing.assert_allclose(resolved["lambda_f"], config.lambda_f * resolved["calibration_bce"]

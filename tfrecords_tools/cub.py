@@ -1,4 +1,4 @@
-r"""CUB-200-2011 attribute labels -> imcl_tf TFRecords (312 binary attributes, IMCL spec 6.1).
+r"""CUB-200-2011 attribute labels -> imcl_tf TFRecords (312 binary attributes, the paper's CUB).
 
     imcl-data cub --cub_root=CUB_200_2011 --split=train,test \
         --output_dir=data/cub --num_shards=8
@@ -10,7 +10,7 @@ archive puts it) and attributes/image_attribute_labels.txt, whose lines are
 official file has a few lines with an extra field before the time). Every image gets all attributes
 labelled: +1 if is_present is 1, -1 otherwise; with --not_visible_unknown an attribute whose
 certainty is 1 ("not visible") is unknown instead. `image/class` holds the 0-based species index
-(for the class-label augmentation of spec 6.1); the species names are in dataset.json
+(for the paper's class-label augmentation); the species names are in dataset.json
 labels.image_class_names. --split takes train, test or train,test (the official split).
 """
 

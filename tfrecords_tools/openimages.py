@@ -1,4 +1,4 @@
-r"""Open Images human-verified image labels -> imcl_tf TFRecords (partial labels, IMCL spec 6.3).
+r"""Open Images human-verified labels -> imcl_tf TFRecords (partial labels, as in the paper).
 
     imcl-data openimages --image_labels=train/annotations-human.csv \
         --classes=class-descriptions.csv --trainable_classes=classes-trainable.txt \

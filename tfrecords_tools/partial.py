@@ -2,7 +2,7 @@
 
 Protocols (applied to the entries that are known in the input; unknown entries stay unknown):
   uniform          each known image-class entry stays known with probability R, independently.
-  per_class        the CUB protocol (imcl-method.md 6.1): per class, keep max(floor(R n_pos), 1)
+  per_class        the CUB protocol (docs/method.md): per class, keep max(floor(R n_pos), 1)
                    of its n_pos positive images and max(floor(R n_neg), 1) of its n_neg negative
                    ones, sampled without replacement; a class with no positives (or negatives)
                    keeps none.

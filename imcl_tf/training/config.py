@@ -57,7 +57,7 @@ class TrainConfig:
                                         ">= this floor (0: 1e-3 x --learning_rate, the official "
                                         "floor).")
     plateau_start_step: int = _field(0, "No plateau decay before this step (validation mAP "
-                                        "fluctuates early, method spec 5.3).")
+                                        "fluctuates early, docs/method.md §4).")
     k: int = _field(3, "Neighbours per image (OMP sparsity).")
     lambda_y: float = _field(1.0, "Label-side smoothness multiplier (scaled by --balance).")
     lambda_f: float = _field(0.5, "Feature-side smoothness multiplier (scaled by --balance).")

@@ -130,7 +130,7 @@ def _is_chief_task() -> bool:
 
 
 def is_chief(strategy) -> bool:
-    """Only the chief writes logs, checkpoints and exports (architecture.md section 8)."""
+    """Only the chief writes logs, checkpoints and exports (docs/architecture.md)."""
     if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
         return True
     return _is_chief_task()
