@@ -4,7 +4,8 @@
         [--baseline_model_dir=runs/logistic] [--output_dir=...] [--checkpoint=best]
 
 The evaluation itself is `imcl_tf.evaluate.evaluate_model_dir` (its docstring lists the files
-written). This module imports no TensorFlow until the flags and folders are checked, so `--help` is fast.
+written). This module imports no TensorFlow until the flags and folders are checked, so
+`--help` is fast.
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
     imcl-export --model_dir=runs/demo --export_base=exports --model_name=demo
 
 writes `<export_base>/<model_name>/<version>/`, a SavedModel for TensorFlow Serving
-(`imcl_tf.export` describes its signatures). No TensorFlow import until the flags and the run folder are checked.
+(`imcl_tf.export` describes its signatures). No TensorFlow import until the flags and the run
+folder are checked.
 """
 
 from __future__ import annotations

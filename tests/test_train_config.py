@@ -230,7 +230,8 @@ def test_paper_configs_carry_the_papers_recipe():
     """Spot checks against docs/method.md (the values with a source in the paper's code)."""
     def parsed(name):
         flag_values = fresh_flags()
-        train.parse_flags(["train", f"--flagfile={os.path.join(REPO_ROOT, 'imcl_tf', 'configs', name)}"],
+        path = os.path.join(REPO_ROOT, "imcl_tf", "configs", name)
+        train.parse_flags(["train", f"--flagfile={path}"],
                           flag_values)
         return train.config_from_flags(flag_values)
 
