@@ -159,7 +159,7 @@ def start_server(model_base_path: str, model_name: str, *, port: int = 0,
     if rest_server is not None:
         rest_server.start()
     manager.start_polling(poll_seconds)
-    return ServingServer(server, manager, rest_server), bound_port
+    return ServingServer(server, services, rest_server), bound_port
 
 
 def _tls(ssl_cert: str | None, ssl_key: str | None):
@@ -186,9 +186,7 @@ def _access_logger(access_log: str | None) -> logging.Logger | None:
     """A logger writing one line per request to `access_log` (a path, or "-" for stderr)."""
     if not access_log:
         return None
-    logger = logging.getLogger("serving.access")
-    logger.propagate = False
-    logger.setLevel(logging.INFO)
+    logger = logging.Logger("serving.access", logging.INFO)  # this server's own, not global
     try:
         handler = (logging.StreamHandler(sys.stderr) if access_log == "-"
                    else logging.FileHandler(access_log, encoding="utf-8"))
@@ -202,10 +200,11 @@ def _access_logger(access_log: str | None) -> logging.Logger | None:
 class ServingServer:
     """A running server: the gRPC server, the REST server (if any) and the version poller."""
 
-    def __init__(self, grpc_server: grpc.Server, manager: "ModelManager",
+    def __init__(self, grpc_server: grpc.Server, services: "Services",
                  rest_server: rest.RestServer | None = None):
         self.grpc_server = grpc_server
-        self.manager = manager
+        self.services = services
+        self.manager = services.manager
         self.rest_server = rest_server
         self.rest_port = None if rest_server is None else rest_server.port
 
@@ -216,6 +215,7 @@ class ServingServer:
             self.rest_server.stop()
         self.grpc_server.stop(grace_seconds).wait()
         self.manager.stop_polling()
+        self.services.close()
 
 
 # ---- Loaded versions ---------------------------------------------------------------------------
@@ -1021,6 +1021,12 @@ class Services:
     @staticmethod
     def log_exception(message: str, *args) -> None:
         _LOG.exception(message, *args)
+
+    def close(self) -> None:
+        """Closes the access log file."""
+        if self._access_logger is not None:
+            for handler in self._access_logger.handlers:
+                handler.close()
 
 
 # ---- gRPC services -----------------------------------------------------------------------------
