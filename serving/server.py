@@ -1186,10 +1186,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         _LOG.warning("no version of %s loaded yet: answering NOT_FOUND until one appears under %s",
                      args.model_name, args.model_base_path)
     # Tests and benchmarks wait for this line.
-    rest_text = ("" if server.rest_port is None
-                 else f", REST on {args.host}:{server.rest_port}")
-    print(f"serving model {args.model_name!r} versions {versions} on {args.host}:{port}"
-          f"{rest_text}", flush=True)
+    print(f"serving model {args.model_name!r} versions {versions} on {args.host}:{port}",
+          flush=True)
+    if server.rest_port is not None:
+        print(f"REST API on http{'s' if args.ssl_cert else ''}://{args.host}:{server.rest_port}"
+              f"/v1/models/{args.model_name}", flush=True)
     while not stop_requested.wait(0.5):
         pass
     _LOG.info("stopping: finishing requests in flight (up to %.0f s)", args.shutdown_grace_seconds)
