@@ -2,11 +2,12 @@
 
 The same URLs and JSON as `tensorflow_model_server --rest_api_port`:
 
-    POST /v1/models/NAME[/versions/N | /labels/L]:predict   {"signature_name": ..., "instances": [...]}
-                                                             or {"inputs": ...}
-    POST /v1/models/NAME[/versions/N | /labels/L]:classify  {"examples": [...], "context": {...}}
-    GET  /v1/models/NAME[/versions/N]                        version status
-    GET  /v1/models/NAME[/versions/N]/metadata               signatures
+    POST /v1/models/NAME[/versions/N | /labels/L]:predict
+         {"signature_name": ..., "instances": [...]}  or  {"signature_name": ..., "inputs": ...}
+    POST /v1/models/NAME[/versions/N | /labels/L]:classify
+         {"signature_name": ..., "examples": [...], "context": {...}}
+    GET  /v1/models/NAME[/versions/N]            version status
+    GET  /v1/models/NAME[/versions/N]/metadata   signatures
 
 Bytes travel as {"b64": "..."}. Answers are {"predictions": ...} (row format), {"outputs": ...}
 (columnar), {"results": ...} (classify) or {"error": "..."} with the HTTP status TF Serving maps

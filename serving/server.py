@@ -1,19 +1,23 @@
-"""A TensorFlow-Serving-compatible gRPC server for the SavedModels written by `imcl_tf.export`.
+"""A TensorFlow-Serving-compatible gRPC and REST server for the SavedModels of `imcl_tf.export`.
 
-The real `tensorflow_model_server` cannot be installed here (serving/README.md has its Docker
-command), so development, tests and the demo use this server. It speaks the same protocol
+For development, tests and the demo; production uses TF Serving's binary (serving/README.md has
+its Docker command), which cannot be installed here. It speaks the same protocols
 (`tensorflow.serving.PredictionService` Predict / Classify / GetModelMetadata and
-`tensorflow.serving.ModelService` GetModelStatus) over the same SavedModel, so one client works
-against both.
+`tensorflow.serving.ModelService` GetModelStatus over gRPC, TF Serving's JSON API over REST,
+serving/rest.py) over the same SavedModel, so one client works against both.
 
-    python -m serving.server --model_base_path=exports/demo --model_name=demo --port=8500
+    python -m serving.server --model_base_path=exports/demo --model_name=demo --port=8500 \
+        --rest_api_port=8501
 
 Versions are the integer folders under the base path. The newest `--num_versions` are kept loaded;
 requests without a version go to the newest. A poller loads new versions fully (including the
 warm-up requests) before swapping them in, and a request keeps the version it started on, so a
-version change never fails a request. Bad requests get INVALID_ARGUMENT or NOT_FOUND with a message
-saying what was wrong; nothing a client sends stops the server. SIGTERM/SIGINT stop accepting
-requests, let the ones in flight finish, and exit 0.
+version change never fails a request; a new version must pass sanity checks first, and a base
+path that vanishes for a poll keeps the loaded versions serving. Bad requests get INVALID_ARGUMENT
+or NOT_FOUND with a message saying what was wrong; shapes, element counts and image sizes (from
+their headers, `--max_image_pixels`) are checked before anything big is built, so nothing a client
+sends stops the server. SIGTERM/SIGINT stop accepting requests, let the ones in flight finish,
+and exit 0.
 """
 
 from __future__ import annotations
