@@ -77,6 +77,7 @@ class RestServer:
         except OSError as err:
             raise OSError(f"cannot listen on {host}:{port} for REST: {err}; is the port in "
                           "use? (--rest_api_port=0 turns REST off)") from err
+        self.httpd.stopping = threading.Event()  # read by handlers of kept-alive connections
         if ssl_context is not None:
             self.httpd.socket = ssl_context.wrap_socket(self.httpd.socket, server_side=True)
         self.port = self.httpd.server_address[1]
@@ -87,7 +88,9 @@ class RestServer:
         self._thread.start()
 
     def stop(self) -> None:
-        """Stops accepting connections; requests already running finish in their threads."""
+        """Stops accepting connections and requests; those already running finish in their
+        threads (ServingServer.stop waits for them)."""
+        self.httpd.stopping.set()
         self.httpd.shutdown()
         self.httpd.server_close()
         self._thread.join()
@@ -115,6 +118,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         match = _PATH.match(self.path.split("?", 1)[0])
         code = grpc.StatusCode.OK
         try:
+            if self.server.stopping.is_set():
+                self.close_connection = True
+                raise RequestError(grpc.StatusCode.UNAVAILABLE,
+                                   "the server is shutting down; retry on another replica.")
             if match is None:
                 raise RequestError(grpc.StatusCode.NOT_FOUND,
                                    f"Malformed request: {method} {self.path}; the API is "

@@ -215,9 +215,11 @@ class ServingServer:
     def stop(self, grace_seconds: float = 10.0) -> None:
         """Stops accepting requests, lets those in flight finish (up to `grace_seconds`), stops
         polling."""
+        deadline = time.monotonic() + grace_seconds
         if self.rest_server is not None:
-            self.rest_server.stop()
+            self.rest_server.stop()  # no new connections or requests
         self.grpc_server.stop(grace_seconds).wait()
+        self.services.wait_idle(deadline - time.monotonic())  # REST requests still running
         self.manager.stop_polling()
         self.services.close()
 
@@ -978,8 +980,8 @@ class Services:
         self.limits = limits
         self._access_logger = access_logger
         self._max_in_flight = max_concurrent_rpcs
-        self._in_flight = 0
-        self._lock = threading.Lock()
+        self._in_flight = 0  # REST requests running
+        self._lock = threading.Condition()
 
     def predict(self, request, deadline: float | None = None):
         return predict(self.manager.resolve(request.model_spec), request,
@@ -1003,7 +1005,8 @@ class Services:
 
     @contextlib.contextmanager
     def admission(self):
-        """REST's --max_concurrent_rpcs (gRPC has its own in grpc.server)."""
+        """Counts a REST request in flight; refuses it beyond --max_concurrent_rpcs (gRPC has its
+        own limit in grpc.server)."""
         with self._lock:
             if self._max_in_flight and self._in_flight >= self._max_in_flight:
                 raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -1015,6 +1018,12 @@ class Services:
         finally:
             with self._lock:
                 self._in_flight -= 1
+                self._lock.notify_all()
+
+    def wait_idle(self, seconds: float) -> None:
+        """Waits up to `seconds` for the REST requests in flight to finish."""
+        with self._lock:
+            self._lock.wait_for(lambda: self._in_flight == 0, timeout=max(seconds, 0.0))
 
     def access(self, what: str, peer: str, model: str, code: grpc.StatusCode,
                seconds: float) -> None:

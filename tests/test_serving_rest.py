@@ -5,13 +5,15 @@ import base64
 import http.client
 import json
 import os
+import threading
+import time
 import urllib.error
 import urllib.request
 
 import grpc
 import numpy as np
 import pytest
-from tensorflow_serving.apis import prediction_service_pb2_grpc
+from tensorflow_serving.apis import model_pb2, prediction_service_pb2_grpc
 
 from image_bombs import png_bomb
 from imcl_tf import data, export
@@ -193,3 +195,30 @@ def test_http_status_table_covers_every_grpc_code():
     assert rest.HTTP_STATUS[grpc.StatusCode.INVALID_ARGUMENT] == 400
     assert rest.HTTP_STATUS[grpc.StatusCode.NOT_FOUND] == 404
     assert rest.HTTP_STATUS[grpc.StatusCode.RESOURCE_EXHAUSTED] == 429
+
+
+def test_stop_finishes_rest_requests_in_flight(tmp_path, rng):
+    export.export_model(tiny_image_model(), str(tmp_path), "tiny", class_names=CLASS_NAMES,
+                        input_mode="image", image_size=IMAGE_SIZE)
+    server, _ = serving_server.start_server(str(tmp_path / "tiny"), "tiny", rest_api_port=0)
+    servable = server.manager.resolve(model_pb2.ModelSpec(name="tiny"))
+    fast, started = servable.signatures["serving_default"], []
+
+    def slow(**inputs):
+        started.append(1)
+        time.sleep(1.0)
+        return fast(**inputs)
+
+    servable.signatures["serving_default"] = slow
+    url = f"http://127.0.0.1:{server.rest_port}/v1/models/tiny:predict"
+    result = {}
+    thread = threading.Thread(target=lambda: result.setdefault(
+        "answer", call(url, {"instances": [b64(encoded_images(rng, 1)[0])]})))
+    thread.start()
+    while not started:
+        time.sleep(0.01)
+    server.stop(10)
+    thread.join()
+    assert result["answer"][0] == 200 and len(result["answer"][1]["predictions"]) == 1
+    with pytest.raises(urllib.error.URLError):
+        urllib.request.urlopen(url, data=b"{}", timeout=10)
