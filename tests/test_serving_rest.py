@@ -5,6 +5,11 @@ import base64
 import http.client
 import json
 import os
+import re
+import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -19,7 +24,7 @@ from image_bombs import png_bomb
 from imcl_tf import data, export
 from serving import rest
 from serving import server as serving_server
-from test_export import CLASS_NAMES, IMAGE_SIZE, encoded_images, tiny_image_model
+from test_export import CLASS_NAMES, IMAGE_SIZE, ROOT, encoded_images, tiny_image_model
 from test_serving import expected_probabilities, predict_request
 
 MAX_BATCH = 8
@@ -222,3 +227,30 @@ def test_stop_finishes_rest_requests_in_flight(tmp_path, rng):
     assert result["answer"][0] == 200 and len(result["answer"][1]["predictions"]) == 1
     with pytest.raises(urllib.error.URLError):
         urllib.request.urlopen(url, data=b"{}", timeout=10)
+
+
+@pytest.mark.slow
+def test_cli_serves_rest_on_loopback_beside_grpc(tmp_path, rng):
+    export.export_model(tiny_image_model(), str(tmp_path), "tiny", class_names=CLASS_NAMES,
+                        input_mode="image", image_size=IMAGE_SIZE)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        rest_port = probe.getsockname()[1]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "serving.server", f"--model_base_path={tmp_path / 'tiny'}",
+         "--model_name=tiny", "--port=0", f"--rest_api_port={rest_port}"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first, second = process.stdout.readline(), process.stdout.readline()
+        assert re.search(r"versions \[1\] on 127\.0\.0\.1:\d+$", first.strip()), first
+        assert second.strip() == f"REST API on http://127.0.0.1:{rest_port}/v1/models/tiny"
+        status, answer = call(f"http://127.0.0.1:{rest_port}/v1/models/tiny:predict",
+                              {"instances": [b64(encoded_images(rng, 1)[0])]})
+        assert status == 200 and len(answer["predictions"]) == 1
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert rest.DEFAULT_REST_PORT == 8501 and serving_server.DEFAULT_HOST == "127.0.0.1"
