@@ -223,7 +223,7 @@ def test_dataset_configs_explain_how_to_build_their_dataset(name):
     with open(os.path.join(REPO_ROOT, "imcl_tf", "configs", name), encoding="utf-8") as f:
         header = "".join(line for line in f if line.startswith("#"))
     assert "imcl-data " in header
-    assert "tfrecords_tools.partial" in header or "partial labels" in header.lower()
+    assert "imcl-data partial" in header or "partial labels" in header.lower()
 
 
 def test_paper_configs_carry_the_papers_recipe():
