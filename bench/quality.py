@@ -58,8 +58,8 @@ TRANSFER = dict(num_train=2000, num_val=500, num_test=1000, scene_seed=1234,
                 pretrain_steps=600, pretrain_batch_size=64, pretrain_learning_rate=2e-3,
                 pretrain_seed=0)
 TRANSFER_MODES = {
-    "fixed": dict(logistic_steps=1000, imcl_steps=300, eval_every=50,
-                  config=dict(backbone="features")),
+    "fixed": dict(logistic_steps=2000, imcl_steps=300, eval_every=100,
+                  config=dict(backbone="features", learning_rate=1e-2)),
     "finetune": dict(logistic_steps=600, imcl_steps=200, eval_every=50,
                      config=dict(backbone="small_cnn", freeze_batchnorm=True)),
 }
