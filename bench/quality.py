@@ -241,12 +241,13 @@ def _partial_dir(args, full_dir, protocol, ratio, seed) -> str:
 
 def _train_baseline(args, full_dir, protocol, ratio, seed, base) -> str:
     """The logistic run of a ratio and seed (shared by every variant); cached. Returns its dir."""
-    from imcl_tf import train_lib
+    from imcl_tf.training.config import TrainConfig
+    from imcl_tf.training.trainer import run
     data_dir = _partial_dir(args, full_dir, protocol, ratio, seed)
     tag = f"{protocol}_{int(round(ratio * 100))}_seed{seed}"
     logistic_dir = os.path.join(args.out, "runs", tag, "logistic")
     if not _completed_or_cleared(logistic_dir):
-        train_lib.run(train_lib.TrainConfig(
+        run(TrainConfig(
             data_dir=data_dir, model_dir=logistic_dir, method="logistic", seed=seed,
             train_steps=args.logistic_steps, eval_every=args.eval_every,
             **{k: v for k, v in base.items()}))
@@ -258,7 +259,9 @@ def _run_pair(args, full_dir, results, variant, ratio, seed, base, imcl_only):
     key = f"{variant}|{ratio}|{seed}"
     if key in results:
         return results[key]
-    from imcl_tf import evaluate, train_lib
+    from imcl_tf import evaluate
+    from imcl_tf.training.config import TrainConfig
+    from imcl_tf.training.trainer import run
     imcl_only = dict(imcl_only)
     protocol = imcl_only.pop("_protocol", "uniform")
     data_dir = _partial_dir(args, full_dir, protocol, ratio, seed)
@@ -268,7 +271,7 @@ def _run_pair(args, full_dir, results, variant, ratio, seed, base, imcl_only):
     # come from the extra steps alone.
     control_dir = os.path.join(args.out, "runs", tag, "logistic_extra")
     if not _completed_or_cleared(control_dir):
-        train_lib.run(train_lib.TrainConfig(
+        run(TrainConfig(
             data_dir=data_dir, model_dir=control_dir, method="logistic", seed=seed,
             warm_start=logistic_dir, train_steps=args.imcl_steps, eval_every=args.eval_every,
             **{k: v for k, v in base.items()}))
@@ -276,7 +279,7 @@ def _run_pair(args, full_dir, results, variant, ratio, seed, base, imcl_only):
     # No result row, so an IMCL run folder here is a leftover of an interrupted run.
     _completed_or_cleared(imcl_dir)
     t0 = time.time()
-    train_lib.run(train_lib.TrainConfig(
+    run(TrainConfig(
         data_dir=data_dir, model_dir=imcl_dir, method="imcl", seed=seed, warm_start=logistic_dir,
         train_steps=args.imcl_steps, eval_every=args.eval_every, **{**base, **imcl_only}))
     imcl_seconds = time.time() - t0

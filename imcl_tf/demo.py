@@ -5,6 +5,10 @@ trains the logistic baseline, then IMCL warm-started from it and, as a control, 
 continued for the same number of steps (configs/demo.flags); evaluates all three on the fully
 labelled test split, exports the IMCL model for TensorFlow Serving, and prints a comparison
 table with the paths of everything it wrote. Steps already done are reused.
+
+The dataset tools and the training application are run as the commands a user would type
+(`python -m tfrecords_tools.fashion_scenes`, `... partial`, `python -m imcl_tf.train`), so the
+library never imports the tools it drives.
 """
 
 from __future__ import annotations
@@ -36,19 +40,20 @@ DEFAULT_FLAGFILE = os.path.join(REPO_ROOT, "configs", "demo.flags")
 def main(argv):
     del argv
     from imcl_tf import evaluate
-    from tfrecords_tools import fashion_scenes, partial
     started = time.time()
     out = FLAGS.output_dir
     full_dir = os.path.join(out, "fashion_scenes")
     partial_dir = os.path.join(out, f"fashion_scenes_known{int(round(FLAGS.known_ratio * 100))}")
     if not os.path.exists(os.path.join(full_dir, data_lib.DATASET_JSON)):
         print(f"[1/5] building the demo dataset in {full_dir}")
-        fashion_scenes.build(full_dir, seed=FLAGS.seed, num_examples={
-            "train": FLAGS.num_train, "val": FLAGS.num_val, "test": FLAGS.num_test})
+        _run_module("tfrecords_tools.fashion_scenes", [
+            f"--output_dir={full_dir}", f"--seed={FLAGS.seed}", f"--num_train={FLAGS.num_train}",
+            f"--num_val={FLAGS.num_val}", f"--num_test={FLAGS.num_test}"])
     if not os.path.exists(os.path.join(partial_dir, data_lib.DATASET_JSON)):
         print(f"[2/5] keeping {FLAGS.known_ratio:.0%} of the training labels in {partial_dir}")
-        partial.simulate(full_dir, partial_dir, protocol="uniform", known_ratio=FLAGS.known_ratio,
-                         seed=FLAGS.seed)
+        _run_module("tfrecords_tools.partial", [
+            f"--input_dir={full_dir}", f"--output_dir={partial_dir}", "--protocol=uniform",
+            f"--known_ratio={FLAGS.known_ratio!r}", f"--seed={FLAGS.seed}"])
     flagfile = FLAGS.demo_flagfile or DEFAULT_FLAGFILE
     logistic_dir = os.path.join(out, "runs", "logistic")
     control_dir = os.path.join(out, "runs", "logistic_continued")
@@ -87,8 +92,13 @@ def main(argv):
 
 def _train(arguments: list[str]) -> None:
     """Runs the training CLI exactly as a user would; a finished run is resumed, not redone."""
-    command = [sys.executable, "-m", "imcl_tf.train"] + arguments
-    print("  $ " + " ".join(command[1:]))
+    _run_module("imcl_tf.train", arguments)
+
+
+def _run_module(module: str, arguments: list[str]) -> None:
+    """Runs `python -m module arguments...`, printing the command; stops the demo if it fails."""
+    command = [sys.executable, "-m", module] + arguments
+    print("  $ " + " ".join(command[1:]), flush=True)
     subprocess.run(command, check=True)
 
 

@@ -8,10 +8,11 @@ renaming it into place, so a server polling the base path never sees half a mode
 
 Signatures (every input and output has an explicit name):
   serving_default   image models: `image_bytes` tf.string [B] (JPEG/PNG), decoded and resized in
-                    the graph with `imcl_tf.data.decode_image`, the same function evaluation uses;
+                    the graph with `imcl_tf.data.decode_image`, the same function evaluation uses,
+                    after a header check against `max_image_pixels` (decompression bombs);
                     features models: the same function as predict_features.
-  predict_images    `images` float32 [B, S, S, 3] in 0..255.
-  predict_features  `features` float32 [B, D] (features models only).
+  predict_images    `images` float32 [B, S, S, 3] in 0..255; NaN or infinite values are refused.
+  predict_features  `features` float32 [B, D] (features models only); non-finite values refused.
   classify          `inputs`: serialized tf.Example [B] (the dataset schema's `image/encoded` or
                     `feature/embedding`) -> `classes` tf.string [B, L], `scores` float32 [B, L]; the
                     signature TF Serving's Classify API needs.
@@ -31,7 +32,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import tensorflow as tf
 
-from imcl_tf import data
+from imcl_tf import data, image_header
 
 # ---- Names shared with serving/ (the server and client import them from here). ----------------
 SERVING_DEFAULT = "serving_default"
@@ -75,7 +76,8 @@ def export_model(model: Callable[..., Any],
                  feature_dim: int | None = None,
                  version: int | None = None,
                  top_k: int = 5,
-                 warmup_images: Sequence[bytes] | None = None) -> str:
+                 warmup_images: Sequence[bytes] | None = None,
+                 max_image_pixels: int = image_header.DEFAULT_MAX_IMAGE_PIXELS) -> str:
     """Writes `model` as SavedModel `<export_base>/<model_name>/<version>`; returns that path.
 
     Args:
@@ -93,6 +95,9 @@ def export_model(model: Callable[..., Any],
       top_k: K of the top_k_* outputs (capped at L).
       warmup_images: a few JPEG/PNG encodings for the warm-up requests (image mode); default:
         two generated images.
+      max_image_pixels: image signatures refuse (InvalidArgumentError, before decoding) an
+        image whose header declares more pixels: the decompression-bomb guard, which TF Serving
+        users get from the SavedModel itself.
 
     Returns:
       The path of the new version folder.
@@ -107,6 +112,10 @@ def export_model(model: Callable[..., Any],
     """
     class_names = _check_class_names(class_names)
     _check_arguments(model_name, input_mode, image_size, feature_dim, top_k, version)
+    try:
+        image_header.check_max_image_pixels(max_image_pixels)
+    except ValueError as err:
+        raise ExportError(str(err)) from err
     warmup = _warmup_inputs(input_mode, image_size, feature_dim, warmup_images)
     model_base = os.path.join(export_base, model_name)
     os.makedirs(model_base, exist_ok=True)
@@ -127,7 +136,8 @@ def export_model(model: Callable[..., Any],
             f.write("".join(name + "\n" for name in class_names))
         try:
             archive = _build_archive(model, class_file, len(class_names), input_mode, image_size,
-                                     feature_dim, min(top_k, len(class_names)), warmup)
+                                     feature_dim, min(top_k, len(class_names)), warmup,
+                                     max_image_pixels)
             archive.write_out(temp_dir, verbose=False)
             _write_warmup_requests(temp_dir, model_name, input_mode, warmup)
             try:
@@ -169,7 +179,8 @@ def read_class_names(version_dir: str) -> list[str]:
 
 def export_from_model_dir(model_dir: str, export_base: str, model_name: str, *,
                           checkpoint: str = "best", version: int | None = None,
-                          top_k: int = 5) -> str:
+                          top_k: int = 5,
+                          max_image_pixels: int = image_header.DEFAULT_MAX_IMAGE_PIXELS) -> str:
     """Loads a training run with `imcl_tf.models.load_model_dir` and exports it (the CLI's body)."""
     if not os.path.isdir(model_dir):
         raise ExportError(f"--model_dir={model_dir!r} is not a folder; give the model_dir of a "
@@ -188,7 +199,7 @@ def export_from_model_dir(model_dir: str, export_base: str, model_name: str, *,
     return export_model(model, export_base, model_name,
                         class_names=info["class_names"], input_mode=info["input_mode"],
                         image_size=info.get("image_size"), feature_dim=info.get("feature_dim"),
-                        version=version, top_k=top_k)
+                        version=version, top_k=top_k, max_image_pixels=max_image_pixels)
 
 
 # ---- Building the signatures -------------------------------------------------------------------
@@ -196,11 +207,14 @@ def export_from_model_dir(model_dir: str, export_base: str, model_name: str, *,
 
 def _build_archive(model, class_file: str, num_classes: int, input_mode: str,
                    image_size: int | None, feature_dim: int | None, top_k: int,
-                   warmup: dict[str, np.ndarray]):
+                   warmup: dict[str, np.ndarray], max_image_pixels: int):
     """An ExportArchive with every signature, each run once on the warm-up inputs as a check.
 
     ExportArchive saves only the variables the signatures use, so training-only state (optimizer
-    slots, the IMCL dictionary bank) stays out of the served model.
+    slots, the IMCL dictionary bank) stays out of the served model. The signatures guard their
+    inputs themselves, so TF Serving gets the same protection as serving/server.py: image bytes
+    are refused from their header above `max_image_pixels` before decoding, and arrays with NaN
+    or infinite values are refused instead of yielding finite-looking probabilities.
     """
     import keras  # after TensorFlow, as everywhere in the package
 
@@ -227,6 +241,11 @@ def _build_archive(model, class_file: str, num_classes: int, input_mode: str,
         classes = tf.tile(names[tf.newaxis], [tf.shape(probabilities)[0], 1])  # [B, L]
         return {CLASSIFY_CLASSES: classes, CLASSIFY_SCORES: probabilities}
 
+    def finite(values, name):
+        return tf.debugging.assert_all_finite(
+            values, f"input {name!r} has NaN or infinite values; send finite numbers (images: "
+                    "pixel values in 0..255)")
+
     if not getattr(model, "built", True):
         # Variables must exist before tracing: build the model with one eager call.
         model(tf.constant(warmup[IMAGES_INPUT if input_mode == "image" else FEATURES_INPUT]),
@@ -235,11 +254,16 @@ def _build_archive(model, class_file: str, num_classes: int, input_mode: str,
     archive.track(class_table)
     endpoints = {}
     if input_mode == "image":
+        def checked_decode(encoded, position):  # [] -> [S, S, 3]
+            header = image_header.check_image_pixels_op(encoded, max_image_pixels, position)
+            with tf.control_dependencies([header]):
+                return data.decode_image(encoded, image_size, position)
+
         def decode_batch(encoded):  # [B] -> [B, S, S, 3]
             # A bad image's error names its position in the request, e.g. "image_bytes[3]".
             positions = tf.strings.join([f"{IMAGE_BYTES_INPUT}[",
                                          tf.strings.as_string(tf.range(tf.size(encoded))), "]"])
-            return tf.map_fn(lambda item: data.decode_image(item[0], image_size, item[1]),
+            return tf.map_fn(lambda item: checked_decode(item[0], item[1]),
                              (encoded, positions),
                              fn_output_signature=tf.TensorSpec([image_size, image_size, 3],
                                                                tf.float32))
@@ -248,7 +272,7 @@ def _build_archive(model, class_file: str, num_classes: int, input_mode: str,
             return outputs_from(decode_batch(image_bytes))
 
         def predict_images(images):
-            return outputs_from(images)
+            return outputs_from(finite(images, IMAGES_INPUT))
 
         def classify(inputs):
             parsed = tf.io.parse_example(
@@ -261,7 +285,7 @@ def _build_archive(model, class_file: str, num_classes: int, input_mode: str,
         endpoints[PREDICT_IMAGES] = (predict_images, image_spec)
     else:
         def predict_features(features):
-            return outputs_from(features)
+            return outputs_from(finite(features, FEATURES_INPUT))
 
         def classify(inputs):
             parsed = tf.io.parse_example(
@@ -425,6 +449,9 @@ def _define_flags() -> None:
     flags.DEFINE_integer("version", None, "Version number; default 1 + the highest existing.")
     flags.DEFINE_enum("checkpoint", "best", ["best", "latest"], "Which checkpoint to export.")
     flags.DEFINE_integer("top_k", 5, "K of the top_k_* outputs.")
+    flags.DEFINE_integer("max_image_pixels", image_header.DEFAULT_MAX_IMAGE_PIXELS,
+                         "The image signatures refuse an image whose header declares more pixels "
+                         "(width x height), before decoding it.")
 
 
 def main(argv: Sequence[str]) -> None:
@@ -436,7 +463,8 @@ def main(argv: Sequence[str]) -> None:
     try:
         version_dir = export_from_model_dir(values.model_dir, values.export_base,
                                             values.model_name, checkpoint=values.checkpoint,
-                                            version=values.version, top_k=values.top_k)
+                                            version=values.version, top_k=values.top_k,
+                                            max_image_pixels=values.max_image_pixels)
     except ExportError as err:
         raise SystemExit(f"imcl_tf.export: error: {err}") from None
     logging.info("exported %s", version_dir)

@@ -4,7 +4,8 @@ A graph is a NumPy float32 [L, L] matrix G in the code's row-vector convention (
 3.4): a label-state row y is propagated as (y G)_j = sum_l y_l G_lj, so column j says how label j is
 predicted from its related labels. After `normalize_graph` every column sums to 1 and the
 propagated score of label j is a weighted average of the predictions of j and its related labels.
-`LabelGraph` holds the normalised matrix; only its initially non-zero entries are parameters.
+`LabelGraph` holds the normalised matrix on its support: only its initially non-zero entries are
+stored, multiplied and trained.
 """
 
 from __future__ import annotations
@@ -171,24 +172,43 @@ def normalize_graph(graph) -> np.ndarray:
 # ---- The masked, learnable graph layer ---------------------------------------------------------
 
 
+# A sparse product costs about this many times a dense one per stored entry on CPU (measured:
+# tf.sparse.sparse_dense_matmul against a dense matmul, [4096, 5000] states, 30,000 entries), so
+# a graph denser than 1 / DENSE_PRODUCT_RATIO of L x L is multiplied as a dense matrix (built from
+# its stored entries each call); sparser ones on their support only.
+DENSE_PRODUCT_RATIO = 64
+STRUCTURES = ("identity", "diagonal", "general")
+
+
 @keras.saving.register_keras_serializable(package="imcl_tf")
 class LabelGraph(keras.layers.Layer):
     """The label graph G as a Keras layer: `layer(states [..., L]) -> states @ G`.
 
-    Only the entries that are non-zero in the initial matrix are parameters: the forward pass uses
-    G * mask and a variable constraint re-applies the mask (and, with clip=True, the projection to
-    [0, 1]) after every optimizer step; Keras 3 optimizers call `variable.constraint` after each
-    update. The mask comes from the initial matrix, which is kept as a non-trainable weight, so the
-    zero pattern survives saving and reloading and entries clipped to 0 stay parameters.
+    G is stored on its support only (architecture.md section 5, scale rules): the positions of the
+    initial matrix's non-zero entries (`support`, int32 [S, 2] of (row, column), row-major) and
+    their values (`values`, float32 [S], the trainable parameters) next to their initial values
+    (`initial_values`). Entries outside the support are zero forever and cost nothing, neither in
+    the product nor in the optimizer's slots. With clip=True a variable constraint projects the
+    values to [0, 1] after every optimizer step (Keras 3 optimizers apply `variable.constraint`
+    after each update). The initial matrix is expected normalised (`normalize_graph`, columns
+    summing to 1).
+
+    How the product is done depends on the structure: a fixed identity (not learnable) has no
+    variable and no product at all; a graph whose support is the diagonal is an elementwise
+    scaling; a graph with more than L^2 / DENSE_PRODUCT_RATIO entries is multiplied densely; any
+    other one by a sparse-dense product on its support.
 
     Args:
-      initial_matrix: the normalised [L, L] matrix (`build_label_graph`); None creates an identity
-        placeholder of size num_classes whose values are then restored from saved weights.
+      initial_matrix: the normalised [L, L] matrix (`build_label_graph`); None creates a
+        placeholder of size num_classes with `num_entries` entries and the given `structure`,
+        whose support and values are then restored from saved weights.
       num_classes: L, required when initial_matrix is None.
-      learnable: whether G is trainable.
-      clip: project G to [0, 1] after every optimizer step.
+      learnable: whether the values are trainable.
+      clip: project the values to [0, 1] after every optimizer step.
       matrix_in_config: put the initial matrix into get_config() (small L only; otherwise the
         weights carry it, as in any saved Keras model).
+      num_entries, structure: the placeholder's support size S and structure (get_config() gives
+        them); ignored when initial_matrix is given.
 
     Example:
       >>> layer = LabelGraph(normalize_graph([[1.0, 1.0], [0.0, 1.0]]), learnable=False)
@@ -197,42 +217,100 @@ class LabelGraph(keras.layers.Layer):
     """
 
     def __init__(self, initial_matrix=None, num_classes: int | None = None, learnable: bool = True,
-                 clip: bool = True, matrix_in_config: bool = False, **kwargs):
+                 clip: bool = True, matrix_in_config: bool = False, num_entries: int | None = None,
+                 structure: str | None = None, **kwargs):
         # The graph works on float32 label states even under a mixed-precision policy.
         kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
-        initial = _initial_matrix(initial_matrix, num_classes)
-        self.num_classes = int(initial.shape[0])
         self.learnable = bool(learnable)
         self.clip = bool(clip)
         self.matrix_in_config = bool(matrix_in_config)
-        self._initial_values = initial if matrix_in_config else None
-        self.initial_matrix = self.add_weight(
-            name="initial_matrix", shape=initial.shape, dtype="float32",
-            initializer=keras.initializers.Constant(initial), trainable=False)
-        self.graph_matrix = self.add_weight(
-            name="graph_matrix", shape=initial.shape, dtype="float32",
-            initializer=keras.initializers.Constant(initial), trainable=self.learnable,
-            constraint=_SupportConstraint(self, self.clip))
+        if initial_matrix is None:
+            if num_classes is None or int(num_classes) < 1:
+                raise ValueError("LabelGraph: give initial_matrix, or num_classes >= 1 to create "
+                                 "a placeholder restored from saved weights. Received: "
+                                 f"num_classes={num_classes!r}.")
+            self.num_classes = int(num_classes)
+            if num_entries is None:  # an identity placeholder
+                support, values = _support_of(identity_graph(self.num_classes))
+            else:
+                support = np.zeros([int(num_entries), 2], np.int32)
+                values = np.zeros([int(num_entries)], np.float32)
+            if structure is None:
+                structure = ("general" if num_entries is not None else
+                             "diagonal" if self.learnable else "identity")
+            if structure not in STRUCTURES:
+                raise ValueError(f"LabelGraph: structure must be one of {STRUCTURES}. "
+                                 f"Received: structure={structure!r}.")
+            self._initial_values = None
+        else:
+            initial = _initial_matrix(initial_matrix, num_classes)
+            self.num_classes = int(initial.shape[0])
+            support, values = _support_of(initial)
+            structure = _structure_of(initial, support, self.learnable)
+            self._initial_values = initial if matrix_in_config else None
+        self.structure = structure
+        self.num_entries = 0 if structure == "identity" else int(support.shape[0])
+        self.dense_product = (structure == "general" and
+                              self.num_entries * DENSE_PRODUCT_RATIO > self.num_classes ** 2)
+        if structure == "identity":
+            self.built = True  # nothing to store: G = I, and the product is skipped
+            return
+        self.support = self.add_weight(
+            name="support", shape=support.shape, dtype="int32",
+            initializer=keras.initializers.Constant(support), trainable=False)
+        self.initial_values = self.add_weight(
+            name="initial_values", shape=values.shape, dtype="float32",
+            initializer=keras.initializers.Constant(values), trainable=False)
+        self.values = self.add_weight(
+            name="values", shape=values.shape, dtype="float32",
+            initializer=keras.initializers.Constant(values), trainable=self.learnable,
+            constraint=_ClipConstraint() if self.clip else None)
         self.built = True
 
     def call(self, states):
         states = tf.cast(states, tf.float32)
-        return tf.tensordot(states, self.matrix, axes=1)  # [..., L] @ [L, L]
+        if self.structure == "identity":
+            return states
+        if self.structure == "diagonal":
+            return states * self._dense(self.values, [self.num_classes], self.support[:, :1])
+        if self.dense_product:
+            return tf.tensordot(states, self.matrix, axes=1)  # [..., L] @ [L, L]
+        flat = tf.reshape(states, [-1, self.num_classes])  # [N, L]
+        graph = tf.SparseTensor(tf.cast(self.support, tf.int64), self.values,
+                                [self.num_classes, self.num_classes])
+        product = tf.sparse.sparse_dense_matmul(flat, graph)  # [N, L], support entries only
+        return tf.reshape(product, tf.shape(states))
 
-    @property
-    def support_mask(self) -> tf.Tensor:
-        """float32 [L, L]: 1 where the initial matrix is non-zero (the trainable entries)."""
-        return tf.cast(tf.not_equal(self.initial_matrix, 0.0), tf.float32)
+    def _dense(self, values, shape, positions=None):
+        positions = self.support if positions is None else positions
+        return tf.scatter_nd(positions, values, shape)
 
     @property
     def matrix(self) -> tf.Tensor:
-        """The effective graph G (masked by the initial support), float32 [L, L]."""
-        return self.graph_matrix * self.support_mask
+        """The graph G as a dense float32 [L, L] tensor (for inspection and small L)."""
+        if self.structure == "identity":
+            return tf.eye(self.num_classes)
+        return self._dense(self.values, [self.num_classes] * 2)
+
+    @property
+    def initial_matrix(self) -> tf.Tensor:
+        """The initial graph as a dense float32 [L, L] tensor."""
+        if self.structure == "identity":
+            return tf.eye(self.num_classes)
+        return self._dense(self.initial_values, [self.num_classes] * 2)
+
+    @property
+    def support_mask(self) -> tf.Tensor:
+        """float32 [L, L]: 1 on the support (the entries that are parameters), dense."""
+        if self.structure == "identity":
+            return tf.eye(self.num_classes)
+        return self._dense(tf.ones([self.num_entries]), [self.num_classes] * 2)
 
     def reset_to_initial(self) -> None:
         """Restores G to its initial values (e.g. after a NaN loss, as the official OI run does)."""
-        self.graph_matrix.assign(self.initial_matrix)
+        if self.structure != "identity":
+            self.values.assign(self.initial_values)
 
     def statistics(self) -> dict[str, float]:
         """Scalars describing G for TensorBoard (eager only), over the support entries.
@@ -240,16 +318,22 @@ class LabelGraph(keras.layers.Layer):
         Keys: mean_diagonal, mean_offdiagonal_mass (per-column sum of off-diagonal weights,
         averaged over columns), mean_abs_change and max_abs_change (|G - G0| over the support),
         mean_abs_column_sum_error (|column sum - 1|), fraction_at_zero and fraction_at_one
-        (support entries at the clip bounds), min_value, max_value, num_parameters.
+        (support entries at the clip bounds), min_value, max_value, num_parameters. Computed on
+        the S stored entries, never on a dense [L, L] matrix.
         """
-        # float32 copies with float64 accumulation: a few hundred MB at most for L = 5,000.
-        matrix = self.matrix.numpy()
-        initial = self.initial_matrix.numpy()
-        support = initial != 0
-        values = matrix[support]
-        diagonal = np.diag(matrix).astype(np.float64)
-        column_sums = matrix.sum(axis=0, dtype=np.float64)
-        change = np.abs(values - initial[support])
+        size = self.num_classes
+        if self.structure == "identity":
+            rows = columns = np.arange(size)
+            values = initial = np.ones(size, np.float32)
+        else:
+            support = self.support.numpy()
+            rows, columns = support[:, 0], support[:, 1]
+            values, initial = self.values.numpy(), self.initial_values.numpy()
+        on_diagonal = rows == columns
+        diagonal = np.bincount(rows[on_diagonal], values[on_diagonal].astype(np.float64),
+                               minlength=size)
+        column_sums = np.bincount(columns, values.astype(np.float64), minlength=size)
+        change = np.abs(values - initial)
         return {
             "mean_diagonal": float(diagonal.mean()),
             "mean_offdiagonal_mass": float((column_sums - diagonal).mean()),
@@ -269,40 +353,28 @@ class LabelGraph(keras.layers.Layer):
     def get_config(self):
         config = super().get_config()
         config.update({"num_classes": self.num_classes, "learnable": self.learnable,
-                       "clip": self.clip, "matrix_in_config": self.matrix_in_config})
+                       "clip": self.clip, "matrix_in_config": self.matrix_in_config,
+                       "num_entries": None if self.structure == "identity" else self.num_entries,
+                       "structure": self.structure})
         if self.matrix_in_config:
             config["initial_matrix"] = self._initial_values.tolist()
         return config
 
 
-class _SupportConstraint(keras.constraints.Constraint):
-    """Re-applies the support mask (and the optional [0, 1] projection) to the graph variable."""
-
-    def __init__(self, layer: LabelGraph, clip: bool):
-        self._layer = layer
-        self._clip = clip
+class _ClipConstraint(keras.constraints.Constraint):
+    """Projects the graph's stored values to [0, 1] after every optimizer step."""
 
     def __call__(self, weight):
-        weight = weight * self._layer.support_mask
-        if self._clip:
-            weight = tf.clip_by_value(weight, 0.0, 1.0)
-        return weight
+        return tf.clip_by_value(weight, 0.0, 1.0)
 
     def get_config(self):
-        # Rebuilt by LabelGraph itself from its own config; nothing to serialise here.
-        return {"clip": self._clip}
+        return {}
 
 
 # ---- Helpers -----------------------------------------------------------------------------------
 
 
 def _initial_matrix(initial_matrix, num_classes):
-    if initial_matrix is None:
-        if num_classes is None or int(num_classes) < 1:
-            raise ValueError("LabelGraph: give initial_matrix, or num_classes >= 1 to create a "
-                             f"placeholder restored from saved weights. Received: "
-                             f"num_classes={num_classes!r}.")
-        return identity_graph(int(num_classes))
     initial = np.asarray(initial_matrix, dtype=np.float32)
     if initial.ndim != 2 or initial.shape[0] != initial.shape[1]:
         raise ValueError(f"LabelGraph: initial_matrix must be a square [L, L] matrix. "
@@ -313,6 +385,23 @@ def _initial_matrix(initial_matrix, num_classes):
     if not np.all(np.isfinite(initial)):
         raise ValueError("LabelGraph: initial_matrix has non-finite values (NaN or inf).")
     return initial
+
+
+def _support_of(matrix):
+    """(support int32 [S, 2] of (row, column) in row-major order, values float32 [S])."""
+    rows, columns = np.nonzero(matrix)  # row-major order
+    return (np.stack([rows, columns], axis=1).astype(np.int32),
+            matrix[rows, columns].astype(np.float32))
+
+
+def _structure_of(matrix, support, learnable):
+    """"identity" (fixed I: nothing stored), "diagonal" (support = the diagonal) or "general"."""
+    size = matrix.shape[0]
+    diagonal = support.shape[0] == size and np.array_equal(support[:, 0], np.arange(size)) \
+        and np.array_equal(support[:, 1], np.arange(size))
+    if diagonal and not learnable and np.all(np.diag(matrix) == 1.0):
+        return "identity"
+    return "diagonal" if diagonal else "general"
 
 
 def _keep_top_k_per_column(graph, top_k):

@@ -162,6 +162,10 @@ class IMCLModel(keras.Model):
       feature_loss: add lambda_f * L_f to the loss (the feature side always drives selection).
       freeze_batchnorm: see build_backbone.
       head_weight_decay: L2 factor on the classifier kernel (bias excluded), CUB uses 1e-4.
+      omp_jit_compile: run the OMP XLA-compiled inside the step (architecture.md section 5);
+        False runs it as ordinary TensorFlow ops (a fallback where XLA is unavailable).
+      label_graph_layout: {"num_entries", "structure"} of a saved graph (get_config() writes it),
+        used when label_graph_init is None to rebuild the graph's storage before its weights load.
       atom_gradient: let the smoothness residuals also train the neighbours' label states (the
         official code does); False treats neighbours as fixed teachers of the query: no gradient
         through their label states or (forward mode) their features, so none reaches the graph.
@@ -175,6 +179,7 @@ class IMCLModel(keras.Model):
                  feature_loss: bool = True, freeze_batchnorm: bool = False,
                  head_weight_decay: float = 0.0, label_graph_init: Any = None,
                  atom_gradient: bool = True, refit_mode: str = "reuse_support_refit",
+                 label_graph_layout: dict[str, Any] | None = None, omp_jit_compile: bool = True,
                  **kwargs):
         super().__init__(**kwargs)
         _check_choice("method", method, METHODS)
@@ -226,6 +231,7 @@ class IMCLModel(keras.Model):
         self.head_weight_decay = float(head_weight_decay)
         self.atom_gradient = bool(atom_gradient)
         self.refit_mode = refit_mode
+        self.omp_jit_compile = bool(omp_jit_compile)
 
         self.preprocess = Preprocess(_PREPROCESSING[backbone], name="preprocess")
         self.backbone = build_backbone(backbone, self.input_shape_, backbone_weights,
@@ -233,10 +239,18 @@ class IMCLModel(keras.Model):
         self.feature_dim = int(self.backbone.output.shape[-1])
         # Logits stay float32 under mixed precision: losses and OMP need the precision.
         self.head = keras.layers.Dense(self.num_classes, dtype="float32", name="classifier")
-        graph_init = (np.eye(self.num_classes, dtype=np.float32) if label_graph_init is None
-                      else np.asarray(label_graph_init, np.float32))
-        self.label_graph = LabelGraph(graph_init, learnable=learn_label_graph and method == "imcl",
-                                      clip=clip_label_graph, name="label_graph")
+        graph_learnable = learn_label_graph and method == "imcl"
+        if label_graph_init is None and label_graph_layout is not None:
+            # Rebuilt from a config: a placeholder of the saved support size, values from weights.
+            self.label_graph = LabelGraph(None, self.num_classes, learnable=graph_learnable,
+                                          clip=clip_label_graph, name="label_graph",
+                                          num_entries=label_graph_layout.get("num_entries"),
+                                          structure=label_graph_layout.get("structure"))
+        else:
+            graph_init = (np.eye(self.num_classes, dtype=np.float32) if label_graph_init is None
+                          else np.asarray(label_graph_init, np.float32))
+            self.label_graph = LabelGraph(graph_init, learnable=graph_learnable,
+                                          clip=clip_label_graph, name="label_graph")
         self.bank = None
         if method == "imcl":
             self.bank = DictionaryBank(
@@ -347,45 +361,54 @@ class IMCLModel(keras.Model):
         the OMPResult against the bank (whose coefficients forward mode may replace, see
         `refit_mode`).
         """
-        graph = self.label_graph.matrix  # [L, L]
         query_y = losses.query_label_states(logits, labels, self.asym_c)  # [B, L]
         query_f = _with_bias(features)  # [B, D+1]: the constant coordinate is reconstructed too
         bank_f = _with_bias(self.bank.features)  # [M, D+1], constants until the next refresh
-        bank_labels = self.bank.label_rows()  # [M, L]
-        # Atom label states with the CURRENT classifier and graph (gradient reaches both).
-        atoms_y = losses.atom_label_states(self.head(self.bank.features), bank_labels, graph,
-                                           self.asym_c)  # [M, L]
+        # Atom label states for SELECTION only, with the current classifier and graph but no
+        # gradient (architecture.md section 5, scale rules): only the B x k selected neighbours
+        # enter the loss, and their states are recomputed with gradient below.
+        atoms_y = self.selection_atom_states()  # [M, L]
         omp = joint_nonnegative_omp(
-            tf.stop_gradient(query_y), tf.stop_gradient(query_f), tf.stop_gradient(atoms_y),
+            tf.stop_gradient(query_y), tf.stop_gradient(query_f), atoms_y,
             bank_f, self.k, lambda_y=lambda_y, lambda_f=lambda_f,
-            exclude=self.bank.exclusion_mask(ids))
+            exclude=self.bank.exclusion_mask(ids), jit_compile=self.omp_jit_compile)
         indices = tf.maximum(omp.indices, 0)  # invalid slots are masked by `valid` below
         coef_y, coef_f = omp.coef_y, omp.coef_f
-        if not self.atom_gradient:
-            # Neighbours act as fixed teachers: only the query side learns from the residual.
-            atoms_y = tf.stop_gradient(atoms_y)
+        batch = tf.shape(indices)[0]
+        flat = tf.reshape(indices, [-1])  # [B*k]
+        neighbour_labels = tf.cast(tf.gather(self.bank.labels, flat), tf.float32)  # [B*k, L]
         if self.neighbour_mode == "forward":
             # Neighbour inputs go through the backbone again, with gradient (spec 3.3).
-            batch = tf.shape(indices)[0]
-            flat = tf.reshape(indices, [-1])  # [B*k]
             neighbour_features = self.extract_features(self.bank(flat), training=training)
-            neighbour_y = losses.atom_label_states(
-                self.head(neighbour_features), tf.gather(bank_labels, flat), graph, self.asym_c)
-            neighbour_y = tf.reshape(neighbour_y, [batch, self.k, self.num_classes])
-            neighbour_f = tf.reshape(_with_bias(neighbour_features), [batch, self.k, -1])
-            if not self.atom_gradient:
-                neighbour_y = tf.stop_gradient(neighbour_y)
-                neighbour_f = tf.stop_gradient(neighbour_f)
-            if self.refit_mode == "reuse_support_refit":
-                # Same support, coefficients re-solved for the fresh vectors (spec 5.1).
-                coef_y, coef_f = refit_on_support(query_y, query_f, neighbour_y, neighbour_f,
-                                                  omp.valid)
         else:
-            neighbour_y = tf.gather(atoms_y, indices)  # [B, k, L]
-            neighbour_f = tf.gather(bank_f, indices)  # [B, k, D+1]
+            # The cached features of the chosen atoms (constants until the next refresh).
+            neighbour_features = tf.gather(self.bank.features, flat)  # [B*k, D]
+        # The chosen neighbours' label states, with gradient to the classifier and the graph.
+        neighbour_y = losses.atom_label_states(
+            self.head(neighbour_features), neighbour_labels, self.label_graph, self.asym_c)
+        neighbour_y = tf.reshape(neighbour_y, [batch, self.k, self.num_classes])
+        neighbour_f = tf.reshape(_with_bias(neighbour_features), [batch, self.k, -1])
+        if not self.atom_gradient:
+            # Neighbours act as fixed teachers: only the query side learns from the residual.
+            neighbour_y = tf.stop_gradient(neighbour_y)
+            neighbour_f = tf.stop_gradient(neighbour_f)
+        if self.neighbour_mode == "forward" and self.refit_mode == "reuse_support_refit":
+            # Same support, coefficients re-solved for the fresh vectors (spec 5.1).
+            coef_y, coef_f = refit_on_support(query_y, query_f, neighbour_y, neighbour_f,
+                                              omp.valid)
         return {"query_y": query_y, "query_f": query_f, "neighbour_y": neighbour_y,
                 "neighbour_f": neighbour_f, "coef_y": coef_y, "coef_f": coef_f,
                 "valid": omp.valid, "omp": omp}
+
+    def selection_atom_states(self) -> tf.Tensor:
+        """[M, L] label states of every bank atom (current classifier and graph), no gradient.
+
+        They only choose the neighbours (the OMP); the loss uses the chosen neighbours' states
+        recomputed with gradient.
+        """
+        logits = self.head(self.bank.features)  # [M, L]
+        return tf.stop_gradient(losses.atom_label_states(
+            logits, self.bank.label_rows(), self.label_graph, self.asym_c))
 
     def _update_trackers(self, terms):
         for name, value in terms.items():
@@ -477,6 +500,9 @@ class IMCLModel(keras.Model):
             "neighbour_mode": self.neighbour_mode, "feature_loss": self.feature_loss,
             "freeze_batchnorm": self.freeze_batchnorm, "head_weight_decay": self.head_weight_decay,
             "atom_gradient": self.atom_gradient, "refit_mode": self.refit_mode,
+            "omp_jit_compile": self.omp_jit_compile,
+            "label_graph_layout": {"num_entries": self.label_graph.get_config()["num_entries"],
+                                   "structure": self.label_graph.structure},
             "name": self.name,
         }
 

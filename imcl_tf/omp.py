@@ -75,8 +75,9 @@ def joint_nonnegative_omp(query_y: Any,
       lambda_y: weight >= 0 of the label side; Python number or scalar tensor.
       lambda_f: weight >= 0 of the feature side; Python number or scalar tensor.
       exclude: optional [B, M] bool, True where an atom may not be chosen for that query (itself).
-      jit_compile: run the computation through a cached `tf.function(jit_compile=True)`.
-        Inside a caller's own compiled function leave it False.
+      jit_compile: run the computation through a cached `tf.function(jit_compile=True)`, also
+        from inside an ordinary tf.function such as a Keras train step (IMCLModel does). Inside
+        a caller's own jit-compiled function leave it False: the caller's compilation covers it.
 
     Returns:
       OMPResult(indices [B, k] int32, valid [B, k] bool, coef_y [B, k] float32,

@@ -5,7 +5,7 @@ paper's two-stage recipe), validates by mAP at every evaluation interval, logs t
 under model_dir, checkpoints so that a killed run resumes where it was, keeps the best model by
 validation mAP and exports it as a SavedModel for TensorFlow Serving.
 
-Every option is a flag (one per `train_lib.TrainConfig` field; `--helpfull` lists them). Flags are
+Every option is a flag (one per `TrainConfig` field; `--helpfull` lists them). Flags are
 read left to right and the last value wins, so `--flagfile=configs/cub.flags --k=5` overrides the
 file's k. A flagfile may include another with a `--flagfile=...` line; a relative path there is
 looked up next to the including file first, then in the working directory.
@@ -20,7 +20,9 @@ from typing import Sequence
 
 from absl import app, flags, logging
 
-from imcl_tf import train_lib
+from imcl_tf.training.config import TrainConfig
+from imcl_tf.training.report import format_summary
+from imcl_tf.training.trainer import run
 
 FLAGS = flags.FLAGS
 
@@ -30,7 +32,7 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
 
     `flag_values` lets tests parse into a fresh FlagValues; a flag already defined is kept.
     """
-    for field in dataclasses.fields(train_lib.TrainConfig):
+    for field in dataclasses.fields(TrainConfig):
         if field.name in flag_values:
             continue
         default = field.default
@@ -49,10 +51,10 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
             flags.DEFINE_string(field.name, default, help_text, **kwargs)
 
 
-def config_from_flags(flag_values: flags.FlagValues = FLAGS) -> train_lib.TrainConfig:
+def config_from_flags(flag_values: flags.FlagValues = FLAGS) -> TrainConfig:
     """The TrainConfig of parsed flags."""
-    values = {f.name: flag_values[f.name].value for f in dataclasses.fields(train_lib.TrainConfig)}
-    return train_lib.TrainConfig(**values)
+    values = {f.name: flag_values[f.name].value for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**values)
 
 
 def expand_flagfiles(argv: Sequence[str], *, _stack: tuple[str, ...] = ()) -> list[str]:
@@ -126,9 +128,9 @@ def main(argv: list[str]) -> None:
         config.validate()
     except ValueError as e:
         raise app.UsageError(str(e)) from e
-    summary = train_lib.run(config)
+    summary = run(config)
     if summary.get("is_chief", True):
-        print(train_lib.format_summary(summary), flush=True)
+        print(format_summary(summary), flush=True)
 
 
 def run_cli() -> None:

@@ -234,3 +234,54 @@ def test_an_unbuilt_model_is_built_before_tracing(tmp_path, rng):
     served = tf.saved_model.load(version_dir).signatures["predict_features"](
         features=tf.constant(features))
     np.testing.assert_allclose(served["logits"].numpy(), model(features).numpy(), atol=1e-5)
+
+
+def test_signatures_refuse_image_bombs_and_non_finite_arrays(tmp_path, rng):
+    """The SavedModel guards itself, so TF Serving (which runs no code of ours) gets the same
+    protection as serving/server.py: header check before decoding, finite arrays only."""
+    import struct
+    import zlib
+
+    def png_bomb(width, height):  # 1-bit black PNG built from bytes (tests/image_bombs.py)
+        row = b"\x00" * (1 + (width + 7) // 8)
+        chunk = lambda kind, body: (struct.pack(">I", len(body)) + kind + body  # noqa: E731
+                                    + struct.pack(">I", zlib.crc32(kind + body)))
+        return (b"\x89PNG\r\n\x1a\n"
+                + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0))
+                + chunk(b"IDAT", zlib.compress(row * height, 9)) + chunk(b"IEND", b""))
+
+    model = tiny_image_model()
+    version_dir = export.export_model(model, str(tmp_path), "guarded", class_names=CLASS_NAMES,
+                                      input_mode="image", image_size=IMAGE_SIZE,
+                                      max_image_pixels=40 * 30)
+    loaded = tf.saved_model.load(version_dir)
+    small, large = png_bomb(40, 30), png_bomb(41, 30)
+    assert loaded.signatures["serving_default"](
+        image_bytes=tf.constant([small]))["probabilities"].shape == (1, len(CLASS_NAMES))
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=r"image_bytes\[1\]: image of 41 x 30 pixels \(1230 pixels\) is over "
+                             r"the limit of 1,200 pixels \(--max_image_pixels=1200\)"):
+        loaded.signatures["serving_default"](image_bytes=tf.constant([small, large]))
+    example = data.make_example("big", [], [], len(CLASS_NAMES), encoded_image=large)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="41 x 30 pixels"):
+        loaded.signatures["classify"](inputs=tf.constant([example.SerializeToString()]))
+
+    images = rng.uniform(0, 255, size=[2, IMAGE_SIZE, IMAGE_SIZE, 3]).astype(np.float32)
+    expected = np_sigmoid(model(images, training=False).numpy())
+    np.testing.assert_allclose(loaded.signatures["predict_images"](
+        images=tf.constant(images))["probabilities"].numpy(), expected, atol=1e-5)
+    images[0, 1, 2, 0] = np.nan
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match="input 'images' has NaN or infinite values"):
+        loaded.signatures["predict_images"](images=tf.constant(images))
+
+    features_dir = export.export_model(tiny_features_model(), str(tmp_path), "feat",
+                                       class_names=CLASS_NAMES, input_mode="features",
+                                       feature_dim=FEATURE_DIM)
+    features = np.array([[0.0] * (FEATURE_DIM - 1) + [np.inf]], np.float32)
+    for name in ("serving_default", "predict_features"):
+        with pytest.raises(tf.errors.InvalidArgumentError, match="input 'features' has NaN"):
+            tf.saved_model.load(features_dir).signatures[name](features=tf.constant(features))
+    with pytest.raises(export.ExportError, match="--max_image_pixels must be a positive"):
+        export.export_model(model, str(tmp_path), "bad", class_names=CLASS_NAMES,
+                            input_mode="image", image_size=IMAGE_SIZE, max_image_pixels=0)

@@ -193,13 +193,55 @@ def test_build_label_graph_dispatches_and_normalizes(tmp_path, rng):
 # ---- LabelGraph layer --------------------------------------------------------------------------
 
 
-def test_label_graph_call_is_row_vector_product(rng):
+def _numpy_support(graph):
+    rows, columns = np.nonzero(graph)
+    return rows, columns
+
+
+@pytest.mark.parametrize("product", ["sparse", "dense"])
+def test_label_graph_call_is_row_vector_product_on_either_path(rng, monkeypatch, product):
+    import imcl_tf.label_graph as label_graph_lib
+    monkeypatch.setattr(label_graph_lib, "DENSE_PRODUCT_RATIO", 10**6 if product == "dense" else 0)
     graph = normalize_graph(sparse_nonnegative(rng, 6))
     layer = LabelGraph(graph)
+    assert layer.dense_product == (product == "dense") and layer.structure == "general"
     states = rng.normal(size=(3, 6)).astype(np.float32)
     np.testing.assert_allclose(layer(states).numpy(), states @ graph, rtol=1e-5, atol=1e-6)
     stacked = rng.normal(size=(2, 3, 6)).astype(np.float32)
     np.testing.assert_allclose(layer(stacked).numpy(), stacked @ graph, rtol=1e-5, atol=1e-6)
+    # Gradients w.r.t. the stored values are the dense gradient dG = states^T upstream, read on
+    # the support; w.r.t. the states, upstream G^T.
+    upstream = rng.normal(size=(3, 6)).astype(np.float32)
+    states_tensor = tf.constant(states)
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(states_tensor)
+        loss = tf.reduce_sum(layer(states_tensor) * upstream)
+    rows, columns = _numpy_support(graph)
+    np.testing.assert_array_equal(layer.support.numpy(), np.stack([rows, columns], 1))
+    np.testing.assert_allclose(tape.gradient(loss, layer.values).numpy(),
+                               (states.T @ upstream)[rows, columns], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(tape.gradient(loss, states_tensor).numpy(), upstream @ graph.T,
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_fixed_identity_graph_stores_nothing_and_skips_the_product(rng):
+    layer = LabelGraph(identity_graph(5), learnable=False)
+    assert layer.structure == "identity" and layer.weights == [] and layer.num_entries == 0
+    states = rng.normal(size=(3, 5)).astype(np.float32)
+    np.testing.assert_array_equal(layer(states).numpy(), states)
+    np.testing.assert_array_equal(layer.matrix.numpy(), np.eye(5))
+    clone = LabelGraph.from_config(layer.get_config())
+    assert clone.structure == "identity" and clone.weights == []
+    assert layer.statistics()["mean_diagonal"] == 1.0
+
+
+def test_learnable_identity_graph_is_a_diagonal_scaling(rng):
+    layer = LabelGraph(identity_graph(5), learnable=True)
+    assert layer.structure == "diagonal" and layer.values.shape == (5,)
+    layer.values.assign([1.0, 0.5, 0.25, 0.0, 1.0])
+    states = rng.normal(size=(3, 5)).astype(np.float32)
+    np.testing.assert_allclose(layer(states).numpy(), states * [1.0, 0.5, 0.25, 0.0, 1.0])
+    np.testing.assert_allclose(layer.matrix.numpy(), np.diag([1.0, 0.5, 0.25, 0.0, 1.0]))
 
 
 @pytest.mark.parametrize("optimizer_name, clip", [("rmsprop", True), ("rmsprop", False),
@@ -207,41 +249,24 @@ def test_label_graph_call_is_row_vector_product(rng):
 def test_label_graph_keeps_zero_pattern_after_optimizer_steps(rng, optimizer_name, clip):
     graph = normalize_graph(sparse_nonnegative(rng, 8))
     layer = LabelGraph(graph, clip=clip)
+    support = graph != 0
     optimizer = {"rmsprop": keras.optimizers.RMSprop(0.5, momentum=0.9),
                  "adam": keras.optimizers.Adam(0.5)}[optimizer_name]
     for _ in range(5):
-        # Dense random gradients, also on the zero entries: the constraint alone must keep them 0.
-        gradient = tf.constant(rng.normal(scale=3.0, size=(8, 8)), tf.float32)
-        optimizer.apply([gradient], [layer.graph_matrix])
-    values = layer.graph_matrix.numpy()
-    np.testing.assert_array_equal(values[graph == 0], 0.0)
-    np.testing.assert_array_equal(layer.matrix.numpy()[graph == 0], 0.0)
-    assert np.abs(values - graph)[graph != 0].max() > 0.1  # the support did move
+        gradient = tf.constant(rng.normal(scale=3.0, size=(int(support.sum()),)), tf.float32)
+        optimizer.apply([gradient], [layer.values])
+    # The optimizer's slots hold one number per support entry, never L x L.
+    slots = [v for v in optimizer.variables if len(v.shape) > 0]
+    assert slots and all(tuple(v.shape) == (int(support.sum()),) for v in slots)
+    matrix = layer.matrix.numpy()
+    np.testing.assert_array_equal(matrix[~support], 0.0)
+    values = matrix[support]
+    assert np.abs(values - graph[support]).max() > 0.1  # the support did move
     if clip:
         assert values.min() >= 0.0 and values.max() <= 1.0
-        assert np.any(values[graph != 0] == 0.0) or np.any(values[graph != 0] == 1.0)
+        assert np.any(values == 0.0) or np.any(values == 1.0)
     else:
         assert values.min() < 0.0 or values.max() > 1.0
-
-
-def test_label_graph_gradient_is_zero_off_support(rng):
-    graph = normalize_graph(sparse_nonnegative(rng, 7))
-    layer = LabelGraph(graph)
-    states = tf.constant(rng.normal(size=(4, 7)), tf.float32)
-    with tf.GradientTape() as tape:
-        loss = tf.reduce_sum(layer(states) * rng.normal(size=(4, 7)))
-    gradient = tape.gradient(loss, layer.graph_matrix).numpy()
-    np.testing.assert_array_equal(gradient[graph == 0], 0.0)
-    assert np.all(gradient[graph != 0] != 0)
-
-
-def test_label_graph_forward_masks_off_support_values(rng):
-    graph = normalize_graph(sparse_nonnegative(rng, 5))
-    layer = LabelGraph(graph)
-    layer.graph_matrix.assign(np.ones((5, 5), np.float32))  # e.g. a bad manual assignment
-    states = rng.normal(size=(2, 5)).astype(np.float32)
-    np.testing.assert_allclose(layer(states).numpy(), states @ (graph != 0).astype(np.float32),
-                               rtol=1e-5, atol=1e-6)
 
 
 def test_label_graph_learnable_flag_and_reset(rng):
@@ -249,8 +274,8 @@ def test_label_graph_learnable_flag_and_reset(rng):
     frozen = LabelGraph(graph, learnable=False)
     assert frozen.trainable_weights == []
     learned = LabelGraph(graph)
-    assert [w.name for w in learned.trainable_weights] == ["graph_matrix"]
-    learned.graph_matrix.assign(learned.graph_matrix * 0.5)
+    assert [w.name for w in learned.trainable_weights] == ["values"]
+    learned.values.assign(learned.values * 0.5)
     learned.reset_to_initial()
     np.testing.assert_array_equal(learned.matrix.numpy(), graph)
 
@@ -258,10 +283,11 @@ def test_label_graph_learnable_flag_and_reset(rng):
 def test_label_graph_statistics_match_numpy(rng):
     graph = normalize_graph(sparse_nonnegative(rng, 6))
     layer = LabelGraph(graph)
-    changed = np.clip(graph + (graph != 0) * rng.normal(scale=0.4, size=graph.shape), 0, 1)
-    layer.graph_matrix.assign(changed.astype(np.float32))
-    matrix = layer.matrix.numpy().astype(np.float64)
     support = graph != 0
+    changed = np.clip(graph + support * rng.normal(scale=0.4, size=graph.shape), 0, 1)
+    layer.values.assign(changed[support].astype(np.float32))
+    matrix = layer.matrix.numpy().astype(np.float64)
+    np.testing.assert_array_equal(matrix, changed.astype(np.float32))
     stats = layer.statistics()
     assert all(isinstance(value, float) for value in stats.values())
     np.testing.assert_allclose(stats["mean_diagonal"], np.diag(matrix).mean(), rtol=1e-6)
@@ -270,6 +296,8 @@ def test_label_graph_statistics_match_numpy(rng):
                                rtol=1e-6)
     np.testing.assert_allclose(stats["mean_abs_change"], np.abs(matrix - graph)[support].mean(),
                                rtol=1e-5)
+    np.testing.assert_allclose(stats["mean_abs_column_sum_error"],
+                               np.abs(matrix.sum(0) - 1).mean(), rtol=1e-5)
     np.testing.assert_allclose(stats["fraction_at_zero"], np.mean(matrix[support] <= 0))
     np.testing.assert_allclose(stats["fraction_at_one"], np.mean(matrix[support] >= 1))
     assert stats["num_parameters"] == support.sum()
@@ -290,7 +318,7 @@ def test_label_graph_saves_and_reloads_inside_a_keras_model(tmp_path, rng):
     reloaded = keras.saving.load_model(path)
     layer = reloaded.layers[-1]
     assert isinstance(layer, LabelGraph) and layer.clip and layer.learnable
-    np.testing.assert_array_equal(layer.graph_matrix.numpy(), trained.graph_matrix.numpy())
+    np.testing.assert_array_equal(layer.values.numpy(), trained.values.numpy())
     np.testing.assert_array_equal(layer.initial_matrix.numpy(), graph)
     np.testing.assert_array_equal(reloaded.predict(x, verbose=0), model.predict(x, verbose=0))
     np.testing.assert_array_equal(layer.support_mask.numpy(), (graph != 0).astype(np.float32))
@@ -305,6 +333,7 @@ def test_label_graph_config_round_trip(rng):
     without_matrix = LabelGraph(graph)
     config = without_matrix.get_config()
     assert "initial_matrix" not in config and config["num_classes"] == 4
+    assert config["num_entries"] == np.count_nonzero(graph)
     placeholder = LabelGraph.from_config(config)
     placeholder.set_weights(without_matrix.get_weights())
     np.testing.assert_array_equal(placeholder.matrix.numpy(), graph)
@@ -319,7 +348,7 @@ def test_label_graph_computes_in_float32_under_mixed_precision(rng):
         output = layer(tf.constant(rng.normal(size=(2, 4)), tf.float16))
     finally:
         keras.config.set_dtype_policy(previous)
-    assert output.dtype == tf.float32 and layer.graph_matrix.dtype == "float32"
+    assert output.dtype == tf.float32 and layer.values.dtype == "float32"
 
 
 def test_label_graph_rejects_bad_initial_matrix():
@@ -327,3 +356,5 @@ def test_label_graph_rejects_bad_initial_matrix():
         LabelGraph(np.ones((2, 3)))
     with pytest.raises(ValueError, match="give initial_matrix, or num_classes"):
         LabelGraph()
+    with pytest.raises(ValueError, match="structure must be one of"):
+        LabelGraph(num_classes=3, num_entries=2, structure="banded")

@@ -163,7 +163,7 @@ def _bad_requests(encoded):
          grpc.StatusCode.INVALID_ARGUMENT, "has shape [1, 8, 8, 3]; expected [-1, 16, 16, 3]"),
         ("not an image", "Predict",
          predict_request({"image_bytes": np.array([jpeg, b"hello world"], dtype=object)}),
-         grpc.StatusCode.INVALID_ARGUMENT, "element 1 is not a JPEG or PNG image"),
+         grpc.StatusCode.INVALID_ARGUMENT, "element 1: not a PNG, JPEG, GIF or BMP file"),
         ("truncated JPEG", "Predict",
          predict_request({"image_bytes": np.array([jpeg[: len(jpeg) // 2]], dtype=object)}),
          grpc.StatusCode.INVALID_ARGUMENT, "image_bytes[0]"),
@@ -437,7 +437,7 @@ def test_cli_server_and_client_then_sigterm(tmp_path, rng, capsys):
     export.export_model(model, str(tmp_path), "tiny", class_names=CLASS_NAMES,
                         input_mode="image", image_size=IMAGE_SIZE, top_k=3)
     command = [sys.executable, "-m", "serving.server", f"--model_base_path={tmp_path / 'tiny'}",
-               "--model_name=tiny", "--port=0"]
+               "--model_name=tiny", "--port=0", "--rest_api_port=0"]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
     try:

@@ -17,7 +17,15 @@ import pytest
 import tensorflow as tf
 from absl import flags
 
-from imcl_tf import models, train, train_lib
+from imcl_tf import models, train
+from imcl_tf.training.config import TrainConfig
+from imcl_tf.training.optimizer import PlateauState
+from imcl_tf.training.progress import Clock
+from imcl_tf.training.report import format_summary
+from imcl_tf.training.run_files import RUN_CONFIG, write_json
+from imcl_tf.training.summaries import write_pr_curves
+from imcl_tf.training.trainer import _Trainer
+from imcl_tf.training import progress
 from test_train_common import CLASS_NAMES, REPO_ROOT, read_events, write_dataset, \
     write_features_dataset
 
@@ -36,7 +44,7 @@ def dataset(tmp_path_factory):
 def config_for(dataset, tmp_path, **overrides):
     values = dict(data_dir=dataset, model_dir=str(tmp_path / "run"))
     values.update(overrides)
-    return train_lib.TrainConfig(**values)
+    return TrainConfig(**values)
 
 
 # ---- flags ---------------------------------------------------------------------------------------
@@ -45,13 +53,13 @@ def config_for(dataset, tmp_path, **overrides):
 def test_every_option_is_a_flag_with_the_same_default_and_a_help():
     flag_values = fresh_flags()
     flag_values(["train"])
-    for field in dataclasses.fields(train_lib.TrainConfig):
+    for field in dataclasses.fields(TrainConfig):
         flag = flag_values[field.name]
         assert flag.default == field.default, field.name
         assert len(flag.help) > 10, field.name
         if field.metadata.get("choices"):
             assert list(flag.parser.enum_values) == list(field.metadata["choices"])
-    assert train.config_from_flags(flag_values) == train_lib.TrainConfig()
+    assert train.config_from_flags(flag_values) == TrainConfig()
 
 
 def test_architecture_flags_exist():
@@ -61,9 +69,9 @@ def test_architecture_flags_exist():
                 "lambda_y", "lambda_f", "balance", "dictionary_size", "dictionary_per_class",
                 "refresh_every", "label_graph", "learn_label_graph", "asym_c", "warm_start",
                 "strategy", "mixed_precision", "seed", "export_dir"]
-    fields = {f.name for f in dataclasses.fields(train_lib.TrainConfig)}
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
     assert not set(promised) - fields
-    choices = {f.name: f.metadata.get("choices") for f in dataclasses.fields(train_lib.TrainConfig)}
+    choices = {f.name: f.metadata.get("choices") for f in dataclasses.fields(TrainConfig)}
     assert set(choices["method"]) == {"imcl", "logistic"}
     assert set(choices["balance"]) >= {"loss_ratio", "none"}
     assert set(choices["strategy"]) == {"default", "mirrored", "multi_worker"}
@@ -81,10 +89,10 @@ def test_every_model_option_is_a_flag_and_reaches_the_model(dataset, tmp_path):
                         neighbour_mode="forward", feature_loss=False, freeze_batchnorm=True,
                         head_weight_decay=1e-4, atom_gradient=False, refit_mode="reuse_all",
                         dictionary_per_class=2)
-    trainer = train_lib._Trainer(config)
+    trainer = _Trainer(config)
     trainer._build()
     model_config = trainer.model.get_config()
-    fields = {f.name for f in dataclasses.fields(train_lib.TrainConfig)}
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
     for name in inspect.signature(models.IMCLModel.__init__).parameters:
         if name in derived:
             continue
@@ -193,7 +201,7 @@ def test_the_expected_configs_exist():
 
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=os.path.basename)
 def test_config_file_sets_only_known_flags_with_valid_values(path):
-    fields = {f.name: f for f in dataclasses.fields(train_lib.TrainConfig)}
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
     for name in flag_names_in(path):
         if name == "flagfile":
             continue
@@ -329,7 +337,7 @@ def test_warm_start_must_match_the_data_and_the_backbone(dataset, tmp_path):
 def test_a_checkpointed_run_resumes_only_with_compatible_settings(dataset, tmp_path):
     config = config_for(dataset, tmp_path, k=3, train_steps=10)
     model_dir = config.model_dir
-    train_lib._write_json(os.path.join(model_dir, train_lib.RUN_CONFIG),
+    write_json(os.path.join(model_dir, RUN_CONFIG),
                           {"config": dataclasses.asdict(config)})
     config_for(dataset, tmp_path, k=4).validate()  # no checkpoint yet: a fresh start is fine
     write(os.path.join(model_dir, "checkpoints", "checkpoint"), 'model_checkpoint_path: "ckpt-2"\n')
@@ -344,10 +352,10 @@ def test_a_checkpointed_run_resumes_only_with_compatible_settings(dataset, tmp_p
 
 
 def test_plateau_rule_matches_a_plain_implementation(rng):
-    config = train_lib.TrainConfig(learning_rate=0.1, plateau_alpha=0.3, plateau_patience=2,
+    config = TrainConfig(learning_rate=0.1, plateau_alpha=0.3, plateau_patience=2,
                                    plateau_min_lr=0.04, plateau_start_step=20)
     optimizer = keras.optimizers.SGD(config.learning_rate)
-    state = train_lib._PlateauState()
+    state = PlateauState()
     maps = rng.random(30)
     ema, cooldown, lr, expected, got = 0.0, 0, 0.1, [], []
     for index, value in enumerate(maps):
@@ -368,7 +376,7 @@ def test_pr_curves_match_counts_computed_by_hand(tmp_path, rng):
     labels = rng.choice([-1.0, 0.0, 1.0], size=[30, 3])
     writer = tf.summary.create_file_writer(str(tmp_path))
     with writer.as_default():
-        train_lib.write_pr_curves(scores, labels, ["a", "b", "c"], step=7, num_thresholds=11)
+        write_pr_curves(scores, labels, ["a", "b", "c"], step=7, num_thresholds=11)
     writer.close()
     events = read_events(str(tmp_path))
     for c, name in enumerate(["a", "b", "c"]):
@@ -388,8 +396,8 @@ def test_pr_curves_match_counts_computed_by_hand(tmp_path, rng):
 
 def test_progress_eta_uses_the_latest_interval(monkeypatch):
     now = [1000.0]
-    monkeypatch.setattr(train_lib.time, "time", lambda: now[0])
-    clock = train_lib._Clock(start_step=0, total_steps=100)
+    monkeypatch.setattr(progress.time, "time", lambda: now[0])
+    clock = Clock(start_step=0, total_steps=100)
     for steps, train_seconds, eval_seconds in ((20, 50.0, 4.0), (20, 10.0, 2.0)):
         clock.start_interval()
         now[0] += train_seconds
@@ -418,7 +426,7 @@ def test_format_summary_reports_metrics_losses_and_paths():
                "files": {"model_dir": "runs/x", "best_model": "runs/x/best.keras",
                          "tensorboard": "runs/x/logs", "export": "exports/imcl/3"},
                "logistic_stage": stage, "wall_seconds": 3725}
-    text = train_lib.format_summary(summary)
+    text = format_summary(summary)
     assert "stage 1/2: logistic baseline: 100 steps (100 in this session)" in text
     assert "stage 2/2: IMCL warm-started from the baseline: 50 steps (30 in this session, " \
            "resumed at step 20)" in text
@@ -429,7 +437,7 @@ def test_format_summary_reports_metrics_losses_and_paths():
     assert "tensorboard --logdir runs/x/logs" in text and "exports/imcl/3" in text
     assert "total time: 1:02:05" in text
     no_val = dict(summary, best_val_mAP=None, logistic_stage=None)
-    assert "validation       none" in train_lib.format_summary(no_val)
+    assert "validation       none" in format_summary(no_val)
 
 
 @pytest.mark.slow

@@ -101,10 +101,14 @@ def mirrored_checks(folder):
         cpu, [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()])
     import keras
 
-    from imcl_tf import models, train_lib
+    from imcl_tf import models
+    from imcl_tf.training.callbacks import BankRefresh
+    from imcl_tf.training.config import TrainConfig
+    from imcl_tf.training.distribution import make_strategy
+    from imcl_tf.training.trainer import _Trainer
     from test_train_common import write_dataset
 
-    strategy = train_lib._make_strategy("mirrored")
+    strategy = make_strategy("mirrored")
     assert strategy.num_replicas_in_sync == 2, strategy.extended.worker_devices
 
     # 1. One step on the same global batch: the mirrored loss and update equal the default ones.
@@ -153,17 +157,17 @@ def mirrored_checks(folder):
     # 2. A short IMCL run under --strategy=mirrored: the bank refresh happens between steps, in
     # cross-replica context, and updates every replica's copy of the bank.
     data_dir = write_dataset(os.path.join(folder, "data"), num_train=32, num_val=8)
-    config = train_lib.TrainConfig(
+    config = TrainConfig(
         data_dir=data_dir, model_dir=os.path.join(folder, "run"), method="imcl",
         strategy="mirrored", train_steps=4, eval_every=2, checkpoint_every=2, batch_size=8,
         dictionary_per_class=3, calibration_batches=1, refresh_every=2, verbose=0)
     config.validate()
-    trainer = train_lib._Trainer(config)
+    trainer = _Trainer(config)
     summary = trainer.train()
     assert summary["num_replicas"] == 2 and summary["steps_this_run"] == 4
     assert np.isfinite(summary["final_train_logs"]["loss"])
     refresher = trainer.callbacks[0]
-    assert isinstance(refresher, train_lib.BankRefresh) and refresher.refreshes >= 1
+    assert isinstance(refresher, BankRefresh) and refresher.refreshes >= 1
     model = trainer.model
     model.refresh_bank()
     expected = model.extract_features(tf.cast(model.bank.inputs, tf.float32)).numpy()

@@ -15,7 +15,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from imcl_tf import train_lib
+from imcl_tf.training.config import TrainConfig
+from imcl_tf.training.run_files import CHECKPOINT_DIR, LOG_DIR, RUN_CONFIG, read_json
+from imcl_tf.training.trainer import _Trainer
 from test_train_common import REPO_ROOT, read_events, write_dataset
 
 TRAIN_STEPS = 60
@@ -47,7 +49,7 @@ def test_killed_run_resumes_at_its_checkpoint_with_the_same_state(tmp_path):
         process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=log, stderr=log,
                                    env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
         try:
-            checkpoints = os.path.join(model_dir, train_lib.CHECKPOINT_DIR)
+            checkpoints = os.path.join(model_dir, CHECKPOINT_DIR)
             running = wait_for_checkpoint(process, checkpoints)
             assert running, "the first run ended before it could be killed:\n" + open(
                 tmp_path / "first_run.log").read()[-3000:]
@@ -68,9 +70,9 @@ def test_killed_run_resumes_at_its_checkpoint_with_the_same_state(tmp_path):
     reader = tf.train.load_checkpoint(latest)
     saved = reader.get_variable_to_shape_map()
 
-    config = train_lib.TrainConfig(**options)
+    config = TrainConfig(**options)
     config.validate()
-    trainer = train_lib._Trainer(config)
+    trainer = _Trainer(config)
     trainer.setup()
     assert trainer.resumed_from == latest
     assert trainer.start_step == killed_at
@@ -99,12 +101,12 @@ def test_killed_run_resumes_at_its_checkpoint_with_the_same_state(tmp_path):
     assert int(optimizer.iterations.numpy()) == TRAIN_STEPS
     assert (summary["start_step"], summary["steps_this_run"]) == (killed_at,
                                                                   TRAIN_STEPS - killed_at)
-    run_config = train_lib._read_json(os.path.join(model_dir, train_lib.RUN_CONFIG))
+    run_config = read_json(os.path.join(model_dir, RUN_CONFIG))
     assert run_config["resumed"][-1]["at_step"] == killed_at
     assert run_config["resolved"]["lambda_y"] == pytest.approx(float(reader.get_tensor(
         "model/lambda_y/.ATTRIBUTES/VARIABLE_VALUE")))
     # The restarted session logged the steps after the checkpoint, not from step 1 again.
-    events = read_events(os.path.join(model_dir, train_lib.LOG_DIR, "train"))
+    events = read_events(os.path.join(model_dir, LOG_DIR, "train"))
     steps = [step for step, _ in events["loss/bce"]]
     assert steps[-(TRAIN_STEPS - killed_at):] == list(range(killed_at + 1, TRAIN_STEPS + 1))
     assert tf.train.latest_checkpoint(checkpoints).endswith(f"ckpt-{TRAIN_STEPS}")

@@ -17,7 +17,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from imcl_tf import data, export, models, train_lib
+from imcl_tf import data, export, models
+from imcl_tf.training.config import TrainConfig
+from imcl_tf.training.report import format_summary
+from imcl_tf.training.run_files import CHECKPOINT_DIR, FREQUENCY_CHART, LOGISTIC_STAGE_DIR, LOG_DIR, RUN_CONFIG, SUMMARY_JSON
+from imcl_tf.training.scoring import predict_scores
+from imcl_tf.training.trainer import _Trainer, run
 from test_train_common import CLASS_NAMES, mean_ap, read_events, write_dataset
 
 STEPS, EVAL_EVERY = 6, 3
@@ -28,7 +33,7 @@ def auto_run(tmp_path_factory):
     """The two-stage run, with os.replace watched (atomic writes) and stdout captured."""
     root = tmp_path_factory.mktemp("train_run")
     data_dir = write_dataset(str(root / "data"))
-    config = train_lib.TrainConfig(
+    config = TrainConfig(
         data_dir=data_dir, model_dir=str(root / "run"), method="imcl", warm_start="auto",
         train_steps=STEPS, eval_every=EVAL_EVERY, checkpoint_every=2, log_every=2, batch_size=8,
         dictionary_per_class=3, refresh_every=2, label_graph="cooccurrence",
@@ -44,11 +49,11 @@ def auto_run(tmp_path_factory):
     stdout = io.StringIO()
     with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(stdout):
         patch.setattr(os, "replace", watched_replace)
-        summary = train_lib.run(config)
+        summary = run(config)
     model_dir = config.model_dir
     return {"config": config, "summary": summary, "renames": renames, "stdout": stdout.getvalue(),
             "data_dir": data_dir, "model_dir": model_dir, "export_dir": str(root / "export"),
-            "stage_dir": os.path.join(model_dir, train_lib.LOGISTIC_STAGE_DIR)}
+            "stage_dir": os.path.join(model_dir, LOGISTIC_STAGE_DIR)}
 
 
 def read_json(path):
@@ -71,7 +76,7 @@ def validation_scores_of(model_path, config):
     model = keras.saving.load_model(model_path, compile=False)
     dataset = data.make_dataset(config.data_dir, config.val_split, batch_size=config.batch_size,
                                 deterministic=True)
-    scores, labels = train_lib.predict_scores(model, dataset)
+    scores, labels = predict_scores(model, dataset)
     return scores.astype(np.float64), labels
 
 
@@ -80,12 +85,12 @@ def validation_scores_of(model_path, config):
 
 def test_run_config_records_the_resolved_configuration(auto_run):
     config, stage_dir, model_dir = auto_run["config"], auto_run["stage_dir"], auto_run["model_dir"]
-    stage = read_json(os.path.join(stage_dir, train_lib.RUN_CONFIG))
+    stage = read_json(os.path.join(stage_dir, RUN_CONFIG))
     assert stage["config"] == dataclasses.asdict(dataclasses.replace(
         config, method="logistic", model_dir=stage_dir, warm_start="", export_dir=""))
     assert (stage["train_steps"], stage["eval_every"], stage["resolved"]) == (STEPS, EVAL_EVERY,
                                                                               {})
-    imcl = read_json(os.path.join(model_dir, train_lib.RUN_CONFIG))
+    imcl = read_json(os.path.join(model_dir, RUN_CONFIG))
     assert imcl["config"] == dataclasses.asdict(dataclasses.replace(config, warm_start=stage_dir))
     assert imcl["dataset"]["num_classes"] == len(CLASS_NAMES)
     assert imcl["dataset"]["num_train"] == 48 and imcl["dataset"]["image_size"] == 16
@@ -105,8 +110,8 @@ def test_run_config_records_the_resolved_configuration(auto_run):
 
 def test_model_files_are_written_under_temporary_names_then_renamed(auto_run):
     for folder in (auto_run["stage_dir"], auto_run["model_dir"]):
-        for name in (models.BEST_MODEL, models.LATEST_MODEL, train_lib.RUN_CONFIG,
-                     train_lib.SUMMARY_JSON, models.MODEL_CONFIG_JSON):
+        for name in (models.BEST_MODEL, models.LATEST_MODEL, RUN_CONFIG,
+                     SUMMARY_JSON, models.MODEL_CONFIG_JSON):
             target = os.path.join(folder, name)
             sources = [source for source, dest in auto_run["renames"] if dest == target]
             assert sources, f"{target} was not written by a rename"
@@ -120,7 +125,7 @@ def test_model_files_are_written_under_temporary_names_then_renamed(auto_run):
 
 
 def test_checkpoints_are_kept_and_point_to_the_last_step(auto_run):
-    folder = os.path.join(auto_run["model_dir"], train_lib.CHECKPOINT_DIR)
+    folder = os.path.join(auto_run["model_dir"], CHECKPOINT_DIR)
     latest = tf.train.latest_checkpoint(folder)
     assert latest.endswith(f"ckpt-{STEPS}")
     state = tf.train.get_checkpoint_state(folder)
@@ -149,10 +154,10 @@ def test_model_config_and_export(auto_run):
 @pytest.mark.parametrize("stage", ["stage_dir", "model_dir"])
 def test_best_model_is_the_one_with_the_best_validation_map(auto_run, stage):
     folder = auto_run[stage]
-    events = read_events(os.path.join(folder, train_lib.LOG_DIR, "validation"))
+    events = read_events(os.path.join(folder, LOG_DIR, "validation"))
     logged = [(step, float(value)) for step, value in events["metrics/mAP"]]
     assert [step for step, _ in logged] == [EVAL_EVERY, STEPS]
-    summary = read_json(os.path.join(folder, train_lib.SUMMARY_JSON))
+    summary = read_json(os.path.join(folder, SUMMARY_JSON))
     best_value = max(value for _, value in logged)
     best_step = next(step for step, value in logged if value == best_value)
     assert summary["best_step"] == best_step
@@ -169,7 +174,7 @@ def test_best_model_is_the_one_with_the_best_validation_map(auto_run, stage):
 def test_logged_pr_curve_is_that_of_the_final_model(auto_run):
     scores, labels = validation_scores_of(os.path.join(auto_run["model_dir"], models.LATEST_MODEL),
                                           auto_run["config"])
-    events = read_events(os.path.join(auto_run["model_dir"], train_lib.LOG_DIR, "validation"))
+    events = read_events(os.path.join(auto_run["model_dir"], LOG_DIR, "validation"))
     step, curve = events[f"pr_curve/001_{CLASS_NAMES[1]}/pr_curves"][-1]
     assert step == STEPS
     thresholds = np.linspace(0, 1, curve.shape[1])
@@ -196,7 +201,7 @@ VALIDATION_TAGS = ["metrics/mAP", "metrics/mAP_all_classes", "metrics/mAP_label_
 
 
 def test_imcl_tensorboard_has_every_training_and_validation_tag(auto_run):
-    logs = os.path.join(auto_run["model_dir"], train_lib.LOG_DIR)
+    logs = os.path.join(auto_run["model_dir"], LOG_DIR)
     train_events = read_events(os.path.join(logs, "train"))
     missing = [tag for tag in IMCL_TRAIN_TAGS if tag not in train_events]
     assert not missing
@@ -214,13 +219,13 @@ def test_imcl_tensorboard_has_every_training_and_validation_tag(auto_run):
     assert histogram[:, 2].sum() == len(CLASS_NAMES)
     [(step, image)] = val_events["metrics/frequency_group_gain"][-1:]
     assert step == STEPS and image.shape[0] == 3  # width, height, PNG bytes
-    assert os.path.exists(os.path.join(auto_run["model_dir"], train_lib.FREQUENCY_CHART))
+    assert os.path.exists(os.path.join(auto_run["model_dir"], FREQUENCY_CHART))
     run_events = read_events(logs)  # the hparams session lives at the log root
     assert {"_hparams_/experiment", "_hparams_/session_start_info"} <= set(run_events)
 
 
 def test_logistic_tensorboard_has_no_smoothness_tags_and_no_chart(auto_run):
-    logs = os.path.join(auto_run["stage_dir"], train_lib.LOG_DIR)
+    logs = os.path.join(auto_run["stage_dir"], LOG_DIR)
     train_events = read_events(os.path.join(logs, "train"))
     assert {"loss/loss", "loss/bce", "optimizer/learning_rate"} <= set(train_events)
     assert not {"loss/loss_y", "lambda/lambda_y", "omp/omp_valid_fraction"} & set(train_events)
@@ -240,7 +245,7 @@ def test_progress_lines_and_summary(auto_run):
     assert summary["logistic_stage"]["steps_this_run"] == STEPS
     assert json.loads(json.dumps(read_json(summary["summary_file"]))) == json.loads(
         json.dumps(summary, default=str))
-    text = train_lib.format_summary(summary)
+    text = format_summary(summary)
     assert "stage 1/2: logistic baseline" in text and "stage 2/2: IMCL" in text
     assert os.path.join(auto_run["model_dir"], models.BEST_MODEL) in text
     assert summary["export"] in text and "tensorboard --logdir" in text
@@ -249,7 +254,7 @@ def test_progress_lines_and_summary(auto_run):
 def test_rerunning_a_finished_run_does_not_train_or_export_again(auto_run):
     best = os.path.join(auto_run["model_dir"], models.BEST_MODEL)
     before = os.stat(best).st_mtime_ns
-    summary = train_lib.run(dataclasses.replace(auto_run["config"], verbose=0))
+    summary = run(dataclasses.replace(auto_run["config"], verbose=0))
     assert (summary["start_step"], summary["steps_this_run"]) == (STEPS, 0)
     assert summary["logistic_stage"]["steps_this_run"] == 0
     assert summary["resumed_from"].endswith(f"ckpt-{STEPS}")
@@ -264,12 +269,12 @@ def test_rerunning_a_finished_run_does_not_train_or_export_again(auto_run):
 @pytest.mark.slow
 def test_mixed_precision_keeps_omp_and_losses_in_float32(tmp_path):
     data_dir = write_dataset(str(tmp_path / "data"), num_train=24, num_val=8)
-    config = train_lib.TrainConfig(
+    config = TrainConfig(
         data_dir=data_dir, model_dir=str(tmp_path / "run"), method="imcl", train_steps=3,
         eval_every=3, batch_size=8, dictionary_per_class=2, balance="none", val_split="",
         mixed_precision=True, verbose=0, seed=1)
     policy = keras.mixed_precision.global_policy().name
-    trainer = train_lib._Trainer(config)
+    trainer = _Trainer(config)
     try:
         summary = trainer.train()
     finally:
@@ -285,5 +290,5 @@ def test_mixed_precision_keeps_omp_and_losses_in_float32(tmp_path):
     terms = model._loss_terms(inputs, labels, ids, training=False)
     assert {name: value.dtype for name, value in terms.items()} == {
         name: tf.float32 for name in terms}
-    assert train_lib.run(dataclasses.replace(config, train_steps=3))["steps_this_run"] == 0
+    assert run(dataclasses.replace(config, train_steps=3))["steps_this_run"] == 0
     assert keras.mixed_precision.global_policy().name == policy  # run() restores the caller's

@@ -1,0 +1,126 @@
+"""dataset.json: the description of a dataset folder (DatasetInfo, SplitInfo), read and written."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+from typing import Any
+
+import tensorflow as tf
+
+from imcl_tf.data.errors import DataError
+from imcl_tf.data.schema import DATASET_JSON, SCHEMA_VERSION
+
+
+@dataclasses.dataclass
+class SplitInfo:
+    """One split: its shard file names (relative to the dataset folder) and exact example count."""
+    shards: list[str]
+    num_examples: int
+    skipped: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # --skip_corrupt report
+    # Records per shard, in `shards` order; lets a worker that reads only some shards know its exact
+    # count. Empty in hand-written descriptions: readers then assume SplitWriter's round-robin
+    # layout.
+    shard_sizes: list[int] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class DatasetInfo:
+    """The contents of dataset.json."""
+    class_names: list[str]
+    splits: dict[str, SplitInfo]
+    mode: str = "image"  # "image" (image/encoded) or "features" (feature/embedding)
+    embedding_dim: int | None = None
+    image_size: int | None = None  # a hint for training (pixels of the square input)
+    label_graph: str | None = None  # optional .npy file (relative to the folder)
+    labels: dict[str, Any] = dataclasses.field(default_factory=dict)  # source, protocol, known ratio, seed
+    provenance: dict[str, Any] = dataclasses.field(default_factory=dict)  # converter, flags, date
+    schema_version: int = SCHEMA_VERSION
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def split(self, name: str) -> SplitInfo:
+        if name not in self.splits:
+            raise DataError(f"split {name!r} is not in this dataset; it has {sorted(self.splits)}.")
+        return self.splits[name]
+
+    def to_json(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["num_classes"] = self.num_classes
+        return out
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any], where: str = DATASET_JSON) -> "DatasetInfo":
+        try:
+            splits = {name: SplitInfo(**split) for name, split in obj["splits"].items()}
+            fields = {f.name for f in dataclasses.fields(cls)}
+            kwargs = {k: v for k, v in obj.items() if k in fields and k != "splits"}
+            info = cls(splits=splits, **kwargs)
+        except (KeyError, TypeError) as e:
+            raise DataError(f"{where}: malformed dataset description ({e}); rebuild it with "
+                            "tfrecords_tools.") from e
+        if obj.get("num_classes", info.num_classes) != info.num_classes:
+            raise DataError(f"{where}: num_classes={obj['num_classes']} but {info.num_classes} "
+                            "class names are listed.")
+        if info.mode not in ("image", "features"):
+            raise DataError(f"{where}: mode must be 'image' or 'features', got {info.mode!r}.")
+        return info
+
+
+def load_dataset_info(data_dir: str) -> DatasetInfo:
+    """Reads `<data_dir>/dataset.json`; DataError when missing or malformed."""
+    path = os.path.join(data_dir, DATASET_JSON)
+    if not tf.io.gfile.exists(path):
+        raise DataError(f"{path} not found: --data_dir must be a dataset folder written by "
+                        "tfrecords_tools (python -m tfrecords_tools.<converter> --output_dir ...).")
+    with tf.io.gfile.GFile(path, "r") as f:
+        try:
+            obj = json.load(f)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: not valid JSON ({e}).") from e
+    return DatasetInfo.from_json(obj, where=path)
+
+
+def save_dataset_info(data_dir: str, info: DatasetInfo) -> None:
+    """Writes dataset.json atomically (temporary file, then rename)."""
+    tf.io.gfile.makedirs(data_dir)
+    path = os.path.join(data_dir, DATASET_JSON)
+    _atomic_write_text(path, json.dumps(info.to_json(), indent=2, sort_keys=True) + "\n")
+
+
+def replace_dataset_info(data_dir: str, info: DatasetInfo) -> None:
+    """Saves `info` over an existing description and deletes the shards only the old one listed.
+
+    For tools that rebuild a dataset in place (e.g. with another --num_shards): no stale shard of
+    an earlier build stays behind to be mistaken for data.
+    """
+    previous = None
+    if tf.io.gfile.exists(os.path.join(data_dir, DATASET_JSON)):
+        try:
+            previous = load_dataset_info(data_dir)
+        except DataError:
+            previous = None  # an unreadable old description lists nothing we could trust
+    save_dataset_info(data_dir, info)
+    if previous is None:
+        return
+    listed = {name for split in info.splits.values() for name in split.shards}
+    for split in previous.splits.values():
+        for name in split.shards:
+            path = os.path.join(data_dir, name)
+            if name not in listed and tf.io.gfile.exists(path):
+                tf.io.gfile.remove(path)
+
+
+def _atomic_write_text(path: str, text: str) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with tf.io.gfile.GFile(tmp, "w") as f:
+        f.write(text)
+    tf.io.gfile.rename(tmp, path, overwrite=True)
+
+
+def utc_now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -1,0 +1,24 @@
+"""Training of imcl_tf, behind `python -m imcl_tf.train`; one module per job:
+
+  config         TrainConfig: every option (each also a flag), validated
+  trainer        run(config) and the trainer: setup, the fit loop, the end of a run
+  callbacks      BankRefresh and TrainingMonitor (TensorBoard logging, checkpoints)
+  summaries      TensorBoard summaries beyond scalars (PR curves)
+  progress       the progress line's clock (speed, ETA) and the Keras verbosity
+  report         the end-of-run report (format_summary)
+  optimizer      the optimizer of --optimizer and the plateau learning-rate schedule
+  distribution   tf.distribute: the strategy, the chief, TF_CONFIG, multi-worker fixes
+  scoring        a model's scores on a dataset (predict_scores)
+  split_reading  a split's label rows, or the records at given indices
+  run_files      the files of a run folder and atomic JSON I/O
+  errors         how a bad option is reported (bad_flag)
+
+    from imcl_tf.training import TrainConfig, run
+    summary = run(TrainConfig(data_dir="data/demo", model_dir="runs/demo", train_steps=200))
+"""
+
+from imcl_tf.training.config import TrainConfig
+from imcl_tf.training.report import format_summary
+from imcl_tf.training.trainer import run
+
+__all__ = ["TrainConfig", "format_summary", "run"]

@@ -1,0 +1,260 @@
+"""TrainConfig: every training option (each also a flag of `python -m imcl_tf.train`), validated."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import numpy as np
+
+from imcl_tf import data as data_lib
+from imcl_tf import label_graph as graph_lib
+from imcl_tf import models
+from imcl_tf.training.distribution import STRATEGIES, cluster_size
+from imcl_tf.training.errors import bad_flag
+from imcl_tf.training.optimizer import LR_SCHEDULES, OPTIMIZERS
+from imcl_tf.training.run_files import CHECKPOINT_DIR, LOGISTIC_STAGE_DIR, RUN_CONFIG, read_json
+
+
+def _field(default, help_text, choices=None):
+    metadata = {"help": help_text}
+    if choices:
+        metadata["choices"] = list(choices)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Every training option; each is also a flag of `python -m imcl_tf.train`."""
+    data_dir: str = _field("", "Dataset folder written by tfrecords_tools (has dataset.json).")
+    model_dir: str = _field("", "Run folder: checkpoints, TensorBoard logs, best/latest models.")
+    method: str = _field("imcl", "imcl (smoothness loss) or logistic (masked BCE baseline).",
+                         models.METHODS)
+    backbone: str = _field("small_cnn", "Feature extractor (features: a linear adapter over the "
+                                        "dataset's precomputed embeddings).", models.BACKBONES)
+    backbone_weights: str = _field("none", "none, imagenet, or a Keras weights file.")
+    image_size: int = _field(0, "Square input size; 0 takes dataset.json's image_size hint.")
+    batch_size: int = _field(32, "Global batch size (split across replicas).")
+    train_steps: int = _field(0, "Optimizer steps; 0 means use --epochs.")
+    epochs: float = _field(1.0, "Passes over the training split when --train_steps=0.")
+    eval_every: int = _field(0, "Validate, log and keep the best model every this many steps "
+                                "(0: ten evaluations per run).")
+    checkpoint_every: int = _field(100, "Write a resumable checkpoint every this many steps (and "
+                                        "at every evaluation).")
+    log_every: int = _field(10, "Write training scalars to TensorBoard every this many steps.")
+    learning_rate: float = _field(1e-3, "Base learning rate.")
+    optimizer: str = _field("adam", "Optimizer; rmsprop is the paper's RMSProp(rho 0.9, momentum "
+                                    "0.9, epsilon 1.0).", OPTIMIZERS)
+    lr_schedule: str = _field("constant", "constant, or plateau: the paper's EMA plateau rule "
+                                          "(x0.8 when the EMA of validation mAP drops).",
+                              LR_SCHEDULES)
+    plateau_alpha: float = _field(0.3, "EMA weight of the plateau rule.")
+    plateau_patience: int = _field(2, "Evaluations to wait after a decay.")
+    plateau_min_lr: float = _field(0.0, "The plateau rule decays only while the learning rate is "
+                                        ">= this floor (0: 1e-3 x --learning_rate, the official "
+                                        "floor).")
+    plateau_start_step: int = _field(0, "No plateau decay before this step (validation mAP "
+                                        "fluctuates early, method spec 5.3).")
+    k: int = _field(3, "Neighbours per image (OMP sparsity).")
+    lambda_y: float = _field(1.0, "Label-side smoothness multiplier (scaled by --balance).")
+    lambda_f: float = _field(0.5, "Feature-side smoothness multiplier (scaled by --balance).")
+    balance: str = _field("loss_ratio", "loss_ratio: lambda = multiplier * L_c / L_term on "
+                                        "calibration batches; none: lambda = multiplier.",
+                          models.BALANCE_MODES)
+    calibration_batches: int = _field(10, "Batches averaged by --balance=loss_ratio.")
+    feature_loss: bool = _field(True, "Add lambda_f * L_f to the loss (it always guides the OMP).")
+    atom_gradient: bool = _field(True, "The smoothness residuals also train the neighbours' label "
+                                       "states, as the official code does (false: neighbours are "
+                                       "fixed teachers of the query).")
+    dictionary_size: int = _field(0, "Cap on the bank size (0: no cap).")
+    dictionary_per_class: int = _field(10, "Bank images per class with a known positive "
+                                           "(0: the whole training split).")
+    refresh_every: int = _field(100, "Re-encode the bank's features every this many steps.")
+    neighbour_mode: str = _field("cached", "cached: neighbour features from the bank; forward: "
+                                           "neighbours re-run through the backbone.",
+                                 models.NEIGHBOUR_MODES)
+    refit_mode: str = _field("reuse_support_refit", "Forward mode's coefficients: "
+                                                    "reuse_support_refit re-solves them by NNLS "
+                                                    "on the OMP's support with the fresh "
+                                                    "neighbour features; reuse_all keeps the "
+                                                    "OMP's (from the cached bank).",
+                             models.REFIT_MODES)
+    label_graph: str = _field("identity", "identity, cooccurrence (known training positives), or "
+                                          "a .npy file of shape [L, L].")
+    label_graph_top_k: int = _field(0, "Co-occurrence graph: keep the top k related labels per "
+                                       "class (0: all).")
+    learn_label_graph: bool = _field(True, "Train the graph's non-zero entries.")
+    clip_label_graph: bool = _field(True, "Clip the graph to [0, 1] after every step.")
+    asym_c: float = _field(2.0, "Asymmetry c >= 1 of the label-state function sigma_c.")
+    head_weight_decay: float = _field(0.0, "L2 factor on the classifier kernel (CUB: 1e-4).")
+    freeze_batchnorm: bool = _field(False, "Keep BatchNorm layers frozen (inference mode).")
+    augment: bool = _field(False, "Random resized crop and flip of training images.")
+    warm_start: str = _field("", "A logistic run's model_dir to start from, 'auto' to train that "
+                                 "baseline first (into <model_dir>/logistic_stage), or empty.")
+    warm_start_steps: int = _field(0, "Steps of the automatic logistic stage (0: --train_steps).")
+    val_split: str = _field("val", "Split used for validation mAP and the best model (empty: no "
+                                   "validation, the last model is kept as best).")
+    strategy: str = _field("default", "tf.distribute strategy: default (one device), mirrored "
+                                      "(all local GPUs, else all logical CPUs), multi_worker "
+                                      "(TF_CONFIG).", STRATEGIES)
+    mixed_precision: bool = _field(False, "mixed_float16 compute; OMP and losses stay float32.")
+    seed: int = _field(0, "Seed of initialisation, data order and bank choice.")
+    export_dir: str = _field("", "Export base for TensorFlow Serving (<export_dir>/<model_name>/"
+                                 "<version>); empty: no export.")
+    export_model_name: str = _field("imcl", "Model name inside --export_dir.")
+    verify_data: bool = _field(True, "Check dataset.json against its shards before training.")
+    verbose: int = _field(1, "Keras progress: 0 silent, 1 progress bar with ETA (one line per "
+                             "interval when stdout is not a terminal), 2 one line per interval.")
+
+    def validate_options(self) -> None:
+        """Checks the options on their own (no file is read); raises ValueError naming the flag."""
+        for field in dataclasses.fields(self):
+            choices = field.metadata.get("choices")
+            value = getattr(self, field.name)
+            if choices and value not in choices:
+                bad_flag(field.name, f"must be one of {', '.join(choices)}; received {value!r}.")
+        if not self.data_dir:
+            bad_flag("data_dir", "is required (a dataset folder written by tfrecords_tools).")
+        if not self.model_dir:
+            bad_flag("model_dir", "is required (where checkpoints, logs and models go).")
+        if self.k < 1:
+            bad_flag("k", f"must be >= 1, received {self.k}.")
+        if self.dictionary_size and self.k > self.dictionary_size:
+            bad_flag("k", f"must be at most --dictionary_size={self.dictionary_size}, received "
+                          f"{self.k}.")
+        if self.batch_size < 1:
+            bad_flag("batch_size", f"must be >= 1, received {self.batch_size}.")
+        if self.train_steps < 0:
+            bad_flag("train_steps", f"must be >= 0, received {self.train_steps}.")
+        if self.train_steps == 0 and not self.epochs > 0:
+            bad_flag("epochs", f"must be > 0 when --train_steps=0, received {self.epochs}.")
+        for name in ("eval_every", "image_size", "dictionary_size", "dictionary_per_class",
+                     "warm_start_steps", "label_graph_top_k", "plateau_patience",
+                     "plateau_start_step"):
+            if getattr(self, name) < 0:
+                bad_flag(name, f"must be >= 0, received {getattr(self, name)}.")
+        for name in ("checkpoint_every", "log_every", "refresh_every", "calibration_batches"):
+            if getattr(self, name) < 1:
+                bad_flag(name, f"must be >= 1, received {getattr(self, name)}.")
+        if not self.learning_rate > 0:
+            bad_flag("learning_rate", f"must be > 0, received {self.learning_rate}.")
+        if self.plateau_min_lr < 0:
+            bad_flag("plateau_min_lr", f"must be >= 0, received {self.plateau_min_lr}.")
+        for name in ("lambda_y", "lambda_f"):
+            if not getattr(self, name) >= 0:
+                bad_flag(name, f"multipliers must be >= 0, received {getattr(self, name)}.")
+        if not self.asym_c >= 1:
+            bad_flag("asym_c", f"must be >= 1, received {self.asym_c}.")
+        if self.head_weight_decay < 0:
+            bad_flag("head_weight_decay", f"must be >= 0, received {self.head_weight_decay}.")
+        if not 0 < self.plateau_alpha <= 1:
+            bad_flag("plateau_alpha", f"must be in (0, 1], received {self.plateau_alpha}.")
+        if self.verbose not in (0, 1, 2):
+            bad_flag("verbose", f"must be 0, 1 or 2, received {self.verbose}.")
+        if self.label_graph not in graph_lib.GRAPH_KINDS and not self.label_graph.endswith(".npy"):
+            bad_flag("label_graph", f"must be identity, cooccurrence or a .npy file, received "
+                                    f"{self.label_graph!r}.")
+        if self.backbone_weights == "imagenet" and self.backbone in ("small_cnn", "features"):
+            bad_flag("backbone_weights", f"--backbone={self.backbone} has no imagenet weights; use "
+                                         "none or a weights file.")
+        if self.warm_start == "auto" and self.method != "imcl":
+            bad_flag("warm_start", "'auto' trains a logistic baseline first; it needs "
+                                   "--method=imcl.")
+        if self.export_dir and not self.export_model_name:
+            bad_flag("export_model_name", "is required with --export_dir.")
+
+    def validate(self) -> None:
+        """Checks the options against the dataset, the warm start and an existing run folder.
+
+        Raises ValueError naming the first bad flag, the value received and what to do.
+        """
+        self.validate_options()
+        if not os.path.exists(os.path.join(self.data_dir, data_lib.DATASET_JSON)):
+            bad_flag("data_dir", f"{self.data_dir!r} has no {data_lib.DATASET_JSON}; build the "
+                                 "dataset with python -m tfrecords_tools.<converter> first.")
+        info = data_lib.load_dataset_info(self.data_dir)
+        if "train" not in info.splits:
+            bad_flag("data_dir", "the dataset has no 'train' split (it has "
+                                 f"{sorted(info.splits)}).")
+        if info.split("train").num_examples < 1:
+            bad_flag("data_dir", f"the train split of {self.data_dir!r} is empty.")
+        if self.val_split and self.val_split not in info.splits:
+            bad_flag("val_split", f"{self.val_split!r} is not a split of {self.data_dir!r} (it has "
+                                  f"{sorted(info.splits)}); pick one of those, or --val_split= to "
+                                  "train without validation.")
+        if (self.backbone == "features") != (info.mode == "features"):
+            bad_flag("backbone", f"{self.backbone!r} does not fit a dataset of mode "
+                                 f"{info.mode!r}: use --backbone=features exactly for "
+                                 "features-mode datasets.")
+        if info.mode == "image" and not (self.image_size or info.image_size):
+            bad_flag("image_size", "is 0 and dataset.json has no image_size hint; set "
+                                   "--image_size.")
+        if self.augment and info.mode != "image":
+            bad_flag("augment", "applies to images; this is a features-mode dataset.")
+        if self.backbone_weights not in ("none", "imagenet") and not os.path.exists(
+                self.backbone_weights):
+            bad_flag("backbone_weights", f"{self.backbone_weights!r} is neither none, imagenet "
+                                         "nor an existing weights file.")
+        if self.label_graph.endswith(".npy"):
+            if not os.path.exists(self.label_graph):
+                bad_flag("label_graph", f"{self.label_graph!r}: no such file.")
+            shape = np.load(self.label_graph, mmap_mode="r").shape
+            if shape != (info.num_classes, info.num_classes):
+                bad_flag("label_graph", f"{self.label_graph!r} has shape {shape}, the dataset has "
+                                        f"{info.num_classes} classes: it must be "
+                                        f"[{info.num_classes}, {info.num_classes}].")
+        if self.warm_start not in ("", "auto"):
+            self._validate_warm_start(info)
+        if self.strategy == "multi_worker":
+            workers = cluster_size()
+            shards = len(info.split("train").shards)
+            if shards < workers:
+                bad_flag("strategy", f"multi_worker with {workers} workers needs at least "
+                                     f"{workers} train shards; {self.data_dir!r} has {shards}. "
+                                     f"Rebuild the dataset with --num_shards >= {workers}.")
+        self._validate_resume()
+
+    def _validate_warm_start(self, info: data_lib.DatasetInfo) -> None:
+        if not os.path.exists(os.path.join(self.warm_start, models.MODEL_CONFIG_JSON)):
+            bad_flag("warm_start", f"{self.warm_start!r} is not the model_dir of a finished run "
+                                   f"(no {models.MODEL_CONFIG_JSON}).")
+        source = models.read_model_info(self.warm_start)
+        names = list(source.get("class_names", []))
+        if len(names) != info.num_classes:
+            bad_flag("warm_start", f"the run in {self.warm_start!r} has {len(names)} classes but "
+                                   f"the dataset has {info.num_classes}; warm-start from a run "
+                                   "trained on the same classes.")
+        if names != list(info.class_names):
+            bad_flag("warm_start", f"the run in {self.warm_start!r} has other class names (or "
+                                   f"order) than {self.data_dir!r}, e.g. {names[:3]} against "
+                                   f"{list(info.class_names)[:3]}.")
+        if source.get("backbone") != self.backbone:
+            bad_flag("warm_start", f"the run in {self.warm_start!r} used backbone "
+                                   f"{source.get('backbone')!r}, this one {self.backbone!r}.")
+
+    def _validate_resume(self) -> None:
+        """A model_dir with a checkpoint must be resumed with the settings it was written with."""
+        previous = read_json(os.path.join(self.model_dir, RUN_CONFIG))
+        has_checkpoint = os.path.exists(os.path.join(self.model_dir, CHECKPOINT_DIR, "checkpoint"))
+        if not previous or not has_checkpoint:
+            return
+        before = dict(previous.get("config", {}))
+        now = dataclasses.asdict(self)
+        if now["warm_start"] == "auto":  # the stage-2 run records where the baseline went
+            now["warm_start"] = os.path.join(self.model_dir, LOGISTIC_STAGE_DIR)
+        changed = [name for name in now if name not in RESUMABLE_CHANGES and name in before
+                   and before[name] != now[name]]
+        if changed:
+            details = ", ".join(f"--{name}={before[name]!r} (now {now[name]!r})"
+                                for name in changed)
+            bad_flag(changed[0], f"{self.model_dir!r} holds a run checkpointed with {details}; it "
+                                 "can only be resumed with the same settings. Use a new "
+                                 "--model_dir (or delete this one) to train with other settings.")
+
+
+# Options that may change when a checkpointed run is resumed: how long and how it is watched,
+# where the data and exports are, and how it is distributed (checkpoints are strategy-agnostic).
+RESUMABLE_CHANGES = frozenset({
+    "data_dir", "train_steps", "epochs", "eval_every", "checkpoint_every", "log_every",
+    "warm_start_steps", "strategy", "export_dir", "export_model_name", "verify_data", "verbose",
+})

@@ -1,0 +1,54 @@
+"""Reading parts of a split for training: all label rows, or the records at given indices."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import tensorflow as tf
+
+from imcl_tf import data as data_lib
+
+
+def read_split_labels(data_dir: str, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Label rows [N, L] and id hashes [N] of a split, in shard order, without decoding images."""
+    info = data_lib.load_dataset_info(data_dir)
+    dataset = _records(data_dir, split, info).map(
+        lambda parsed: (parsed["labels"], data_lib.id_hash(parsed["id"])))
+    labels, ids = [], []
+    for batch_labels, batch_ids in dataset.batch(4096):
+        labels.append(batch_labels.numpy())
+        ids.append(batch_ids.numpy())
+    return np.concatenate(labels), np.concatenate(ids)
+
+
+def read_split_subset(data_dir: str, split: str, indices: np.ndarray, image_size: int | None
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Inputs, label rows and id hashes of the records at `indices` (shard order) of a split."""
+    info = data_lib.load_dataset_info(data_dir)
+    wanted = np.zeros(info.split(split).num_examples, bool)
+    wanted[np.asarray(indices, np.int64)] = True
+    wanted = tf.constant(wanted)
+    dataset = _records(data_dir, split, info).enumerate().filter(
+        lambda index, parsed: tf.gather(wanted, index))
+
+    def prepare(index, parsed):
+        if info.mode == "image":
+            inputs = data_lib.decode_image(parsed["image"], image_size, parsed["id"])
+        else:
+            inputs = parsed["embedding"]
+        return inputs, parsed["labels"], data_lib.id_hash(parsed["id"])
+
+    parts = [[], [], []]
+    for batch in dataset.map(prepare, num_parallel_calls=tf.data.AUTOTUNE).batch(256):
+        for part, values in zip(parts, batch):
+            part.append(values.numpy())
+    return tuple(np.concatenate(part) for part in parts)
+
+
+def _records(data_dir, split, info):
+    split_info = info.split(split)
+    paths = [os.path.join(data_dir, name) for name in split_info.shards]
+    return tf.data.TFRecordDataset(paths).map(
+        lambda record: data_lib.parse_example(record, info.num_classes, info.mode,
+                                              info.embedding_dim))

@@ -1,0 +1,369 @@
+"""The training run behind `python -m imcl_tf.train`: `run(config)` and the trainer it drives.
+
+`run(TrainConfig(...))` does everything the CLI does and returns a summary dict, so tests, the
+demo driver and the benchmarks drive training without going through absl flags. The run folder
+it writes is described in `imcl_tf.training.run_files`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import shutil
+import tempfile
+import time
+from typing import Any
+
+import keras
+import tensorflow as tf
+from absl import logging
+
+from imcl_tf import data as data_lib
+from imcl_tf import label_graph as graph_lib
+from imcl_tf import memory, metrics, models
+from imcl_tf.training.callbacks import BankRefresh, TrainingMonitor
+from imcl_tf.training.config import TrainConfig
+from imcl_tf.training.distribution import (is_chief, is_chief_process, local_byte_variables,
+                                           make_strategy, prepare_multi_worker_fit, task_id)
+from imcl_tf.training.errors import bad_flag
+from imcl_tf.training.optimizer import PlateauState, make_optimizer
+from imcl_tf.training.progress import Clock, keras_verbose
+from imcl_tf.training.report import format_number
+from imcl_tf.training.run_files import (CHECKPOINT_DIR, LOG_DIR, LOGISTIC_STAGE_DIR, RUN_CONFIG,
+                                        SUMMARY_JSON, read_json, write_json)
+from imcl_tf.training.scoring import predict_scores
+from imcl_tf.training.split_reading import read_split_labels, read_split_subset
+
+
+def run(config: TrainConfig) -> dict[str, Any]:
+    """Trains as configured (resuming from model_dir's checkpoint if any); returns a summary.
+
+    With `warm_start="auto"` the logistic baseline is trained first into
+    <model_dir>/logistic_stage and IMCL starts from it (the paper's two-stage recipe).
+    """
+    started = time.time()
+    config.validate()
+    if config.warm_start == "auto":
+        stage_dir = os.path.join(config.model_dir, LOGISTIC_STAGE_DIR)
+        logistic = dataclasses.replace(
+            config, method="logistic", model_dir=stage_dir, warm_start="", export_dir="",
+            train_steps=config.warm_start_steps or config.train_steps)
+        logging.info("Stage 1/2: logistic baseline into %s", stage_dir)
+        stage_summary = run(logistic)
+        logging.info("Stage 2/2: IMCL warm-started from %s", stage_dir)
+        summary = run(dataclasses.replace(config, warm_start=stage_dir))
+        summary["logistic_stage"] = stage_summary
+        summary["wall_seconds"] = round(time.time() - started, 1)
+        if is_chief_process(config.strategy):
+            write_json(summary["summary_file"], summary)
+        return summary
+    policy = keras.mixed_precision.global_policy()
+    try:
+        summary = _Trainer(config).train()
+    finally:
+        keras.mixed_precision.set_global_policy(policy)  # the caller's policy, not ours
+    summary["wall_seconds"] = round(time.time() - started, 1)
+    if summary["is_chief"]:
+        write_json(summary["summary_file"], summary)
+    return summary
+
+
+class _Trainer:
+    """One training run; see `run`. `setup`, `fit` and `finish` are its three phases."""
+
+    def __init__(self, config: TrainConfig):
+        self.config = config
+        self.info = data_lib.load_dataset_info(config.data_dir)
+        self.image_size = (config.image_size or self.info.image_size) if self.info.mode == "image" \
+            else None
+        self.strategy = make_strategy(config.strategy)
+        self.is_chief = is_chief(self.strategy)
+        self.num_replicas = self.strategy.num_replicas_in_sync
+        if config.batch_size % self.num_replicas:
+            bad_flag("batch_size", f"{config.batch_size} is not a multiple of the "
+                                   f"{self.num_replicas} replicas of --strategy={config.strategy}.")
+        self.distributed = config.strategy != "default"
+        self.num_train = self.info.split("train").num_examples
+        steps_per_epoch = max(1, self.num_train // config.batch_size)
+        self.train_steps = config.train_steps or max(1, int(round(config.epochs * steps_per_epoch)))
+        self.eval_every = config.eval_every or max(1, math.ceil(self.train_steps / 10))
+        self.has_val = bool(config.val_split)
+        self.chief_checkpoints = os.path.join(config.model_dir, CHECKPOINT_DIR)
+        # A non-chief worker must save checkpoints too (they may involve collectives), but into a
+        # private temporary folder that is deleted at the end: model_dir is the chief's.
+        self.work_dir = config.model_dir if self.is_chief else tempfile.mkdtemp(
+            prefix=f"imcl_worker{task_id()}_")
+        self.start_step = 0
+        self.resumed_from = None
+        self.resolved: dict[str, Any] = {}
+        self.val_history: list[tuple[int, float]] = []
+        self.last_val: dict[str, Any] | None = None
+
+    def train(self) -> dict[str, Any]:
+        try:
+            self.setup()
+            self.fit()
+            return self.finish()
+        finally:
+            if not self.is_chief:
+                shutil.rmtree(self.work_dir, ignore_errors=True)
+
+    # -- setup --
+
+    def setup(self) -> None:
+        """Builds the model; restores the newest checkpoint or initialises a new run."""
+        config = self.config
+        os.makedirs(self.work_dir, exist_ok=True)
+        if config.verify_data and self.is_chief:
+            data_lib.verify_dataset(config.data_dir)
+        self._build()
+        latest = tf.train.latest_checkpoint(self.chief_checkpoints)
+        previous = read_json(os.path.join(config.model_dir, RUN_CONFIG)) or {}
+        if latest:
+            self.checkpoint.restore(latest).assert_existing_objects_matched()
+            self.resumed_from = latest
+            self.resolved = previous.get("resolved", {})
+            self.start_step = int(self.model.optimizer.iterations.numpy())
+            logging.info("Resumed from %s at step %d of %d", latest, self.start_step,
+                         self.train_steps)
+        else:
+            self.resolved = self._initialise_new_run()
+        self._write_run_config(previous)
+        self.monitor = TrainingMonitor(self)
+        self.callbacks = [self.monitor]
+        if config.method == "imcl":
+            self.callbacks.insert(0, BankRefresh(config.refresh_every))
+
+    def _build(self):
+        config = self.config
+        keras.utils.set_random_seed(config.seed)
+        keras.mixed_precision.set_global_policy("mixed_float16" if config.mixed_precision
+                                                else "float32")
+        input_shape = ((self.image_size, self.image_size, 3) if self.info.mode == "image"
+                       else (int(self.info.embedding_dim),))
+        train_labels = None
+        bank_indices = None
+        if config.method == "imcl" or config.label_graph == "cooccurrence":
+            train_labels, _ = read_split_labels(config.data_dir, "train")
+        if config.method == "imcl":
+            bank_indices = memory.select_dictionary(
+                train_labels, config.dictionary_per_class, config.dictionary_size, config.seed)
+            if config.k > len(bank_indices):
+                bad_flag("k", f"{config.k} is more than the {len(bank_indices)} images of the "
+                              "dictionary bank; lower --k or raise --dictionary_per_class / "
+                              "--dictionary_size.")
+        graph = graph_lib.build_label_graph(config.label_graph, self.info.num_classes,
+                                            train_labels, config.label_graph_top_k or None)
+        with self.strategy.scope(), local_byte_variables(self.strategy):
+            model = models.IMCLModel(
+                num_classes=self.info.num_classes, input_shape_=input_shape,
+                backbone=config.backbone, backbone_weights=config.backbone_weights,
+                method=config.method,
+                dictionary_size=0 if bank_indices is None else len(bank_indices),
+                k=config.k, multiplier_y=config.lambda_y, multiplier_f=config.lambda_f,
+                balance=config.balance, asym_c=config.asym_c,
+                learn_label_graph=config.learn_label_graph,
+                clip_label_graph=config.clip_label_graph, neighbour_mode=config.neighbour_mode,
+                feature_loss=config.feature_loss, freeze_batchnorm=config.freeze_batchnorm,
+                head_weight_decay=config.head_weight_decay, label_graph_init=graph,
+                atom_gradient=config.atom_gradient, refit_mode=config.refit_mode)
+            optimizer = make_optimizer(config.optimizer, config.learning_rate)
+            model.compile(optimizer=optimizer, jit_compile=False)
+            model.optimizer.build(model.trainable_variables)
+            self.schedule = PlateauState()
+        if isinstance(self.strategy, tf.distribute.MultiWorkerMirroredStrategy):
+            prepare_multi_worker_fit(model, self.strategy, input_shape, config.batch_size,
+                                     self.info.num_classes)
+        self.model = model
+        self.bank_indices = bank_indices
+        self.checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer,
+                                              schedule=self.schedule)
+        self.manager = tf.train.CheckpointManager(
+            self.checkpoint, os.path.join(self.work_dir, CHECKPOINT_DIR), max_to_keep=2)
+        # One traced prediction function for every validation (a new one per call retraces).
+        self._predict = tf.function(lambda x: tf.sigmoid(model(x, training=False)),
+                                    reduce_retracing=True)
+
+    def _initialise_new_run(self) -> dict[str, Any]:
+        """Warm start, bank filling and lambda calibration: only for a run that is not resuming."""
+        config, model = self.config, self.model
+        resolved: dict[str, Any] = {}
+        if config.warm_start:
+            source, _ = models.load_model_dir(config.warm_start, "best")
+            model.backbone.set_weights(source.backbone.get_weights())
+            model.head.set_weights(source.head.get_weights())
+            resolved["warm_start"] = config.warm_start
+        if config.method == "imcl":
+            inputs, labels, ids = read_split_subset(config.data_dir, "train", self.bank_indices,
+                                                    self.image_size)
+            model.fill_bank(inputs, labels, ids)
+            resolved["dictionary_size"] = int(len(self.bank_indices))
+            resolved.update(model.calibrate_lambdas(
+                self._dataset("train", training=True, seed=config.seed + 7919),
+                config.calibration_batches))
+            logging.info("Resolved smoothness weights: %s", resolved)
+        return resolved
+
+    def _write_run_config(self, previous: dict[str, Any]) -> None:
+        run_config = {
+            "config": dataclasses.asdict(self.config), "train_steps": self.train_steps,
+            "eval_every": self.eval_every, "resolved": self.resolved,
+            "num_replicas": self.num_replicas, "dataset": {
+                "num_classes": self.info.num_classes, "num_train": self.num_train,
+                "mode": self.info.mode, "image_size": self.image_size,
+                "labels": self.info.labels},
+            "created": previous.get("created", data_lib.utc_now()) if self.resumed_from
+            else data_lib.utc_now(),
+            "resumed": list(previous.get("resumed", [])) if self.resumed_from else [],
+        }
+        if self.resumed_from:
+            run_config["resumed"].append({"at_step": self.start_step, "time": data_lib.utc_now()})
+        if self.is_chief:
+            write_json(os.path.join(self.work_dir, RUN_CONFIG), run_config)
+
+    def _dataset(self, split, training, seed=None):
+        """A non-distributed pipeline with the global batch size (evaluation, calibration).
+
+        Evaluation pipelines keep a fixed element order, so every validation sees the same
+        batches and a saved model reproduces its logged mAP exactly (batch composition changes
+        float rounding, and near-tied scores can then swap ranks).
+        """
+        return data_lib.make_dataset(
+            self.config.data_dir, split, batch_size=self.config.batch_size,
+            image_size=self.image_size, training=training, augment=training and self.config.augment,
+            seed=self.config.seed if seed is None else seed, repeat=training,
+            drop_remainder=training, deterministic=not training)
+
+    def _train_dataset(self, seed):
+        """The training pipeline; under a strategy each worker reads its own shard FILES."""
+        if not self.distributed:
+            return self._dataset("train", training=True, seed=seed)
+        config = self.config
+
+        def per_worker(input_context):
+            return data_lib.make_dataset(
+                config.data_dir, "train", batch_size=config.batch_size,
+                image_size=self.image_size, training=True, augment=config.augment, seed=seed,
+                repeat=True, drop_remainder=True, input_context=input_context)
+
+        return self.strategy.distribute_datasets_from_function(per_worker)
+
+    # -- loop --
+
+    def fit(self) -> None:
+        """Trains interval by interval up to train_steps; validates and checkpoints after each."""
+        config, model = self.config, self.model
+        step = int(model.optimizer.iterations.numpy())
+        self.clock = Clock(step, self.train_steps)
+        while step < self.train_steps:
+            interval_end = min((step // self.eval_every + 1) * self.eval_every, self.train_steps)
+            # A seed per interval start: a resumed run continues with the order it would have had.
+            dataset = self._train_dataset(seed=config.seed + step)
+            self.clock.start_interval()
+            model.fit(dataset, epochs=1, steps_per_epoch=interval_end - step,
+                      callbacks=self.callbacks, verbose=keras_verbose(config.verbose),
+                      shuffle=False)
+            step = int(model.optimizer.iterations.numpy())
+            self.clock.end_training(step)
+            self._end_of_interval(step)
+            self.clock.end_interval()
+            if self.is_chief:
+                if config.verbose:
+                    print(self._progress_line(step), flush=True)
+                else:
+                    logging.info("%s", self._progress_line(step))
+
+    def _progress_line(self, step: int) -> str:
+        line = f"step {step}/{self.train_steps} ({step / self.train_steps:.0%})"
+        logs = self.monitor.last_logs
+        if "loss" in logs:
+            line += f" | loss {format_number(logs['loss'])}"
+        if self.last_val is not None:
+            line += (f" | val mAP {format_number(self.last_val['mAP'])} (best "
+                     f"{format_number(self.schedule.best_map.numpy())} at step "
+                     f"{int(self.schedule.best_step.numpy())})")
+        return line + " | " + self.clock.describe(step, self.eval_every)
+
+    def _end_of_interval(self, step):
+        val = self.validate() if self.has_val else None
+        self.last_val = val
+        self.monitor.log_validation(step, val)
+        if val is not None:
+            self.val_history.append((step, float(val["mAP"])))
+            improved = val["mAP"] > float(self.schedule.best_map.numpy())
+            if improved:
+                self.schedule.best_map.assign(val["mAP"])
+                self.schedule.best_step.assign(step)
+                if self.is_chief:
+                    models.save_model_file(self.model, os.path.join(self.work_dir,
+                                                                    models.BEST_MODEL))
+            if self.config.lr_schedule == "plateau":
+                self.schedule.update(val["mAP"], self.model.optimizer, self.config, step)
+        self.manager.save(checkpoint_number=step)
+
+    def validate(self) -> dict[str, Any]:
+        scores, labels = predict_scores(self.model, self._dataset(self.config.val_split,
+                                                                  training=False),
+                                        self._predict)
+        per_class = metrics.per_class_ap(scores, labels)
+        result = metrics.map_metrics(scores, labels, per_class)
+        result["per_class_ap"] = per_class
+        result["scores"], result["labels"] = scores, labels
+        return result
+
+    # -- end --
+
+    def finish(self) -> dict[str, Any]:
+        config, model = self.config, self.model
+        final_step = int(model.optimizer.iterations.numpy())
+        best_path = os.path.join(self.work_dir, models.BEST_MODEL)
+        latest_path = os.path.join(self.work_dir, models.LATEST_MODEL)
+        previous = read_json(os.path.join(config.model_dir, SUMMARY_JSON)) or {}
+        trained = final_step > self.start_step or not os.path.exists(latest_path)
+        summary = {
+            "model_dir": config.model_dir, "method": config.method, "steps": self.train_steps,
+            "start_step": self.start_step, "steps_this_run": final_step - self.start_step,
+            "is_chief": self.is_chief, "num_replicas": self.num_replicas,
+            "best_val_mAP": float(self.schedule.best_map.numpy()) if self.has_val else None,
+            "best_step": int(self.schedule.best_step.numpy()) if self.has_val else None,
+            "last_val_mAP": float(self.last_val["mAP"]) if self.last_val else
+            previous.get("last_val_mAP"),
+            "last_val_mAP_all_classes": float(self.last_val["mAP_all_classes"]) if self.last_val
+            else previous.get("last_val_mAP_all_classes"),
+            "val_history": self.val_history,
+            "resumed_from": self.resumed_from, "resolved": self.resolved,
+            "final_train_logs": self.monitor.last_logs or previous.get("final_train_logs", {}),
+            "summary_file": os.path.join(config.model_dir, SUMMARY_JSON),
+        }
+        if not self.is_chief:
+            return summary  # the chief writes every file
+        if trained:
+            models.save_model_file(model, latest_path)
+            # Without validation (or if no evaluation was ever finite) the last model is the best.
+            if not self.has_val or not os.path.exists(best_path):
+                models.save_model_file(model, best_path)
+        models.write_model_info(self.work_dir, {
+            "class_names": self.info.class_names, "input_mode": self.info.mode,
+            "image_size": self.image_size, "feature_dim": self.info.embedding_dim,
+            "backbone": config.backbone, "method": config.method, "data_dir": config.data_dir,
+            "train_steps": self.train_steps, "seed": config.seed,
+            "dataset_labels": self.info.labels,
+        })
+        files = {"model_dir": config.model_dir, "best_model": best_path,
+                 "latest_model": latest_path,
+                 "run_config": os.path.join(config.model_dir, RUN_CONFIG),
+                 "tensorboard": os.path.join(config.model_dir, LOG_DIR)}
+        if config.export_dir:
+            earlier = (previous.get("files") or {}).get("export")
+            if not trained and earlier and os.path.isdir(earlier):
+                files["export"] = earlier  # a finished run that was only re-opened
+            else:
+                from imcl_tf import export
+                files["export"] = export.export_from_model_dir(
+                    self.work_dir, config.export_dir, config.export_model_name, checkpoint="best")
+        summary["files"] = files
+        summary["best_model"], summary["tensorboard"] = best_path, files["tensorboard"]
+        summary["export"] = files.get("export")
+        self.monitor.close()
+        return summary
