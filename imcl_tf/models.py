@@ -29,6 +29,9 @@ REFIT_MODES = ("reuse_support_refit", "reuse_all")
 # Named by the method spec but not implemented: refused with an explanation.
 _UNIMPLEMENTED_REFIT_MODES = ("official_pool_rerun",)
 BALANCE_MODES = ("loss_ratio", "none")
+# The parts that may have an optimizer of their own (set_part_optimizers); the head always uses
+# the model's optimizer.
+PART_OPTIMIZER_PARTS = ("backbone", "graph")
 
 # How each keras.applications backbone expects its 0..255 RGB input to be scaled.
 _PREPROCESSING = {"small_cnn": "unit", "mobilenet_v2": "symmetric", "resnet50": "caffe",
@@ -299,8 +302,87 @@ class IMCLModel(keras.Model):
             scaled = loss / tf.cast(tf.distribute.get_strategy().num_replicas_in_sync, loss.dtype)
             scaled = self.optimizer.scale_loss(scaled)
         grads = tape.gradient(scaled, self.trainable_weights)
-        self.optimizer.apply_gradients(zip(grads, self.trainable_weights))
+        self._apply_gradients(grads, self.trainable_weights)
         return self._update_trackers(terms)
+
+    # ---- optimizers per part ------------------------------------------------------------------
+
+    def set_part_optimizers(self, optimizers: dict[str, keras.optimizers.Optimizer]) -> None:
+        """Gives the backbone and/or the label graph optimizers of their own.
+
+        `optimizers` maps "backbone" or "graph" to an optimizer (built here on that part's
+        trainable variables if it is not yet); every other trainable weight (the head) stays with
+        `self.optimizer`, whose step counter is the run's. A part without an entry is trained by
+        `self.optimizer` too. Under mixed precision the part optimizers receive gradients unscaled
+        by the loss-scale optimizer's current scale and skip a step whose gradients are not finite,
+        as it does. The optimizers are not saved with the model (a .keras file is for inference and
+        warm starts); checkpoint them with `part_optimizers` to resume.
+        """
+        unknown = sorted(set(optimizers) - set(PART_OPTIMIZER_PARTS))
+        if unknown:
+            raise ValueError(f"set_part_optimizers: unknown parts {unknown}; the parts with their "
+                             f"own optimizer are {PART_OPTIMIZER_PARTS}.")
+        for part, optimizer in optimizers.items():
+            variables = self.part_variables(part)
+            if not variables:
+                raise ValueError(f"set_part_optimizers: the {part} has no trainable variables "
+                                 "(frozen, or a fixed graph); give it no optimizer.")
+            if not optimizer.built:
+                optimizer.build(variables)
+        # A plain holder, so Keras saving and tf.train tracking leave the optimizers alone.
+        self._part_optimizer_holder = _Untracked(dict(optimizers))
+
+    @property
+    def part_optimizers(self) -> dict[str, keras.optimizers.Optimizer]:
+        """{part: optimizer} given by set_part_optimizers (empty: one optimizer for everything)."""
+        holder = getattr(self, "_part_optimizer_holder", None)
+        return dict(holder.value) if holder is not None else {}
+
+    def part_variables(self, part: str) -> list:
+        """Trainable variables of "backbone", "graph" or "head" (every other trainable weight)."""
+        if part == "backbone":
+            return list(self.backbone.trainable_variables)
+        if part == "graph":
+            return list(self.label_graph.trainable_variables)
+        if part != "head":
+            raise ValueError(f"part_variables: part must be 'backbone', 'head' or 'graph', "
+                             f"received {part!r}.")
+        others = {id(v) for name in PART_OPTIMIZER_PARTS for v in self.part_variables(name)}
+        return [v for v in self.trainable_weights if id(v) not in others]
+
+    def _apply_gradients(self, grads, variables):
+        """Each part's gradients to its optimizer; the rest to self.optimizer."""
+        parts = self.part_optimizers
+        if not parts:
+            self.optimizer.apply_gradients(zip(grads, variables))
+            return
+        owner = {id(v): part for part in parts for v in self.part_variables(part)}
+        groups = {part: ([], []) for part in parts}
+        main = ([], [])
+        for grad, variable in zip(grads, variables):
+            group = groups[owner[id(variable)]] if id(variable) in owner else main
+            group[0].append(grad)
+            group[1].append(variable)
+        if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
+            # Read the scale before the main optimizer's apply may change it.
+            scale = tf.cast(self.optimizer.dynamic_scale, tf.float32)
+            groups = {part: ([None if g is None else g / tf.cast(scale, g.dtype) for g in gs], vs)
+                      for part, (gs, vs) in groups.items()}
+            finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g))
+                                    for gs, _ in groups.values() for g in gs if g is not None])
+        else:
+            finite = None
+        self.optimizer.apply_gradients(zip(*main))
+        for part, (part_grads, part_variables) in groups.items():
+            pairs = [(g, v) for g, v in zip(part_grads, part_variables) if g is not None]
+            if not pairs:
+                continue
+            optimizer = parts[part]
+            if finite is None:
+                optimizer.apply_gradients(pairs)
+            else:
+                tf.cond(finite, lambda o=optimizer, p=pairs: _applied(o, p),
+                        lambda: tf.constant(False))
 
     def test_step(self, data):
         inputs, labels, ids = _unpack(data)
@@ -509,6 +591,18 @@ class IMCLModel(keras.Model):
     @classmethod
     def from_config(cls, config):
         return cls(**config)
+
+
+class _Untracked:
+    """Holds a value out of sight of Keras saving and tf.train dependency tracking."""
+
+    def __init__(self, value):
+        self.value = value
+
+
+def _applied(optimizer, pairs):
+    optimizer.apply_gradients(pairs)
+    return tf.constant(True)
 
 
 def _check_choice(name, value, choices):

@@ -88,6 +88,17 @@ class TrainConfig:
     asym_c: float = _field(2.0, "Asymmetry c >= 1 of the label-state function sigma_c.")
     head_weight_decay: float = _field(0.0, "L2 factor on the classifier kernel (CUB: 1e-4).")
     freeze_batchnorm: bool = _field(False, "Keep BatchNorm layers frozen (inference mode).")
+    # ---- the paper's recipes (issue 14): learning rate per part ----
+    backbone_learning_rate: float = _field(-1.0, "Base learning rate of the backbone (negative: "
+                                                 "--learning_rate; 0: frozen, no gradient).")
+    head_learning_rate: float = _field(-1.0, "Base learning rate of the classifier head "
+                                             "(negative: --learning_rate).")
+    graph_learning_rate: float = _field(-1.0, "Base learning rate of the label graph, on its own "
+                                              "--graph_optimizer (negative: --learning_rate; 0: "
+                                              "the graph stays fixed).")
+    graph_optimizer: str = _field("rmsprop", "The label graph's own optimizer; rmsprop (the "
+                                             "official) moves the graph in proportion to its "
+                                             "gradient, so lambda_y scales its step.", OPTIMIZERS)
     augment: bool = _field(False, "Random resized crop and flip of training images.")
     warm_start: str = _field("", "A logistic run's model_dir to start from, 'auto' to train that "
                                  "baseline first (into <model_dir>/logistic_stage), or empty.")
@@ -138,6 +149,12 @@ class TrainConfig:
                 bad_flag(name, f"must be >= 1, received {getattr(self, name)}.")
         if not self.learning_rate > 0:
             bad_flag("learning_rate", f"must be > 0, received {self.learning_rate}.")
+        if self.head_learning_rate == 0 or self.head_learning_rate != self.head_learning_rate:
+            bad_flag("head_learning_rate", f"must be > 0 (or negative for --learning_rate), "
+                                           f"received {self.head_learning_rate}.")
+        for name in ("backbone_learning_rate", "graph_learning_rate"):
+            if getattr(self, name) != getattr(self, name):  # NaN
+                bad_flag(name, "must be a number (negative: --learning_rate, 0: frozen).")
         if self.plateau_min_lr < 0:
             bad_flag("plateau_min_lr", f"must be >= 0, received {self.plateau_min_lr}.")
         for name in ("lambda_y", "lambda_f"):

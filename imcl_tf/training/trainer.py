@@ -27,7 +27,7 @@ from imcl_tf.training.config import TrainConfig
 from imcl_tf.training.distribution import (is_chief, is_chief_process, local_byte_variables,
                                            make_strategy, prepare_multi_worker_fit, task_id)
 from imcl_tf.training.errors import bad_flag
-from imcl_tf.training.optimizer import PlateauState, make_optimizer
+from imcl_tf.training.optimizer import PlateauState, make_part_optimizers, part_learning_rates
 from imcl_tf.training.progress import Clock, keras_verbose
 from imcl_tf.training.report import format_number
 from imcl_tf.training.run_files import (CHECKPOINT_DIR, LOG_DIR, LOGISTIC_STAGE_DIR, RUN_CONFIG,
@@ -155,6 +155,8 @@ class _Trainer:
                               "--dictionary_size.")
         graph = graph_lib.build_label_graph(config.label_graph, self.info.num_classes,
                                             train_labels, config.label_graph_top_k or None)
+        rates = part_learning_rates(config)
+        self.freeze_batchnorm = config.freeze_batchnorm
         with self.strategy.scope(), local_byte_variables(self.strategy):
             model = models.IMCLModel(
                 num_classes=self.info.num_classes, input_shape_=input_shape,
@@ -163,22 +165,29 @@ class _Trainer:
                 dictionary_size=0 if bank_indices is None else len(bank_indices),
                 k=config.k, multiplier_y=config.lambda_y, multiplier_f=config.lambda_f,
                 balance=config.balance, asym_c=config.asym_c,
-                learn_label_graph=config.learn_label_graph,
+                learn_label_graph=config.learn_label_graph and rates.graph > 0,
                 clip_label_graph=config.clip_label_graph, neighbour_mode=config.neighbour_mode,
-                feature_loss=config.feature_loss, freeze_batchnorm=config.freeze_batchnorm,
+                feature_loss=config.feature_loss, freeze_batchnorm=self.freeze_batchnorm,
                 head_weight_decay=config.head_weight_decay, label_graph_init=graph,
                 atom_gradient=config.atom_gradient, refit_mode=config.refit_mode)
-            optimizer = make_optimizer(config.optimizer, config.learning_rate)
+            if rates.backbone == 0:
+                model.backbone.trainable = False  # frozen: no gradient, no optimizer slots
+            optimizer, part_optimizers = make_part_optimizers(
+                config, rates, graph_learnable=bool(model.part_variables("graph")))
             model.compile(optimizer=optimizer, jit_compile=False)
-            model.optimizer.build(model.trainable_variables)
+            model.set_part_optimizers(part_optimizers)
+            model.optimizer.build(model.part_variables("head") if part_optimizers
+                                  else model.trainable_variables)
             self.schedule = PlateauState()
         if isinstance(self.strategy, tf.distribute.MultiWorkerMirroredStrategy):
             prepare_multi_worker_fit(model, self.strategy, input_shape, config.batch_size,
                                      self.info.num_classes)
         self.model = model
         self.bank_indices = bank_indices
-        self.checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer,
-                                              schedule=self.schedule)
+        # Each part's optimizer is checkpointed beside the model's (head) one.
+        self.checkpoint = tf.train.Checkpoint(
+            model=model, optimizer=model.optimizer, schedule=self.schedule,
+            **{f"{part}_optimizer": each for part, each in model.part_optimizers.items()})
         self.manager = tf.train.CheckpointManager(
             self.checkpoint, os.path.join(self.work_dir, CHECKPOINT_DIR), max_to_keep=2)
         # One traced prediction function for every validation (a new one per call retraces).
@@ -188,7 +197,11 @@ class _Trainer:
     def _initialise_new_run(self) -> dict[str, Any]:
         """Warm start, bank filling and lambda calibration: only for a run that is not resuming."""
         config, model = self.config, self.model
-        resolved: dict[str, Any] = {}
+        rates = part_learning_rates(config)
+        resolved: dict[str, Any] = {
+            "freeze_batchnorm": self.freeze_batchnorm,
+            "learning_rates": {"backbone": rates.backbone, "head": rates.head,
+                               "graph": rates.graph if model.part_variables("graph") else 0.0}}
         if config.warm_start:
             source, _ = models.load_model_dir(config.warm_start, "best")
             model.backbone.set_weights(source.backbone.get_weights())
@@ -299,7 +312,8 @@ class _Trainer:
                     models.save_model_file(self.model, os.path.join(self.work_dir,
                                                                     models.BEST_MODEL))
             if self.config.lr_schedule == "plateau":
-                self.schedule.update(val["mAP"], self.model.optimizer, self.config, step)
+                self.schedule.update(val["mAP"], self.model.optimizer, self.config, step,
+                                     others=list(self.model.part_optimizers.values()))
         self.manager.save(checkpoint_number=step)
 
     def validate(self) -> dict[str, Any]:
