@@ -98,8 +98,10 @@ def test_every_model_option_is_a_flag_and_reaches_the_model(dataset, tmp_path):
             continue
         flag = renamed.get(name, name)
         assert flag in fields, f"IMCLModel({name}=...) has no training flag"
+        # BatchNorm is frozen only when the run starts from trained weights (none here).
+        expected = trainer.freeze_batchnorm if name == "freeze_batchnorm" else getattr(config, flag)
         if name != "backbone_weights":  # only used to build; saved models record "none"
-            assert model_config[name] == getattr(config, flag), name
+            assert model_config[name] == expected, name
     assert trainer.model.dictionary_size >= 2
 
 

@@ -87,7 +87,11 @@ class TrainConfig:
     clip_label_graph: bool = _field(True, "Clip the graph to [0, 1] after every step.")
     asym_c: float = _field(2.0, "Asymmetry c >= 1 of the label-state function sigma_c.")
     head_weight_decay: float = _field(0.0, "L2 factor on the classifier kernel (CUB: 1e-4).")
-    freeze_batchnorm: bool = _field(False, "Keep BatchNorm layers frozen (inference mode).")
+    freeze_batchnorm: bool = _field(True, "BatchNorm layers in inference mode (moving statistics "
+                                          "and affine frozen) whenever the run starts from "
+                                          "trained weights (--warm_start or --backbone_weights), "
+                                          "as the official runs fine-tune; a network trained "
+                                          "from scratch always trains its BatchNorm.")
     # ---- the paper's recipes (issue 14): learning rate per part ----
     backbone_learning_rate: float = _field(-1.0, "Base learning rate of the backbone (negative: "
                                                  "--learning_rate; 0: frozen, no gradient).")

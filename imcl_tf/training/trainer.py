@@ -156,7 +156,16 @@ class _Trainer:
         graph = graph_lib.build_label_graph(config.label_graph, self.info.num_classes,
                                             train_labels, config.label_graph_top_k or None)
         rates = part_learning_rates(config)
-        self.freeze_batchnorm = config.freeze_batchnorm
+        # BatchNorm frozen when fine-tuning trained weights (method spec 8 row 22): then the
+        # query's features (training mode) and the bank's (inference mode) are the same function
+        # of the image and the smoothness terms compare like with like (issue 14, defect 2).
+        self.freeze_batchnorm = config.freeze_batchnorm and (
+            bool(config.warm_start) or config.backbone_weights != "none")
+        if config.method == "imcl" and not self.freeze_batchnorm and config.backbone != "features":
+            logging.warning("BatchNorm trains in this IMCL run (no warm start or backbone "
+                            "weights, or --nofreeze_batchnorm): the queries' features use batch "
+                            "statistics, the bank's the moving ones, so the smoothness terms "
+                            "compare different functions of the images.")
         with self.strategy.scope(), local_byte_variables(self.strategy):
             model = models.IMCLModel(
                 num_classes=self.info.num_classes, input_shape_=input_shape,
