@@ -169,6 +169,12 @@ class IMCLModel(keras.Model):
         False runs it as ordinary TensorFlow ops (a fallback where XLA is unavailable).
       label_graph_layout: {"num_entries", "structure"} of a saved graph (get_config() writes it),
         used when label_graph_init is None to rebuild the graph's storage before its weights load.
+      bce_unknown_as_negative: the cross-entropy counts unknown entries as negatives (mean over
+        all B x L entries) while the smoothness loss keeps them unknown (official MS-COCO).
+      omp_score_threshold: the official tau (see omp.joint_nonnegative_omp score_threshold).
+      omp_balance_scores: the official is_balance (see omp.joint_nonnegative_omp).
+      reconstruction: "linear" (official code) or "tanh" (the paper's Eq. 3), see
+        losses.smoothness_losses.
       atom_gradient: let the smoothness residuals also train the neighbours' label states (the
         official code does); False treats neighbours as fixed teachers of the query: no gradient
         through their label states or (forward mode) their features, so none reaches the graph.
@@ -183,6 +189,8 @@ class IMCLModel(keras.Model):
                  head_weight_decay: float = 0.0, label_graph_init: Any = None,
                  atom_gradient: bool = True, refit_mode: str = "reuse_support_refit",
                  label_graph_layout: dict[str, Any] | None = None, omp_jit_compile: bool = True,
+                 bce_unknown_as_negative: bool = False, omp_score_threshold: float = 0.0,
+                 omp_balance_scores: bool = False, reconstruction: str = "linear",
                  **kwargs):
         super().__init__(**kwargs)
         _check_choice("method", method, METHODS)
@@ -235,6 +243,14 @@ class IMCLModel(keras.Model):
         self.atom_gradient = bool(atom_gradient)
         self.refit_mode = refit_mode
         self.omp_jit_compile = bool(omp_jit_compile)
+        _check_choice("reconstruction", reconstruction, losses.RECONSTRUCTIONS)
+        if not (np.isfinite(omp_score_threshold) and omp_score_threshold >= 0):
+            raise ValueError("IMCLModel: omp_score_threshold must be a finite number >= 0, "
+                             f"received {omp_score_threshold}.")
+        self.bce_unknown_as_negative = bool(bce_unknown_as_negative)
+        self.omp_score_threshold = float(omp_score_threshold)
+        self.omp_balance_scores = bool(omp_balance_scores)
+        self.reconstruction = reconstruction
 
         self.preprocess = Preprocess(_PREPROCESSING[backbone], name="preprocess")
         self.backbone = build_backbone(backbone, self.input_shape_, backbone_weights,
@@ -402,7 +418,7 @@ class IMCLModel(keras.Model):
         labels = tf.cast(labels, tf.float32)
         features = self.extract_features(inputs, training=training)  # [B, D]
         logits = self.head(features)  # [B, L]
-        bce = losses.masked_bce(labels, logits)
+        bce = losses.masked_bce(labels, logits, self.bce_unknown_as_negative)
         terms = {"bce": bce}
         loss = bce
         if self.head_weight_decay > 0:
@@ -423,7 +439,8 @@ class IMCLModel(keras.Model):
         query_y, query_f = fit["query_y"], fit["query_f"]
         loss_y, loss_f = losses.smoothness_losses(query_y, query_f, fit["neighbour_y"],
                                                   fit["neighbour_f"], fit["coef_y"],
-                                                  fit["coef_f"], fit["valid"])
+                                                  fit["coef_f"], fit["valid"],
+                                                  reconstruction=self.reconstruction)
         batch_size = tf.cast(tf.shape(query_y)[0], tf.float32)
         return {
             "loss_y": loss_y,
@@ -453,7 +470,8 @@ class IMCLModel(keras.Model):
         omp = joint_nonnegative_omp(
             tf.stop_gradient(query_y), tf.stop_gradient(query_f), atoms_y,
             bank_f, self.k, lambda_y=lambda_y, lambda_f=lambda_f,
-            exclude=self.bank.exclusion_mask(ids), jit_compile=self.omp_jit_compile)
+            exclude=self.bank.exclusion_mask(ids), jit_compile=self.omp_jit_compile,
+            score_threshold=self.omp_score_threshold, balance_scores=self.omp_balance_scores)
         indices = tf.maximum(omp.indices, 0)  # invalid slots are masked by `valid` below
         coef_y, coef_f = omp.coef_y, omp.coef_f
         batch = tf.shape(indices)[0]
@@ -566,7 +584,7 @@ class IMCLModel(keras.Model):
         logits = self.head(features)
         terms = self._smoothness_terms(inputs, features, logits, labels, ids, True,
                                        tf.constant(1.0), tf.constant(0.0))
-        terms["bce"] = losses.masked_bce(labels, logits)
+        terms["bce"] = losses.masked_bce(labels, logits, self.bce_unknown_as_negative)
         return terms
 
     # ---- serialisation -------------------------------------------------------------------------
@@ -583,6 +601,9 @@ class IMCLModel(keras.Model):
             "freeze_batchnorm": self.freeze_batchnorm, "head_weight_decay": self.head_weight_decay,
             "atom_gradient": self.atom_gradient, "refit_mode": self.refit_mode,
             "omp_jit_compile": self.omp_jit_compile,
+            "bce_unknown_as_negative": self.bce_unknown_as_negative,
+            "omp_score_threshold": self.omp_score_threshold,
+            "omp_balance_scores": self.omp_balance_scores, "reconstruction": self.reconstruction,
             "label_graph_layout": {"num_entries": self.label_graph.get_config()["num_entries"],
                                    "structure": self.label_graph.structure},
             "name": self.name,

@@ -9,6 +9,7 @@ import numpy as np
 
 from imcl_tf import data as data_lib
 from imcl_tf import label_graph as graph_lib
+from imcl_tf import losses as losses_lib
 from imcl_tf import models
 from imcl_tf.training.distribution import STRATEGIES, cluster_size
 from imcl_tf.training.errors import bad_flag
@@ -103,6 +104,21 @@ class TrainConfig:
     graph_optimizer: str = _field("rmsprop", "The label graph's own optimizer; rmsprop (the "
                                              "official) moves the graph in proportion to its "
                                              "gradient, so lambda_y scales its step.", OPTIMIZERS)
+    # ---- the paper's recipes (issue 14): the official loss and OMP options ----
+    bce_unknown_as_negative: bool = _field(False, "The cross-entropy counts unknown entries as "
+                                                  "negatives (mean over all entries) while the "
+                                                  "smoothness loss keeps them unknown (official "
+                                                  "MS-COCO caption words).")
+    omp_score_threshold: float = _field(0.0, "OMP score threshold tau: a neighbour is taken only "
+                                             "if its score (weights renormalised to max 1) is >= "
+                                             "tau (official: CUB 1e-6, COCO 1e-20, Open Images "
+                                             "1e-3; 0: off).")
+    omp_balance_scores: bool = _field(False, "Official is_balance: each side's OMP scores are "
+                                             "divided by their maximum before mixing (Open "
+                                             "Images end-to-end).")
+    reconstruction: str = _field("linear", "Label-side residual y - sum c y~ (linear, the "
+                                           "official code) or y - tanh(sum c y~) (the paper's "
+                                           "Eq. 3).", losses_lib.RECONSTRUCTIONS)
     augment: bool = _field(False, "Random resized crop and flip of training images.")
     warm_start: str = _field("", "A logistic run's model_dir to start from, 'auto' to train that "
                                  "baseline first (into <model_dir>/logistic_stage), or empty.")
@@ -164,6 +180,9 @@ class TrainConfig:
         for name in ("lambda_y", "lambda_f"):
             if not getattr(self, name) >= 0:
                 bad_flag(name, f"multipliers must be >= 0, received {getattr(self, name)}.")
+        if not self.omp_score_threshold >= 0 or self.omp_score_threshold == float("inf"):
+            bad_flag("omp_score_threshold", f"must be a finite number >= 0, received "
+                                            f"{self.omp_score_threshold}.")
         if not self.asym_c >= 1:
             bad_flag("asym_c", f"must be >= 1, received {self.asym_c}.")
         if self.head_weight_decay < 0:

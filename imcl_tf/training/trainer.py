@@ -178,7 +178,11 @@ class _Trainer:
                 clip_label_graph=config.clip_label_graph, neighbour_mode=config.neighbour_mode,
                 feature_loss=config.feature_loss, freeze_batchnorm=self.freeze_batchnorm,
                 head_weight_decay=config.head_weight_decay, label_graph_init=graph,
-                atom_gradient=config.atom_gradient, refit_mode=config.refit_mode)
+                atom_gradient=config.atom_gradient, refit_mode=config.refit_mode,
+                bce_unknown_as_negative=config.bce_unknown_as_negative,
+                omp_score_threshold=config.omp_score_threshold,
+                omp_balance_scores=config.omp_balance_scores,
+                reconstruction=config.reconstruction)
             if rates.backbone == 0:
                 model.backbone.trainable = False  # frozen: no gradient, no optimizer slots
             optimizer, part_optimizers = make_part_optimizers(
