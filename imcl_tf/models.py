@@ -175,6 +175,13 @@ class IMCLModel(keras.Model):
       omp_balance_scores: the official is_balance (see omp.joint_nonnegative_omp).
       reconstruction: "linear" (official code) or "tanh" (the paper's Eq. 3), see
         losses.smoothness_losses.
+      class_label_weight, num_image_classes: the CUB class-label augmentation (method spec 6.1,
+        official weight_class = 10): with num_image_classes = C > 0 (IMCL only) every label row
+        (batches and bank) carries C more always-known entries, the image-class one-hot of
+        `make_dataset(image_classes=C)`, which only the label states see: they get value
+        class_label_weight at the image's class and -1/c at the others, appended after the graph
+        propagation, so they steer the OMP and the label residual; the cross-entropy and the
+        outputs keep the L classes.
       atom_gradient: let the smoothness residuals also train the neighbours' label states (the
         official code does); False treats neighbours as fixed teachers of the query: no gradient
         through their label states or (forward mode) their features, so none reaches the graph.
@@ -191,6 +198,7 @@ class IMCLModel(keras.Model):
                  label_graph_layout: dict[str, Any] | None = None, omp_jit_compile: bool = True,
                  bce_unknown_as_negative: bool = False, omp_score_threshold: float = 0.0,
                  omp_balance_scores: bool = False, reconstruction: str = "linear",
+                 class_label_weight: float = 0.0, num_image_classes: int = 0,
                  **kwargs):
         super().__init__(**kwargs)
         _check_choice("method", method, METHODS)
@@ -251,6 +259,14 @@ class IMCLModel(keras.Model):
         self.omp_score_threshold = float(omp_score_threshold)
         self.omp_balance_scores = bool(omp_balance_scores)
         self.reconstruction = reconstruction
+        if class_label_weight < 0 or num_image_classes < 0:
+            raise ValueError("IMCLModel: class_label_weight and num_image_classes must be >= 0, "
+                             f"received {class_label_weight} and {num_image_classes}.")
+        if num_image_classes > 0 and not class_label_weight > 0:
+            raise ValueError("IMCLModel: num_image_classes > 0 appends the image-class one-hot "
+                             "to the label states, which needs class_label_weight > 0.")
+        self.class_label_weight = float(class_label_weight)
+        self.num_image_classes = int(num_image_classes) if method == "imcl" else 0
 
         self.preprocess = Preprocess(_PREPROCESSING[backbone], name="preprocess")
         self.backbone = build_backbone(backbone, self.input_shape_, backbone_weights,
@@ -275,7 +291,8 @@ class IMCLModel(keras.Model):
             self.bank = DictionaryBank(
                 self.dictionary_size, self.input_shape_,
                 "uint8" if self.input_mode == "image" else "float32",
-                self.feature_dim, self.num_classes, name="dictionary_bank")
+                self.feature_dim, self.num_classes + self.num_image_classes,
+                name="dictionary_bank")
         # Resolved lambdas live in the model so they are saved and logged with it.
         self.lambda_y = self.add_weight(shape=(), initializer=keras.initializers.Constant(multiplier_y),
                                         trainable=False, name="lambda_y")
@@ -403,7 +420,7 @@ class IMCLModel(keras.Model):
     def test_step(self, data):
         inputs, labels, ids = _unpack(data)
         logits = self(inputs, training=False)
-        bce = losses.masked_bce(labels, logits)
+        bce = losses.masked_bce(labels[..., :self.num_classes], logits)
         self._trackers["bce"].update_state(bce)
         self._trackers["loss"].update_state(bce)
         return {"loss": self._trackers["loss"].result(), "bce": self._trackers["bce"].result()}
@@ -418,7 +435,8 @@ class IMCLModel(keras.Model):
         labels = tf.cast(labels, tf.float32)
         features = self.extract_features(inputs, training=training)  # [B, D]
         logits = self.head(features)  # [B, L]
-        bce = losses.masked_bce(labels, logits, self.bce_unknown_as_negative)
+        bce = losses.masked_bce(labels[..., :self.num_classes], logits,
+                                self.bce_unknown_as_negative)
         terms = {"bce": bce}
         loss = bce
         if self.head_weight_decay > 0:
@@ -460,7 +478,8 @@ class IMCLModel(keras.Model):
         the OMPResult against the bank (whose coefficients forward mode may replace, see
         `refit_mode`).
         """
-        query_y = losses.query_label_states(logits, labels, self.asym_c)  # [B, L]
+        query_y = self._with_class_states(losses.query_label_states(
+            logits, labels[..., :self.num_classes], self.asym_c), labels)  # [B, L (+ C)]
         query_f = _with_bias(features)  # [B, D+1]: the constant coordinate is reconstructed too
         bank_f = _with_bias(self.bank.features)  # [M, D+1], constants until the next refresh
         # Atom label states for SELECTION only, with the current classifier and graph but no
@@ -476,7 +495,7 @@ class IMCLModel(keras.Model):
         coef_y, coef_f = omp.coef_y, omp.coef_f
         batch = tf.shape(indices)[0]
         flat = tf.reshape(indices, [-1])  # [B*k]
-        neighbour_labels = tf.cast(tf.gather(self.bank.labels, flat), tf.float32)  # [B*k, L]
+        neighbour_labels = tf.cast(tf.gather(self.bank.labels, flat), tf.float32)  # [B*k, L+C]
         if self.neighbour_mode == "forward":
             # Neighbour inputs go through the backbone again, with gradient (spec 3.3).
             neighbour_features = self.extract_features(self.bank(flat), training=training)
@@ -484,9 +503,11 @@ class IMCLModel(keras.Model):
             # The cached features of the chosen atoms (constants until the next refresh).
             neighbour_features = tf.gather(self.bank.features, flat)  # [B*k, D]
         # The chosen neighbours' label states, with gradient to the classifier and the graph.
-        neighbour_y = losses.atom_label_states(
-            self.head(neighbour_features), neighbour_labels, self.label_graph, self.asym_c)
-        neighbour_y = tf.reshape(neighbour_y, [batch, self.k, self.num_classes])
+        neighbour_y = self._with_class_states(losses.atom_label_states(
+            self.head(neighbour_features), neighbour_labels[:, :self.num_classes],
+            self.label_graph, self.asym_c), neighbour_labels)
+        neighbour_y = tf.reshape(neighbour_y,
+                                 [batch, self.k, self.num_classes + self.num_image_classes])
         neighbour_f = tf.reshape(_with_bias(neighbour_features), [batch, self.k, -1])
         if not self.atom_gradient:
             # Neighbours act as fixed teachers: only the query side learns from the residual.
@@ -507,8 +528,22 @@ class IMCLModel(keras.Model):
         recomputed with gradient.
         """
         logits = self.head(self.bank.features)  # [M, L]
-        return tf.stop_gradient(losses.atom_label_states(
-            logits, self.bank.label_rows(), self.label_graph, self.asym_c))
+        rows = self.bank.label_rows()  # [M, L (+ C)]
+        return tf.stop_gradient(self._with_class_states(losses.atom_label_states(
+            logits, rows[:, :self.num_classes], self.label_graph, self.asym_c), rows))
+
+    def _with_class_states(self, states, labels):
+        """Appends the class-label block to label states (see class_label_weight), if any.
+
+        states: [N, L]; labels: [N, L + C] label rows whose last C entries are the image-class
+        one-hot (+1 / -1). Returns [N, L + C]: weight a at the image's class, -1/c elsewhere.
+        """
+        if not self.num_image_classes:
+            return states
+        side = tf.cast(labels[..., self.num_classes:], tf.float32)
+        block = tf.where(side > 0, self.class_label_weight,
+                         tf.where(side < 0, -1.0 / self.asym_c, 0.0))
+        return tf.concat([states, block], axis=-1)
 
     def _update_trackers(self, terms):
         for name, value in terms.items():
@@ -584,7 +619,8 @@ class IMCLModel(keras.Model):
         logits = self.head(features)
         terms = self._smoothness_terms(inputs, features, logits, labels, ids, True,
                                        tf.constant(1.0), tf.constant(0.0))
-        terms["bce"] = losses.masked_bce(labels, logits, self.bce_unknown_as_negative)
+        terms["bce"] = losses.masked_bce(labels[..., :self.num_classes], logits,
+                                         self.bce_unknown_as_negative)
         return terms
 
     # ---- serialisation -------------------------------------------------------------------------
@@ -604,6 +640,8 @@ class IMCLModel(keras.Model):
             "bce_unknown_as_negative": self.bce_unknown_as_negative,
             "omp_score_threshold": self.omp_score_threshold,
             "omp_balance_scores": self.omp_balance_scores, "reconstruction": self.reconstruction,
+            "class_label_weight": self.class_label_weight,
+            "num_image_classes": self.num_image_classes,
             "label_graph_layout": {"num_entries": self.label_graph.get_config()["num_entries"],
                                    "structure": self.label_graph.structure},
             "name": self.name,

@@ -108,7 +108,8 @@ class TrainConfig:
     bce_unknown_as_negative: bool = _field(False, "The cross-entropy counts unknown entries as "
                                                   "negatives (mean over all entries) while the "
                                                   "smoothness loss keeps them unknown (official "
-                                                  "MS-COCO caption words).")
+                                                  "MS-COCO caption words); the co-occurrence "
+                                                  "graph then counts them as absent too.")
     omp_score_threshold: float = _field(0.0, "OMP score threshold tau: a neighbour is taken only "
                                              "if its score (weights renormalised to max 1) is >= "
                                              "tau (official: CUB 1e-6, COCO 1e-20, Open Images "
@@ -119,6 +120,12 @@ class TrainConfig:
     reconstruction: str = _field("linear", "Label-side residual y - sum c y~ (linear, the "
                                            "official code) or y - tanh(sum c y~) (the paper's "
                                            "Eq. 3).", losses_lib.RECONSTRUCTIONS)
+    # ---- the paper's recipes (issue 14): the CUB class-label augmentation ----
+    class_label_weight: float = _field(0.0, "CUB's class-label weight a (official weight_class "
+                                            "= 10): the image-class one-hot (image/class, e.g. "
+                                            "the CUB species) is appended to the IMCL label "
+                                            "states only, a at the class and -1/c elsewhere, "
+                                            "always known; 0: off.")
     augment: bool = _field(False, "Random resized crop and flip of training images.")
     warm_start: str = _field("", "A logistic run's model_dir to start from, 'auto' to train that "
                                  "baseline first (into <model_dir>/logistic_stage), or empty.")
@@ -183,6 +190,9 @@ class TrainConfig:
         if not self.omp_score_threshold >= 0 or self.omp_score_threshold == float("inf"):
             bad_flag("omp_score_threshold", f"must be a finite number >= 0, received "
                                             f"{self.omp_score_threshold}.")
+        if not 0 <= self.class_label_weight < float("inf"):
+            bad_flag("class_label_weight", f"must be a finite number >= 0, received "
+                                           f"{self.class_label_weight}.")
         if not self.asym_c >= 1:
             bad_flag("asym_c", f"must be >= 1, received {self.asym_c}.")
         if self.head_weight_decay < 0:
@@ -229,6 +239,11 @@ class TrainConfig:
         if info.mode == "image" and not (self.image_size or info.image_size):
             bad_flag("image_size", "is 0 and dataset.json has no image_size hint; set "
                                    "--image_size.")
+        if self.class_label_weight > 0 and self.method == "imcl" and not image_class_count(info):
+            bad_flag("class_label_weight", f"needs image classes, but {self.data_dir!r} has no "
+                                           "labels.image_class_names in dataset.json (build it "
+                                           "with tfrecords_tools.cub, whose records carry "
+                                           "image/class), or set --class_label_weight=0.")
         if self.augment and info.mode != "image":
             bad_flag("augment", "applies to images; this is a features-mode dataset.")
         if self.backbone_weights not in ("none", "imagenet") and not os.path.exists(
@@ -290,6 +305,19 @@ class TrainConfig:
             bad_flag(changed[0], f"{self.model_dir!r} holds a run checkpointed with {details}; it "
                                  "can only be resumed with the same settings. Use a new "
                                  "--model_dir (or delete this one) to train with other settings.")
+
+
+def image_class_count(info: data_lib.DatasetInfo) -> int:
+    """C, the number of image classes (labels.image_class_names) of a dataset, 0 if none.
+
+    A dataset made by tfrecords_tools.partial keeps its source's labels under source_labels.
+    """
+    labels = info.labels
+    while isinstance(labels, dict):
+        if labels.get("image_class_names"):
+            return len(labels["image_class_names"])
+        labels = labels.get("source_labels")
+    return 0
 
 
 # Options that may change when a checkpointed run is resumed: how long and how it is watched,

@@ -16,6 +16,7 @@ import time
 from typing import Any
 
 import keras
+import numpy as np
 import tensorflow as tf
 from absl import logging
 
@@ -23,7 +24,7 @@ from imcl_tf import data as data_lib
 from imcl_tf import label_graph as graph_lib
 from imcl_tf import memory, metrics, models
 from imcl_tf.training.callbacks import BankRefresh, TrainingMonitor
-from imcl_tf.training.config import TrainConfig
+from imcl_tf.training.config import TrainConfig, image_class_count
 from imcl_tf.training.distribution import (is_chief, is_chief_process, local_byte_variables,
                                            make_strategy, prepare_multi_worker_fit, task_id)
 from imcl_tf.training.errors import bad_flag
@@ -89,6 +90,9 @@ class _Trainer:
         self.train_steps = config.train_steps or max(1, int(round(config.epochs * steps_per_epoch)))
         self.eval_every = config.eval_every or max(1, math.ceil(self.train_steps / 10))
         self.has_val = bool(config.val_split)
+        # The image-class one-hot appended to the IMCL label rows (--class_label_weight).
+        self.image_classes = (image_class_count(self.info)
+                              if config.method == "imcl" and config.class_label_weight > 0 else 0)
         self.chief_checkpoints = os.path.join(config.model_dir, CHECKPOINT_DIR)
         # A non-chief worker must save checkpoints too (they may involve collectives), but into a
         # private temporary folder that is deleted at the end: model_dir is the chief's.
@@ -153,8 +157,13 @@ class _Trainer:
                 bad_flag("k", f"{config.k} is more than the {len(bank_indices)} images of the "
                               "dictionary bank; lower --k or raise --dictionary_per_class / "
                               "--dictionary_size.")
+        graph_rows = train_labels
+        if train_labels is not None and config.bce_unknown_as_negative:
+            # Unknown entries are absences for this run (COCO's unmentioned words): the
+            # co-occurrence graph counts them so, as the cross-entropy does.
+            graph_rows = np.where(train_labels == 0, -1, train_labels).astype(train_labels.dtype)
         graph = graph_lib.build_label_graph(config.label_graph, self.info.num_classes,
-                                            train_labels, config.label_graph_top_k or None)
+                                            graph_rows, config.label_graph_top_k or None)
         rates = part_learning_rates(config)
         # BatchNorm frozen when fine-tuning trained weights (method spec 8 row 22): then the
         # query's features (training mode) and the bank's (inference mode) are the same function
@@ -182,7 +191,9 @@ class _Trainer:
                 bce_unknown_as_negative=config.bce_unknown_as_negative,
                 omp_score_threshold=config.omp_score_threshold,
                 omp_balance_scores=config.omp_balance_scores,
-                reconstruction=config.reconstruction)
+                reconstruction=config.reconstruction,
+                class_label_weight=config.class_label_weight,
+                num_image_classes=self.image_classes)
             if rates.backbone == 0:
                 model.backbone.trainable = False  # frozen: no gradient, no optimizer slots
             optimizer, part_optimizers = make_part_optimizers(
@@ -222,7 +233,7 @@ class _Trainer:
             resolved["warm_start"] = config.warm_start
         if config.method == "imcl":
             inputs, labels, ids = read_split_subset(config.data_dir, "train", self.bank_indices,
-                                                    self.image_size)
+                                                    self.image_size, self.image_classes)
             model.fill_bank(inputs, labels, ids)
             resolved["dictionary_size"] = int(len(self.bank_indices))
             resolved.update(model.calibrate_lambdas(
@@ -259,7 +270,8 @@ class _Trainer:
             self.config.data_dir, split, batch_size=self.config.batch_size,
             image_size=self.image_size, training=training, augment=training and self.config.augment,
             seed=self.config.seed if seed is None else seed, repeat=training,
-            drop_remainder=training, deterministic=not training)
+            drop_remainder=training, deterministic=not training,
+            image_classes=self.image_classes if training else 0)
 
     def _train_dataset(self, seed):
         """The training pipeline; under a strategy each worker reads its own shard FILES."""
@@ -271,7 +283,8 @@ class _Trainer:
             return data_lib.make_dataset(
                 config.data_dir, "train", batch_size=config.batch_size,
                 image_size=self.image_size, training=True, augment=config.augment, seed=seed,
-                repeat=True, drop_remainder=True, input_context=input_context)
+                repeat=True, drop_remainder=True, input_context=input_context,
+                image_classes=self.image_classes)
 
         return self.strategy.distribute_datasets_from_function(per_worker)
 
