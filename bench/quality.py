@@ -13,6 +13,15 @@ issue at 30 % known.
   python bench/quality.py --quick --out bench/out/quick      # a tiny smoke version
   python bench/quality.py --ablations_only --out bench/out/quality
 
+`--regime transfer` runs the transfer regime of bench/results/transfer_protocol.md instead: the
+80-label long-tailed scenes (`fashion_scenes --label_space=item_tint_position
+--reserve_pretrain_items`), a small_cnn pretrained on the items no scene uses
+(`tfrecords_tools.fashion_pretrain`), and `--mode fixed` (embeddings of the pretrained backbone,
+`--backbone=features`) or `--mode finetune` (the pretrained backbone with BatchNorm frozen):
+
+  python bench/quality.py --regime transfer --mode fixed --out bench/out/transfer_fixed
+  python bench/quality.py --regime transfer --mode finetune --out bench/out/transfer_finetune
+
 The full table took 93 min on the 2-core development machine, as two processes
 (BENCHMARKS.md, quality section).
 """
@@ -43,18 +52,36 @@ ABLATIONS = {
     "per_class protocol": dict(_protocol="per_class"),
 }
 
+# The transfer regime (bench/results/transfer_protocol.md): sizes and steps per mode. Fixed here,
+# before any IMCL run on it; do not change them to favour a method.
+TRANSFER = dict(num_train=2000, num_val=500, num_test=1000, scene_seed=1234,
+                pretrain_steps=600, pretrain_batch_size=64, pretrain_learning_rate=2e-3,
+                pretrain_seed=0)
+TRANSFER_MODES = {
+    "fixed": dict(logistic_steps=1000, imcl_steps=300, eval_every=50,
+                  config=dict(backbone="features")),
+    "finetune": dict(logistic_steps=600, imcl_steps=200, eval_every=50,
+                     config=dict(backbone="small_cnn", freeze_batchnorm=True)),
+}
+
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="Output folder (datasets, runs, results).")
     parser.add_argument("--ratios", default="0.1,0.3,0.5,0.7,0.9,1.0")
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--num_train", type=int, default=1200)
-    parser.add_argument("--num_val", type=int, default=500)
-    parser.add_argument("--num_test", type=int, default=1000)
-    parser.add_argument("--logistic_steps", type=int, default=600)
-    parser.add_argument("--imcl_steps", type=int, default=200)
-    parser.add_argument("--eval_every", type=int, default=50)
+    parser.add_argument("--regime", choices=("scratch", "transfer"), default="scratch",
+                        help="scratch: the demo scenes, small_cnn from scratch; transfer: "
+                             "bench/results/transfer_protocol.md.")
+    parser.add_argument("--mode", choices=tuple(TRANSFER_MODES), default="finetune",
+                        help="Transfer regime only: fixed features or fine-tuning.")
+    parser.add_argument("--num_train", type=int, default=None,
+                        help="Default 1200 (scratch) or the transfer protocol's.")
+    parser.add_argument("--num_val", type=int, default=None)
+    parser.add_argument("--num_test", type=int, default=None)
+    parser.add_argument("--logistic_steps", type=int, default=None)
+    parser.add_argument("--imcl_steps", type=int, default=None)
+    parser.add_argument("--eval_every", type=int, default=None)
     parser.add_argument("--set", action="append", default=[],
                         help="Override a training option for both methods, e.g. --set k=5.")
     parser.add_argument("--imcl_set", action="append", default=[],
@@ -64,16 +91,30 @@ def main(argv=None) -> int:
     parser.add_argument("--ablation_seeds", default="0,1")
     parser.add_argument("--quick", action="store_true", help="Tiny sizes: a smoke test.")
     args = parser.parse_args(argv)
+    transfer = args.regime == "transfer"
+    defaults = (dict(num_train=TRANSFER["num_train"], num_val=TRANSFER["num_val"],
+                     num_test=TRANSFER["num_test"], **{k: v for k, v in
+                                                       TRANSFER_MODES[args.mode].items()
+                                                       if k != "config"})
+                if transfer else dict(num_train=1200, num_val=500, num_test=1000,
+                                      logistic_steps=600, imcl_steps=200, eval_every=50))
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    args.pretrain = dict(steps=TRANSFER["pretrain_steps"], num_items=0)
     if args.quick:
         args.num_train, args.num_val, args.num_test = 160, 64, 64
         args.logistic_steps, args.imcl_steps, args.eval_every = 6, 4, 3
         args.ratios, args.seeds, args.ablation_seeds = "0.3", "0", "0"
+        args.pretrain = dict(steps=2, num_items=64)
     base = dict(BASE)
+    if transfer:
+        base.update(TRANSFER_MODES[args.mode]["config"])
     base.update(_parse_sets(args.set))
     imcl_only = _parse_sets(args.imcl_set)
     os.makedirs(args.out, exist_ok=True)
     started = time.time()
-    full_dir = _build_dataset(args)
+    full_dir = _build_dataset(args) if not transfer else _build_transfer_dataset(args, base)
     results = _load_results(args.out)
     ratios = [float(r) for r in args.ratios.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -124,6 +165,43 @@ def _build_dataset(args) -> str:
                          "cached runs would not match. Use another --out or the sizes it was "
                          "built with.")
     return full_dir
+
+
+def _build_transfer_dataset(args, base) -> str:
+    """The transfer regime's scenes, pretrained backbone and (fixed mode) features; cached.
+
+    Sets base["backbone_weights"] in fine-tuning mode. Returns the dataset to mask.
+    """
+    from imcl_tf import data as data_lib
+    from tfrecords_tools import extract_features, fashion_pretrain, fashion_scenes
+    scenes_dir = os.path.join(args.out, "data", "full_scenes")
+    wanted = {"train": args.num_train, "val": args.num_val, "test": args.num_test}
+    if not os.path.exists(os.path.join(scenes_dir, data_lib.DATASET_JSON)):
+        fashion_scenes.build(scenes_dir, seed=TRANSFER["scene_seed"], num_shards=2,
+                             num_examples=wanted, label_space="item_tint_position",
+                             reserve_pretrain_items=True)
+    info = data_lib.load_dataset_info(scenes_dir)
+    found = {split: info.split(split).num_examples for split in wanted}
+    flags = info.provenance.get("flags", {})
+    if found != wanted or flags.get("label_space") != "item_tint_position" or not flags.get(
+            "reserve_pretrain_items"):
+        raise SystemExit(f"quality: {scenes_dir} is not this run's transfer dataset ({found} "
+                         f"scenes, label space {flags.get('label_space')!r}); use another --out.")
+    weights = os.path.join(args.out, "pretrained", "small_cnn.weights.h5")
+    if not os.path.exists(weights + ".json"):
+        fashion_pretrain.pretrain(weights, steps=args.pretrain["steps"],
+                                  num_items=args.pretrain["num_items"],
+                                  batch_size=TRANSFER["pretrain_batch_size"],
+                                  learning_rate=TRANSFER["pretrain_learning_rate"],
+                                  seed=TRANSFER["pretrain_seed"])
+    if args.mode == "finetune":
+        base["backbone_weights"] = weights
+        return scenes_dir
+    features_dir = os.path.join(args.out, "data", "full")
+    if not os.path.exists(os.path.join(features_dir, data_lib.DATASET_JSON)):
+        extract_features.extract(scenes_dir, features_dir, backbone="small_cnn",
+                                 backbone_weights=weights)
+    return features_dir
 
 
 def _partial_dir(args, full_dir, protocol, ratio, seed) -> str:
@@ -269,7 +347,8 @@ def _write_main_report(args, results, ratios, seeds):
         axis.errorbar(x, mean, yerr=std, marker="o", capsize=3, label=label)
     axis.set_xlabel("known training labels (%)")
     axis.set_ylabel("test mAP (%)")
-    axis.set_title("Fashion-MNIST scenes: mAP vs known labels")
+    axis.set_title("Fashion-MNIST scenes: mAP vs known labels" if args.regime == "scratch" else
+                   f"Transfer regime ({args.mode}): mAP vs known labels")
     axis.grid(alpha=0.3)
     axis.legend()
     figure.tight_layout()

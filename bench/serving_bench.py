@@ -147,7 +147,7 @@ def start_server_process(model_base_path: str, flags: list[str],
         command = [sys.executable, os.path.abspath(__file__), f"--bare_server={bare_version_dir}"]
     else:
         command = [sys.executable, "-m", "serving.server", f"--model_base_path={model_base_path}",
-                   f"--model_name={MODEL_NAME}", "--port=0", *flags]
+                   f"--model_name={MODEL_NAME}", "--port=0", "--rest_api_port=0", *flags]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True,
                                cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     line = process.stdout.readline()  # the server prints one line once it is serving

@@ -33,6 +33,7 @@ _JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 # Markers without a length field: TEM, RST0-7 (SOI is handled before the loop).
 _JPEG_STANDALONE = frozenset([0x01, *range(0xD0, 0xD8)])
 _JPEG_SOS, _JPEG_EOI = 0xDA, 0xD9
+_JPEG_SOS_MARKER = b"\xff\xda"
 _HEAD_BYTES = 32  # enough for every fixed header field read in the graph
 # Markers (and fill bytes) walked before the first frame header at most: real files have a few
 # dozen; the bound keeps a hostile file of fill bytes from costing a pass per byte.
@@ -235,13 +236,13 @@ def _bmp_size(data: bytes, where: str) -> ImageSize:
 def image_shape(encoded, where="image"):
     """int64 [2] (height, width) of a tf.string scalar of image bytes, read from the header.
 
-    For tf.data pipelines and serving signatures: JPEG by the same bounded marker walk as the
-    Python reader (tf.image.extract_jpeg_shape would need the whole header up to the scan and
-    fails without naming the image), PNG, GIF and BMP from their fixed header fields; nothing is
-    decoded. For a GIF it is the logical
+    For tf.data pipelines and serving signatures: JPEG through tf.image.extract_jpeg_shape
+    (libjpeg's header reader, the decoder's own view of the size) once the header is known to be
+    complete, PNG, GIF and BMP from their fixed header fields; nothing is decoded. For a GIF it is the logical
     screen only: frame counts and frame sizes need a walk of the whole file, which only the
     Python `read_image_size` does (use it where GIFs are expected). `where` (a Python or
-    tf.string scalar) names the image in the error.
+    tf.string scalar) names the image in the error, except for a JPEG header damaged before its
+    scan, which fails with libjpeg's message ("Invalid JPEG data ...").
 
     Raises:
       InvalidArgumentError (at run time) naming `where` for bytes of another format or cut before
@@ -300,64 +301,17 @@ def image_shape(encoded, where="image"):
 
 
 def _jpeg_shape_graph(encoded, length, where):
-    """int64 [2] (height, width) from the first SOFn segment: _jpeg_size as a tf.while_loop."""
+    """int64 [2] (height, width) by libjpeg's header reader, after checking that the header is
+    complete (a start-of-scan marker is present), so a truncated file gets an error naming it.
+    One C++ op instead of a marker walk in the graph: this runs for every served JPEG."""
     import tensorflow as tf
 
-    global _jpeg_walk
-    if _jpeg_walk is None:  # one traced graph, also when called eagerly (no Python loop)
-        _jpeg_walk = tf.function(_jpeg_walk_graph, input_signature=[
-            tf.TensorSpec([], tf.string), tf.TensorSpec([], tf.int64)])
-    state, height, width = _jpeg_walk(encoded, tf.cast(length, tf.int64))
-    check = tf.debugging.Assert(tf.equal(state, _FOUND), [tf.strings.join([
-        where, ": ", tf.where(state == _DAMAGED, "damaged", "truncated"),
-        " JPEG file (", tf.strings.as_string(length), " bytes): no frame header (SOFn) could be "
-        "read before its end, a scan or the marker limit."])])
+    has_scan = tf.size(tf.strings.split(encoded, sep=_JPEG_SOS_MARKER, maxsplit=1)) > 1
+    check = tf.debugging.Assert(has_scan, [tf.strings.join([
+        where, ": truncated JPEG file (", tf.strings.as_string(length), " bytes): its header "
+        "ends before the first scan; the file was cut short."])])
     with tf.control_dependencies([check]):
-        return tf.stack([height, width])
-
-
-_RUNNING, _FOUND, _DAMAGED = 0, 1, 2
-_jpeg_walk = None
-
-
-def _jpeg_walk_graph(encoded, length):
-    """(state, height, width): the marker walk of _jpeg_size, one marker per loop pass."""
-    import tensorflow as tf
-
-    sof = tf.constant([m in _JPEG_SOF for m in range(256)])
-    standalone = tf.constant([m in _JPEG_STANDALONE for m in range(256)])
-    before_frame = tf.constant([m in (_JPEG_SOS, _JPEG_EOI, 0xD8) for m in range(256)])
-    nine = tf.constant(9, tf.int64)
-
-    def step(pos, state, height, width):
-        # 9 bytes from pos: FF, marker, length (2), and for SOFn precision, height (2), width (2).
-        chunk = tf.io.decode_raw(tf.strings.join([tf.strings.substr(encoded, pos, nine),
-                                                  b"\0" * 9]), tf.uint8)[:9]
-        chunk = tf.cast(chunk, tf.int64)
-        marker = chunk[1]
-        segment = chunk[2] * 256 + chunk[3]
-        is_fill = marker == 0xFF
-        is_standalone = tf.gather(standalone, marker)
-        is_sof = tf.gather(sof, marker)
-        fits = pos + 9 <= length
-        bad = ((chunk[0] != 0xFF)
-               | (~is_fill & ~is_standalone & (tf.gather(before_frame, marker) | (segment < 2))))
-        new_state = tf.where(bad, _DAMAGED,
-                             tf.where(~is_fill & ~is_standalone & is_sof & fits, _FOUND, _RUNNING))
-        step_size = tf.where(is_fill, tf.constant(1, tf.int64),
-                             tf.where(is_standalone, tf.constant(2, tf.int64), 2 + segment))
-        # An SOFn cut short leaves the loop with state running: reported as truncated.
-        next_pos = tf.where(is_sof & ~is_fill & ~fits, length, pos + step_size)
-        return next_pos, new_state, chunk[5] * 256 + chunk[6], chunk[7] * 256 + chunk[8]
-
-    def more(pos, state, height, width):
-        return (state == _RUNNING) & (pos + 2 <= length)
-
-    zero = tf.constant(0, tf.int64)
-    _, state, height, width = tf.while_loop(
-        more, step, (tf.constant(2, tf.int64), tf.constant(_RUNNING), zero, zero),
-        maximum_iterations=_MAX_JPEG_MARKERS)
-    return state, height, width
+        return tf.cast(tf.image.extract_jpeg_shape(encoded)[:2], tf.int64)
 
 
 def check_image_pixels_op(encoded, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, where="image"):

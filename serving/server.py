@@ -1,19 +1,23 @@
-"""A TensorFlow-Serving-compatible gRPC server for the SavedModels written by `imcl_tf.export`.
+"""A TensorFlow-Serving-compatible gRPC and REST server for the SavedModels of `imcl_tf.export`.
 
-The real `tensorflow_model_server` cannot be installed here (serving/README.md has its Docker
-command), so development, tests and the demo use this server. It speaks the same protocol
+For development, tests and the demo; production uses TF Serving's binary (serving/README.md has
+its Docker command), which cannot be installed here. It speaks the same protocols
 (`tensorflow.serving.PredictionService` Predict / Classify / GetModelMetadata and
-`tensorflow.serving.ModelService` GetModelStatus) over the same SavedModel, so one client works
-against both.
+`tensorflow.serving.ModelService` GetModelStatus over gRPC, TF Serving's JSON API over REST,
+serving/rest.py) over the same SavedModel, so one client works against both.
 
-    python -m serving.server --model_base_path=exports/demo --model_name=demo --port=8500
+    python -m serving.server --model_base_path=exports/demo --model_name=demo --port=8500 \
+        --rest_api_port=8501
 
 Versions are the integer folders under the base path. The newest `--num_versions` are kept loaded;
 requests without a version go to the newest. A poller loads new versions fully (including the
 warm-up requests) before swapping them in, and a request keeps the version it started on, so a
-version change never fails a request. Bad requests get INVALID_ARGUMENT or NOT_FOUND with a message
-saying what was wrong; nothing a client sends stops the server. SIGTERM/SIGINT stop accepting
-requests, let the ones in flight finish, and exit 0.
+version change never fails a request; a new version must pass sanity checks first, and a base
+path that vanishes for a poll keeps the loaded versions serving. Bad requests get INVALID_ARGUMENT
+or NOT_FOUND with a message saying what was wrong; shapes, element counts and image sizes (from
+their headers, `--max_image_pixels`) are checked before anything big is built, so nothing a client
+sends stops the server. SIGTERM/SIGINT stop accepting requests, let the ones in flight finish,
+and exit 0.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 import argparse
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -28,6 +33,7 @@ import math
 import os
 import re
 import signal
+import ssl
 import sys
 import threading
 import time
@@ -43,7 +49,8 @@ from tensorflow_serving.apis import (classification_pb2, get_model_metadata_pb2,
                                      prediction_log_pb2, prediction_service_pb2_grpc)
 
 from imcl_tf import data, export, image_header
-from serving import tensors
+from serving import rest, tensors
+from serving.errors import RequestError
 
 DEFAULT_PORT = 8500  # TF Serving's gRPC port
 DEFAULT_HOST = "127.0.0.1"  # loopback: exposing the server is an explicit choice
@@ -80,27 +87,25 @@ class BatchingOptions:
     batch_timeout_micros: int = 0
 
 
-class RequestError(Exception):
-    """A request the server refuses; becomes the gRPC status `code` with `message`."""
-
-    def __init__(self, code: grpc.StatusCode, message: str):
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
 def start_server(model_base_path: str, model_name: str, *, port: int = 0,
                  host: str = DEFAULT_HOST, max_batch_size: int = 64,
                  max_message_mb: int = DEFAULT_MAX_MESSAGE_MB,
                  max_image_pixels: int = image_header.DEFAULT_MAX_IMAGE_PIXELS,
                  poll_seconds: float = 1.0, num_versions: int = 2, num_threads: int = 16,
                  enable_batching: bool = False, num_batch_threads: int = 2,
-                 batch_timeout_micros: int = 0) -> tuple["ServingServer", int]:
-    """Loads the model's versions, starts serving, and returns (server, bound port).
+                 batch_timeout_micros: int = 0, rest_api_port: int | None = None,
+                 max_concurrent_rpcs: int = 0, ssl_cert: str | None = None,
+                 ssl_key: str | None = None,
+                 access_log: str | None = None) -> tuple["ServingServer", int]:
+    """Loads the model's versions, starts serving, and returns (server, bound gRPC port).
 
-    `port=0` binds a free port. Call `server.stop(grace_seconds)` to shut it down. With
-    `enable_batching`, concurrent requests are merged into model calls of at most
-    `max_batch_size` rows (see BatchingOptions).
+    `port=0` binds a free port. `rest_api_port` adds TF Serving's REST API (None: no REST, 0: a
+    free port; the bound one is `server.rest_port`). Call `server.stop(grace_seconds)` to shut it
+    down. With `enable_batching`, concurrent requests are merged into model calls of at most
+    `max_batch_size` rows (see BatchingOptions). `max_concurrent_rpcs` (0: no limit) refuses
+    requests beyond that many in flight with RESOURCE_EXHAUSTED (HTTP 429). `ssl_cert` and
+    `ssl_key` (PEM files, both or neither) serve gRPC and REST over TLS. `access_log` is a file
+    (or "-" for stderr) that gets one line per request.
 
     Example:
       >>> server, port = start_server("exports/demo", "demo")  # doctest: +SKIP
@@ -118,7 +123,13 @@ def start_server(model_base_path: str, model_name: str, *, port: int = 0,
         raise ValueError(f"--poll_seconds must be positive. Received: {poll_seconds}.")
     if batch_timeout_micros < 0:
         raise ValueError(f"--batch_timeout_micros must be >= 0. Received: {batch_timeout_micros}.")
+    if max_concurrent_rpcs < 0:
+        raise ValueError(f"--max_concurrent_rpcs must be >= 0 (0: no limit). Received: "
+                         f"{max_concurrent_rpcs}.")
+    if rest_api_port is not None and not 0 <= rest_api_port < 65536:
+        raise ValueError(f"--rest_api_port must be a port number. Received: {rest_api_port}.")
     image_header.check_max_image_pixels(max_image_pixels)
+    credentials, ssl_context = _tls(ssl_cert, ssl_key)
     max_bytes = max_message_mb * 1024 * 1024
     limits = Limits(max_batch_size=max_batch_size, max_request_elements=max_bytes // 4,
                     max_image_pixels=max_image_pixels, max_message_bytes=max_bytes)
@@ -126,40 +137,91 @@ def start_server(model_base_path: str, model_name: str, *, port: int = 0,
                 if enable_batching else None)
     manager = ModelManager(model_base_path, model_name, limits, num_versions=num_versions,
                            batching=batching)
+    services = Services(manager, limits, _access_logger(access_log), max_concurrent_rpcs)
     server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=num_threads),
                          options=[("grpc.max_receive_message_length", max_bytes),
                                   ("grpc.max_send_message_length", max_bytes),
                                   # gRPC shares ports by default: a second server on a port in
                                   # use would silently take half the traffic.
-                                  ("grpc.so_reuseport", 0)])
+                                  ("grpc.so_reuseport", 0)],
+                         maximum_concurrent_rpcs=max_concurrent_rpcs or None)
     prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
-        PredictionServicer(manager, limits), server)
-    model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(manager), server)
+        PredictionServicer(services), server)
+    model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(services), server)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:  # bound before loading, so a port conflict fails fast
-        bound_port = server.add_insecure_port(address)
+        bound_port = (server.add_secure_port(address, credentials) if credentials
+                      else server.add_insecure_port(address))
     except RuntimeError as err:  # newer grpc raises instead of returning 0
         raise OSError(f"cannot listen on {address}: {err}; is the port in use?") from err
     if bound_port == 0:
         raise OSError(f"cannot listen on {address}; is the port in use?")
+    rest_server = (None if rest_api_port is None
+                   else rest.RestServer(services, host, rest_api_port, ssl_context))
     manager.refresh()
     server.start()
+    if rest_server is not None:
+        rest_server.start()
     manager.start_polling(poll_seconds)
-    return ServingServer(server, manager), bound_port
+    return ServingServer(server, services, rest_server), bound_port
+
+
+def _tls(ssl_cert: str | None, ssl_key: str | None):
+    """(gRPC server credentials, REST SSLContext) from PEM files, or (None, None)."""
+    if not ssl_cert and not ssl_key:
+        return None, None
+    if not (ssl_cert and ssl_key):
+        raise ValueError("--ssl_cert and --ssl_key go together: give both PEM files (the "
+                         "certificate chain and its private key) or neither.")
+    try:
+        with open(ssl_cert, "rb") as f:
+            cert = f.read()
+        with open(ssl_key, "rb") as f:
+            key = f.read()
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(ssl_cert, ssl_key)
+    except (OSError, ssl.SSLError) as err:
+        raise ValueError(f"cannot use --ssl_cert={ssl_cert!r} --ssl_key={ssl_key!r}: {err}; "
+                         "give a PEM certificate and its PEM private key.") from err
+    return grpc.ssl_server_credentials([(key, cert)]), context
+
+
+def _access_logger(access_log: str | None) -> logging.Logger | None:
+    """A logger writing one line per request to `access_log` (a path, or "-" for stderr)."""
+    if not access_log:
+        return None
+    logger = logging.Logger("serving.access", logging.INFO)  # this server's own, not global
+    try:
+        handler = (logging.StreamHandler(sys.stderr) if access_log == "-"
+                   else logging.FileHandler(access_log, encoding="utf-8"))
+    except OSError as err:
+        raise ValueError(f"cannot open --access_log={access_log!r}: {err}") from err
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    logger.addHandler(handler)
+    return logger
 
 
 class ServingServer:
-    """A running server: the gRPC server plus the version poller."""
+    """A running server: the gRPC server, the REST server (if any) and the version poller."""
 
-    def __init__(self, grpc_server: grpc.Server, manager: "ModelManager"):
+    def __init__(self, grpc_server: grpc.Server, services: "Services",
+                 rest_server: rest.RestServer | None = None):
         self.grpc_server = grpc_server
-        self.manager = manager
+        self.services = services
+        self.manager = services.manager
+        self.rest_server = rest_server
+        self.rest_port = None if rest_server is None else rest_server.port
 
     def stop(self, grace_seconds: float = 10.0) -> None:
         """Stops accepting requests, lets those in flight finish (up to `grace_seconds`), stops
         polling."""
+        deadline = time.monotonic() + grace_seconds
+        if self.rest_server is not None:
+            self.rest_server.stop()  # no new connections or requests
         self.grpc_server.stop(grace_seconds).wait()
+        self.services.wait_idle(deadline - time.monotonic())  # REST requests still running
         self.manager.stop_polling()
+        self.services.close()
 
 
 # ---- Loaded versions ---------------------------------------------------------------------------
@@ -641,7 +703,7 @@ def run_warmup(servable: Servable, model_name: str, limits: Limits) -> int:
 
 
 def predict(servable: Servable, request: predict_pb2.PredictRequest, model_name: str,
-            limits: Limits) -> predict_pb2.PredictResponse:
+            limits: Limits, deadline: float | None = None) -> predict_pb2.PredictResponse:
     """Validates a PredictRequest against the signature, runs it, and builds the response."""
     signature_name = request.model_spec.signature_name or export.SERVING_DEFAULT
     plan = servable.plan(signature_name)
@@ -672,6 +734,7 @@ def predict(servable: Servable, request: predict_pb2.PredictRequest, model_name:
         raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
                            f"output_filter names {unknown}, which signature {signature_name!r} "
                            f"does not have; its outputs: {sorted(plan.output_names)}.")
+    _check_deadline(deadline)
     result = servable.run(signature_name, inputs, outputs)
     response = predict_pb2.PredictResponse()
     _fill_model_spec(response.model_spec, model_name, servable.version, signature_name)
@@ -682,7 +745,8 @@ def predict(servable: Servable, request: predict_pb2.PredictRequest, model_name:
 
 
 def classify(servable: Servable, request: classification_pb2.ClassificationRequest,
-             model_name: str, limits: Limits) -> classification_pb2.ClassificationResponse:
+             model_name: str, limits: Limits,
+             deadline: float | None = None) -> classification_pb2.ClassificationResponse:
     """Classify as TF Serving does it for TF2 SavedModels (no method-name check).
 
     The signature needs exactly one input named `inputs` (serialized tf.Example) and the outputs
@@ -710,6 +774,7 @@ def classify(servable: Servable, request: classification_pb2.ClassificationReque
     if not serialized:
         raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
                            "Input is empty: the ClassificationRequest has no examples.")
+    _check_deadline(deadline)
     result = servable.run(signature_name,
                           {export.CLASSIFY_INPUT: np.array(serialized, dtype=object)})
     classes = result.get(export.CLASSIFY_CLASSES)  # [B, L] bytes
@@ -837,6 +902,15 @@ def check_images(encoded: Sequence[bytes], where: str, limits: Limits) -> None:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(err)) from err
 
 
+def _check_deadline(deadline: float | None) -> None:
+    """DEADLINE_EXCEEDED when the client's deadline (time.monotonic()) has passed: the model is
+    not run for an answer nobody waits for."""
+    if deadline is not None and time.monotonic() >= deadline:
+        raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                           "the request's deadline passed before the model ran; the server was "
+                           "busy: retry with a longer deadline, or add capacity.")
+
+
 def _check_batch(batch: int, where: str, limits: Limits) -> None:
     if batch == 0:
         raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
@@ -893,21 +967,109 @@ def _dtype_name(dtype: int) -> str:
 _GRPC_CODE = {code.value[0]: code for code in grpc.StatusCode}
 
 
+# ---- Services (shared by gRPC and REST) ------------------------------------------------------
+
+
+class Services:
+    """What both front ends call: request handling over the ModelManager, admission control and
+    the access log, so gRPC and REST apply the same checks and limits."""
+
+    def __init__(self, manager: ModelManager, limits: Limits,
+                 access_logger: logging.Logger | None = None, max_concurrent_rpcs: int = 0):
+        self.manager = manager
+        self.limits = limits
+        self._access_logger = access_logger
+        self._max_in_flight = max_concurrent_rpcs
+        self._in_flight = 0  # REST requests running
+        self._lock = threading.Condition()
+
+    def predict(self, request, deadline: float | None = None):
+        return predict(self.manager.resolve(request.model_spec), request,
+                       self.manager.model_name, self.limits, deadline)
+
+    def classify(self, request, deadline: float | None = None):
+        return classify(self.manager.resolve(request.model_spec), request,
+                        self.manager.model_name, self.limits, deadline)
+
+    def metadata(self, request):
+        return model_metadata(self.manager.resolve(request.model_spec), request,
+                              self.manager.model_name)
+
+    def status(self, request):
+        return model_status(self.manager, request)
+
+    def plan(self, model_spec) -> _SignaturePlan:
+        """The input plan of the signature `model_spec` names (REST converts JSON with it)."""
+        servable = self.manager.resolve(model_spec)
+        return servable.plan(model_spec.signature_name or export.SERVING_DEFAULT)
+
+    @contextlib.contextmanager
+    def admission(self):
+        """Counts a REST request in flight; refuses it beyond --max_concurrent_rpcs (gRPC has its
+        own limit in grpc.server)."""
+        with self._lock:
+            if self._max_in_flight and self._in_flight >= self._max_in_flight:
+                raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                   f"the server is at its limit of {self._max_in_flight} "
+                                   "concurrent requests (--max_concurrent_rpcs); retry later.")
+            self._in_flight += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._in_flight -= 1
+                self._lock.notify_all()
+
+    def wait_idle(self, seconds: float) -> None:
+        """Waits up to `seconds` for the REST requests in flight to finish."""
+        with self._lock:
+            self._lock.wait_for(lambda: self._in_flight == 0, timeout=max(seconds, 0.0))
+
+    def access(self, what: str, peer: str, model: str, code: grpc.StatusCode,
+               seconds: float) -> None:
+        if self._access_logger is not None:
+            self._access_logger.info("%s peer=%s model=%s status=%s ms=%.1f", what, peer, model,
+                                     code.name, seconds * 1000)
+
+    @staticmethod
+    def log_exception(message: str, *args) -> None:
+        _LOG.exception(message, *args)
+
+    def close(self) -> None:
+        """Closes the access log file."""
+        if self._access_logger is not None:
+            for handler in self._access_logger.handlers:
+                handler.close()
+
+
 # ---- gRPC services -----------------------------------------------------------------------------
 
 
 def _handler(method: Callable[..., Any]) -> Callable[..., Any]:
-    """Turns RequestError into its status and any other exception into INTERNAL, never a crash."""
+    """Checks the client's deadline, turns RequestError into its status and any other exception
+    into INTERNAL (never a crash), and writes the access log line."""
 
     def wrapped(self, request, context):
+        start = time.monotonic()
+        code = grpc.StatusCode.OK
         try:
-            return method(self, request)
+            remaining = context.time_remaining()
+            deadline = None if remaining is None else start + remaining
+            _check_deadline(deadline)
+            return method(self, request, deadline)
         except RequestError as err:
+            code = err.code
             context.abort(err.code, err.message)
         except Exception as err:  # a bug must cost one request, not the server
+            code = grpc.StatusCode.INTERNAL
             _LOG.exception("%s failed", method.__name__)
             context.abort(grpc.StatusCode.INTERNAL,
                           f"internal error in {method.__name__}: {type(err).__name__}: {err}")
+        finally:
+            spec = getattr(request, "model_spec", None)
+            self._services.access(f"gRPC {method.__name__}", context.peer(),
+                                  spec.name if spec is not None else "-", code,
+                                  time.monotonic() - start)
 
     wrapped.__name__ = method.__name__
     wrapped.__doc__ = method.__doc__
@@ -915,36 +1077,32 @@ def _handler(method: Callable[..., Any]) -> Callable[..., Any]:
 
 
 class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
-    """tensorflow.serving.PredictionService over a ModelManager."""
+    """tensorflow.serving.PredictionService over the shared Services."""
 
-    def __init__(self, manager: ModelManager, limits: Limits):
-        self._manager = manager
-        self._limits = limits
-
-    @_handler
-    def Predict(self, request):
-        return predict(self._manager.resolve(request.model_spec), request,
-                       self._manager.model_name, self._limits)
+    def __init__(self, services: Services):
+        self._services = services
 
     @_handler
-    def Classify(self, request):
-        return classify(self._manager.resolve(request.model_spec), request,
-                        self._manager.model_name, self._limits)
+    def Predict(self, request, deadline):
+        return self._services.predict(request, deadline)
 
     @_handler
-    def GetModelMetadata(self, request):
-        return model_metadata(self._manager.resolve(request.model_spec), request,
-                              self._manager.model_name)
+    def Classify(self, request, deadline):
+        return self._services.classify(request, deadline)
 
     @_handler
-    def Regress(self, request):
-        self._manager.resolve(request.model_spec)
+    def GetModelMetadata(self, request, deadline):
+        return self._services.metadata(request)
+
+    @_handler
+    def Regress(self, request, deadline):
+        self._services.manager.resolve(request.model_spec)
         raise RequestError(grpc.StatusCode.UNIMPLEMENTED,
                            "Regress is not served: imcl_tf models export no regression "
                            "signature; use Predict (or Classify with signature 'classify').")
 
     @_handler
-    def MultiInference(self, request):
+    def MultiInference(self, request, deadline):
         raise RequestError(grpc.StatusCode.UNIMPLEMENTED,
                            "MultiInference is not served by this development server; send "
                            "Predict or Classify requests.")
@@ -953,15 +1111,15 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
 class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
     """tensorflow.serving.ModelService: version status (config reloads are not supported)."""
 
-    def __init__(self, manager: ModelManager):
-        self._manager = manager
+    def __init__(self, services: Services):
+        self._services = services
 
     @_handler
-    def GetModelStatus(self, request):
-        return model_status(self._manager, request)
+    def GetModelStatus(self, request, deadline):
+        return self._services.status(request)
 
     @_handler
-    def HandleReloadConfigRequest(self, request):
+    def HandleReloadConfigRequest(self, request, deadline):
         raise RequestError(grpc.StatusCode.UNIMPLEMENTED,
                            "this server serves one model from --model_base_path and picks up new "
                            "versions by itself; config reloads are not supported.")
@@ -977,12 +1135,27 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="<export_base>/<model_name>: the folder holding version folders")
     parser.add_argument("--model_name", required=True, help="name clients put in model_spec.name")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="gRPC port (0: any free)")
+    parser.add_argument("--rest_api_port", type=int, default=rest.DEFAULT_REST_PORT,
+                        help="REST port, TF Serving's JSON API (0: no REST, as in TF Serving)")
     parser.add_argument("--host", default=DEFAULT_HOST,
                         help="address to listen on; 0.0.0.0 exposes the server to the network")
     parser.add_argument("--max_batch_size", type=int, default=64,
                         help="largest batch one request may carry")
-    parser.add_argument("--max_message_mb", type=int, default=64,
-                        help="largest request or response message, in MiB")
+    parser.add_argument("--max_message_mb", type=int, default=DEFAULT_MAX_MESSAGE_MB,
+                        help="largest request or response message (gRPC) or body (REST), in "
+                             "MiB; no request may expand to more elements than a dense float32 "
+                             "message of this size")
+    parser.add_argument("--max_image_pixels", type=int,
+                        default=image_header.DEFAULT_MAX_IMAGE_PIXELS,
+                        help="images whose header declares more pixels are refused before "
+                             "decoding (decompression bombs)")
+    parser.add_argument("--max_concurrent_rpcs", type=int, default=0,
+                        help="requests in flight beyond this get RESOURCE_EXHAUSTED / HTTP 429 "
+                             "(0: no limit)")
+    parser.add_argument("--ssl_cert", help="PEM certificate chain: serve gRPC and REST over TLS")
+    parser.add_argument("--ssl_key", help="PEM private key of --ssl_cert")
+    parser.add_argument("--access_log",
+                        help="file that gets one line per request ('-': stderr); default: none")
     parser.add_argument("--poll_seconds", type=float, default=1.0,
                         help="how often to look for new versions")
     parser.add_argument("--num_versions", type=int, default=2,
@@ -1012,7 +1185,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                                     num_versions=args.num_versions, num_threads=args.num_threads,
                                     enable_batching=args.enable_batching,
                                     num_batch_threads=args.num_batch_threads,
-                                    batch_timeout_micros=args.batch_timeout_micros)
+                                    batch_timeout_micros=args.batch_timeout_micros,
+                                    max_image_pixels=args.max_image_pixels,
+                                    rest_api_port=args.rest_api_port or None,
+                                    max_concurrent_rpcs=args.max_concurrent_rpcs,
+                                    ssl_cert=args.ssl_cert, ssl_key=args.ssl_key,
+                                    access_log=args.access_log)
     except (ValueError, OSError) as err:
         print(f"serving.server: error: {err}", file=sys.stderr)
         return 2
@@ -1023,6 +1201,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Tests and benchmarks wait for this line.
     print(f"serving model {args.model_name!r} versions {versions} on {args.host}:{port}",
           flush=True)
+    if server.rest_port is not None:
+        print(f"REST API on http{'s' if args.ssl_cert else ''}://{args.host}:{server.rest_port}"
+              f"/v1/models/{args.model_name}", flush=True)
     while not stop_requested.wait(0.5):
         pass
     _LOG.info("stopping: finishing requests in flight (up to %.0f s)", args.shutdown_grace_seconds)

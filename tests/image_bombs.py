@@ -39,8 +39,9 @@ def png_bomb(width: int = 20000, height: int = 20000) -> bytes:
 
 def jpeg_header(width: int, height: int, sof: int = 0xC0, app_segments: int = 2,
                 fill_bytes: int = 1) -> bytes:
-    """SOI, APPn/COM segments (skipped by the reader), fill bytes, then an SOFn with the size:
-    the start of a JPEG file, without scan data."""
+    """SOI, APPn/COM segments (skipped by the reader), fill bytes, an SOFn with the size and a
+    start-of-scan header: a JPEG file's header as libjpeg reads it, without scan data (a
+    decompression bomb's header costs the same few hundred bytes whatever size it declares)."""
     out = b"\xff\xd8"
     for i in range(app_segments):
         payload = bytes([i % 251]) * (100 + 37 * i)
@@ -48,6 +49,7 @@ def jpeg_header(width: int, height: int, sof: int = 0xC0, app_segments: int = 2,
     out += b"\xff\xfe" + struct.pack(">H", 7) + b"hello"  # COM
     out += b"\xff" * fill_bytes  # optional fill before the marker
     out += bytes([0xFF, sof]) + struct.pack(">HBHHB", 11, 8, height, width, 1) + b"\x01\x11\x00"
+    out += b"\xff\xda" + struct.pack(">HBBBBBB", 8, 1, 1, 0x00, 0, 63, 0)  # SOS, one component
     return out
 
 

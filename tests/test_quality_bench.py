@@ -77,3 +77,35 @@ def test_neighbour_targets_bad_flags_are_named(flag, value, message):
         [sys.executable, os.path.join(ROOT, "bench", "neighbour_targets.py"), "--model_dir", "m",
          "--data_dir", "d", flag, value], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 2 and message in done.stderr, done.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_quick_transfer_regime_fixed_features_end_to_end(tmp_path):
+    out = tmp_path / "transfer"
+    command = [sys.executable, os.path.join(ROOT, "bench", "quality.py"), "--quick", "--regime",
+               "transfer", "--mode", "fixed", "--out", str(out)]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    from imcl_tf import data
+    scenes = data.load_dataset_info(str(out / "data" / "full_scenes"))
+    assert scenes.num_classes == 80 and scenes.provenance["flags"]["reserve_pretrain_items"]
+    features = data.load_dataset_info(str(out / "data" / "full"))
+    assert features.mode == "features" and features.embedding_dim == 128
+    pretrained = json.loads((out / "pretrained" / "small_cnn.weights.h5.json").read_text())
+    assert pretrained["item_source"] == {"file": "train", "start": 40000, "stop": 50000}
+    run_config = json.loads(
+        (out / "runs" / "uniform_30_seed0" / "imcl_main" / "run_config.json").read_text())
+    assert run_config["config"]["backbone"] == "features"
+    row = json.loads((out / "results.json").read_text())["main|0.3|0"]
+    for method in ("logistic", "logistic_extra", "imcl"):
+        assert 0.0 <= row[method]["mAP"] <= 1.0, row
+    # The gate runs on the features-mode baseline.
+    report = tmp_path / "targets.md"
+    diagnose = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "bench", "neighbour_targets.py"), "--model_dir",
+         str(out / "runs" / "uniform_30_seed0" / "logistic"), "--data_dir",
+         str(out / "data" / "uniform_30_seed0"), "--dictionaries", "0", "--graphs",
+         "cooccurrence", "--lambda_f", "1", "--knn", "5", "--out", str(report)],
+        cwd=ROOT, capture_output=True, text=True)
+    assert diagnose.returncode == 0, diagnose.stderr[-3000:]
+    assert "IMCL reconstruction" in report.read_text()

@@ -437,7 +437,7 @@ def test_cli_server_and_client_then_sigterm(tmp_path, rng, capsys):
     export.export_model(model, str(tmp_path), "tiny", class_names=CLASS_NAMES,
                         input_mode="image", image_size=IMAGE_SIZE, top_k=3)
     command = [sys.executable, "-m", "serving.server", f"--model_base_path={tmp_path / 'tiny'}",
-               "--model_name=tiny", "--port=0"]
+               "--model_name=tiny", "--port=0", "--rest_api_port=0"]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
     try:

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from tensorflow.core.framework import tensor_pb2, types_pb2
-from tensorflow_serving.apis import classification_pb2, model_pb2, predict_pb2
+from tensorflow_serving.apis import (classification_pb2, model_pb2, predict_pb2,
+                                     prediction_service_pb2_grpc)
 
 from image_bombs import gif_frames, png_bomb
 from imcl_tf import data, export
@@ -51,7 +52,6 @@ def served(tmp_path_factory):
     server, port = serving_server.start_server(os.path.join(base, "tiny"), "tiny",
                                                max_batch_size=MAX_BATCH)
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-    from tensorflow_serving.apis import prediction_service_pb2_grpc
     yield server, prediction_service_pb2_grpc.PredictionServiceStub(channel), base
     channel.close()
     server.stop(5)
@@ -152,7 +152,6 @@ def test_the_exported_signature_guards_itself_when_the_server_limit_is_higher(se
     server, port = serving_server.start_server(os.path.join(base, "tiny"), "tiny",
                                                max_image_pixels=10**12)
     try:
-        from tensorflow_serving.apis import prediction_service_pb2_grpc
         stub = prediction_service_pb2_grpc.PredictionServiceStub(
             grpc.insecure_channel(f"127.0.0.1:{port}"))
         request = predict_request({"image_bytes": np.array(
