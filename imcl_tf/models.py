@@ -371,6 +371,11 @@ class IMCLModel(keras.Model):
         holder = getattr(self, "_part_optimizer_holder", None)
         return dict(holder.value) if holder is not None else {}
 
+    def main_optimizer_variables(self) -> list:
+        """The trainable variables `self.optimizer` updates: those of no part optimizer."""
+        owned = {id(v) for part in self.part_optimizers for v in self.part_variables(part)}
+        return [v for v in self.trainable_weights if id(v) not in owned]
+
     def part_variables(self, part: str) -> list:
         """Trainable variables of "backbone", "graph" or "head" (every other trainable weight)."""
         if part == "backbone":

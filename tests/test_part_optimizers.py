@@ -124,6 +124,24 @@ def test_a_frozen_backbone_does_not_move(rng):
     assert np.abs(model.head.kernel.numpy() - head).max() > 0
 
 
+def test_part_optimizers_of_a_config():
+    """The backbone shares the head's optimizer at the same rate; frozen or other rates differ."""
+    from imcl_tf.training.optimizer import make_part_optimizers, part_learning_rates
+    config = TrainConfig(learning_rate=0.01, optimizer="sgd", graph_optimizer="rmsprop")
+    rates = part_learning_rates(config)
+    head, parts = make_part_optimizers(config, rates, graph_learnable=True)
+    assert set(parts) == {"graph"} and isinstance(parts["graph"], OfficialRMSprop)
+    assert isinstance(head, keras.optimizers.SGD)
+    for value in (head.learning_rate, parts["graph"].learning_rate):
+        assert float(value.numpy()) == pytest.approx(0.01)
+    other = TrainConfig(learning_rate=0.01, backbone_learning_rate=1e-8, graph_learning_rate=0.5)
+    head, parts = make_part_optimizers(other, part_learning_rates(other), graph_learnable=False)
+    assert set(parts) == {"backbone"}
+    assert float(parts["backbone"].learning_rate.numpy()) == pytest.approx(1e-8)
+    frozen = TrainConfig(backbone_learning_rate=0.0)
+    assert make_part_optimizers(frozen, part_learning_rates(frozen), False)[1] == {}
+
+
 def test_plateau_scales_every_part_together():
     config = TrainConfig(learning_rate=0.1, plateau_alpha=1.0, plateau_patience=0)
     head, graph = keras.optimizers.SGD(0.1), keras.optimizers.SGD(0.5)

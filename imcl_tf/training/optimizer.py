@@ -78,12 +78,13 @@ def make_part_optimizers(config, rates: PartLearningRates, graph_learnable: bool
     """(head optimizer, {part: optimizer}) for the backbone and graph parts that train.
 
     The head's optimizer is the model's own (`model.optimizer`, whose step counter is the run's);
-    the backbone gets one of the same kind (--optimizer) with its own rate unless it is frozen;
-    the graph gets --graph_optimizer with its rate when it is learned.
+    the backbone gets one of the same kind (--optimizer) with its own rate when that differs
+    from the head's (with the same rate it shares the head's: the same update, one set of slots)
+    and none when it is frozen; the graph gets --graph_optimizer with its rate when it is learned.
     """
     head = make_optimizer(config.optimizer, rates.head)
     parts = {}
-    if rates.backbone > 0:
+    if rates.backbone > 0 and rates.backbone != rates.head:
         parts["backbone"] = make_optimizer(config.optimizer, rates.backbone)
     if graph_learnable and rates.graph > 0:
         parts["graph"] = make_optimizer(config.graph_optimizer, rates.graph, "graph_optimizer")

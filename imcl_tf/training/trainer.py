@@ -200,8 +200,7 @@ class _Trainer:
                 config, rates, graph_learnable=bool(model.part_variables("graph")))
             model.compile(optimizer=optimizer, jit_compile=False)
             model.set_part_optimizers(part_optimizers)
-            model.optimizer.build(model.part_variables("head") if part_optimizers
-                                  else model.trainable_variables)
+            model.optimizer.build(model.main_optimizer_variables())
             self.schedule = PlateauState()
         if isinstance(self.strategy, tf.distribute.MultiWorkerMirroredStrategy):
             prepare_multi_worker_fit(model, self.strategy, input_shape, config.batch_size,
