@@ -169,7 +169,7 @@ def test_trainer_gives_each_part_its_rate_and_checkpoints_every_optimizer(tmp_pa
     assert not model.backbone.trainable and model.part_variables("backbone") == []
     assert float(model.optimizer.learning_rate.numpy()) == pytest.approx(1e-3)
     assert float(model.part_optimizers["graph"].learning_rate.numpy()) == pytest.approx(0.5)
-    assert trainer.resolved["learning_rates"] == {"backbone": 0.0, "head": 1e-3, "graph": 0.5}
+    assert trainer.learning_rates == {"backbone": 0.0, "head": 1e-3, "graph": 0.5}
     backbone = [w.copy() for w in model.backbone.get_weights()]
     trainer.fit()
     trainer.finish()

@@ -206,6 +206,10 @@ class _Trainer:
             prepare_multi_worker_fit(model, self.strategy, input_shape, config.batch_size,
                                      self.info.num_classes)
         self.model = model
+        # Base learning rate of each part as trained (0: frozen or fixed), for run_config.json.
+        self.learning_rates = {
+            "backbone": rates.backbone if model.backbone.trainable else 0.0,
+            "head": rates.head, "graph": rates.graph if model.part_variables("graph") else 0.0}
         self.bank_indices = bank_indices
         # Each part's optimizer is checkpointed beside the model's (head) one.
         self.checkpoint = tf.train.Checkpoint(
@@ -220,11 +224,7 @@ class _Trainer:
     def _initialise_new_run(self) -> dict[str, Any]:
         """Warm start, bank filling and lambda calibration: only for a run that is not resuming."""
         config, model = self.config, self.model
-        rates = part_learning_rates(config)
-        resolved: dict[str, Any] = {
-            "freeze_batchnorm": self.freeze_batchnorm,
-            "learning_rates": {"backbone": rates.backbone, "head": rates.head,
-                               "graph": rates.graph if model.part_variables("graph") else 0.0}}
+        resolved: dict[str, Any] = {}
         if config.warm_start:
             source, _ = models.load_model_dir(config.warm_start, "best")
             model.backbone.set_weights(source.backbone.get_weights())
@@ -245,6 +245,7 @@ class _Trainer:
         run_config = {
             "config": dataclasses.asdict(self.config), "train_steps": self.train_steps,
             "eval_every": self.eval_every, "resolved": self.resolved,
+            "freeze_batchnorm": self.freeze_batchnorm, "learning_rates": self.learning_rates,
             "num_replicas": self.num_replicas, "dataset": {
                 "num_classes": self.info.num_classes, "num_train": self.num_train,
                 "mode": self.info.mode, "image_size": self.image_size,
