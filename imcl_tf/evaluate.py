@@ -196,8 +196,12 @@ def evaluate_model_dir(model_dir: str, data_dir: str, split: str = "test",
     _atomic_write_text(files["per_class_ap_csv"],
                        _per_class_csv(class_names, ap, labels, train_counts, baseline_ap))
     if baseline_ap is not None:
+        names = metrics_lib.comparison_names(
+            models.read_model_info(model_dir).get("method", ""),
+            models.read_model_info(baseline_model_dir).get("method", ""))
         result["frequency_groups"] = _frequency_groups(
-            ap, baseline_ap, train_counts, train_pairs, train_split, num_groups, output_dir, files)
+            ap, baseline_ap, train_counts, train_pairs, train_split, num_groups, output_dir, files,
+            names)
     files["metrics_json"] = os.path.join(output_dir, METRICS_JSON)
     result["files"] = files
     _atomic_write_text(files["metrics_json"],
@@ -332,8 +336,11 @@ def _positive_pairs(data_dir: str, info: data.DatasetInfo, split: str
 
 
 def _frequency_groups(ap, baseline_ap, train_counts, train_pairs, train_split, num_groups,
-                      output_dir, files) -> dict[str, Any]:
-    """Makes the frequency groups, writes their CSV and plot, returns their metrics.json entry."""
+                      output_dir, files, names) -> dict[str, Any]:
+    """Makes the frequency groups, writes their CSV and plot, returns their metrics.json entry.
+
+    names: the chart's (method, baseline) names, `metrics.comparison_names` of the two runs.
+    """
     if train_counts is None:
         note = (f"no frequency groups: the dataset has no {train_split!r} split to count "
                 "training annotations in.")
@@ -359,8 +366,8 @@ def _frequency_groups(ap, baseline_ap, train_counts, train_pairs, train_split, n
     files["frequency_groups_csv"] = os.path.join(output_dir, FREQUENCY_GROUPS_CSV)
     _atomic_write_text(files["frequency_groups_csv"], _groups_csv(groups))
     files["frequency_groups_png"] = metrics_lib.plot_frequency_groups(
-        groups, os.path.join(output_dir, FREQUENCY_GROUPS_PNG), method_name="model",
-        baseline_name="baseline")
+        groups, os.path.join(output_dir, FREQUENCY_GROUPS_PNG), method_name=names[0],
+        baseline_name=names[1])
     return {"num_groups_requested": num_groups, "num_groups": used, "note": note,
             "count": f"images of split {train_split!r} with a known positive of the class",
             "groups": [group.to_dict() for group in groups]}

@@ -178,6 +178,8 @@ def normalize_graph(graph) -> np.ndarray:
 # its stored entries each call); sparser ones on their support only.
 DENSE_PRODUCT_RATIO = 64
 STRUCTURES = ("identity", "diagonal", "general")
+# The most labels LabelGraph.dense_block returns without being told which (4096^2 floats: 64 MiB).
+DENSE_BLOCK_LIMIT = 4096
 
 
 @keras.saving.register_keras_serializable(package="imcl_tf")
@@ -306,6 +308,35 @@ class LabelGraph(keras.layers.Layer):
         if self.structure == "identity":
             return tf.eye(self.num_classes)
         return self._dense(tf.ones([self.num_entries]), [self.num_classes] * 2)
+
+    def dense_block(self, classes=None, initial: bool = False) -> np.ndarray:
+        """G (or G0 with initial=True) on the rows and columns `classes`, dense float32 NumPy.
+
+        block[a, b] = G[classes[a], classes[b]]. Built from the stored entries only, so a block
+        of a few hundred labels of a graph over many thousands never forms the [L, L] matrix.
+        classes=None gives the whole [L, L] matrix, refused above DENSE_BLOCK_LIMIT labels.
+        """
+        if classes is None:
+            if self.num_classes > DENSE_BLOCK_LIMIT:
+                raise ValueError(f"LabelGraph.dense_block: {self.num_classes} labels are more than "
+                                 f"{DENSE_BLOCK_LIMIT}; pass the classes to show.")
+            classes = np.arange(self.num_classes)
+        classes = np.asarray(classes, np.int64)
+        if (classes.ndim != 1 or np.any((classes < 0) | (classes >= self.num_classes))
+                or np.unique(classes).size != classes.size):
+            raise ValueError(f"LabelGraph.dense_block: classes must be distinct label indices in "
+                             f"[0, {self.num_classes}). Received: {classes.tolist()[:10]}.")
+        if self.structure == "identity":
+            return (classes[:, None] == classes[None, :]).astype(np.float32)
+        support = self.support.numpy()
+        values = (self.initial_values if initial else self.values).numpy()
+        position = np.full(self.num_classes, -1, np.int64)  # label -> its place in the block
+        position[classes] = np.arange(classes.size)
+        rows, columns = position[support[:, 0]], position[support[:, 1]]
+        kept = (rows >= 0) & (columns >= 0)
+        block = np.zeros([classes.size, classes.size], np.float32)
+        block[rows[kept], columns[kept]] = values[kept]
+        return block
 
     def reset_to_initial(self) -> None:
         """Restores G to its initial values (e.g. after a NaN loss, as the official OI run does)."""

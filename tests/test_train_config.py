@@ -337,6 +337,25 @@ def test_warm_start_must_match_the_data_and_the_backbone(dataset, tmp_path):
         str(tmp_path / "good"), CLASS_NAMES)).validate()
 
 
+def test_tensorboard_options_are_checked_against_the_data(dataset, tmp_path):
+    def refused(message, **overrides):
+        with pytest.raises(ValueError, match=message):
+            config_for(dataset, tmp_path, **overrides).validate()
+
+    refused(r"--pr_classes: 'purple' is neither a class name \(e.g. 'red', 'green', 'blue'\) nor "
+            r"a class index in \[0, 5\)", pr_classes="red,purple")
+    refused(r"--pr_classes: '5' is neither", pr_classes="5")
+    config_for(dataset, tmp_path, pr_classes="dark, 0,blue").validate()  # fine
+    refused(r"--control_model_dir: '.*empty' is not the model_dir of a finished run",
+            control_model_dir=str(tmp_path / "empty"))
+    refused(r"--control_model_dir: the run in .* has other classes",
+            control_model_dir=fake_finished_run(str(tmp_path / "order"), CLASS_NAMES[::-1]))
+    control = fake_finished_run(str(tmp_path / "control"), CLASS_NAMES, backbone="resnet50")
+    refused(r"--control_model_dir: compares validation APs; it needs --val_split",
+            control_model_dir=control, val_split="")
+    config_for(dataset, tmp_path, control_model_dir=control).validate()  # another backbone: fine
+
+
 def test_a_checkpointed_run_resumes_only_with_compatible_settings(dataset, tmp_path):
     config = config_for(dataset, tmp_path, k=3, train_steps=10)
     model_dir = config.model_dir

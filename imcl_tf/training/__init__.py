@@ -3,7 +3,11 @@
   config         TrainConfig: every option (each also a flag), validated
   trainer        run(config) and the trainer: setup, the fit loop, the end of a run
   callbacks      BankRefresh and TrainingMonitor (TensorBoard logging, checkpoints)
-  summaries      TensorBoard summaries beyond scalars (PR curves)
+  validation     one validation pass: scores, validation losses, the first images
+  summaries      TensorBoard summaries beyond scalars (PR curves, AP table, images, heat map)
+  figures        the pictures of those summaries (label-graph heat map, prediction grid)
+  hparams        the run's row in TensorBoard's HParams dashboard (curated options, best mAP)
+  class_choice   which classes TensorBoard shows one by one (--pr_classes, most frequent)
   progress       the progress line's clock (speed, ETA) and the Keras verbosity
   report         the end-of-run report (format_summary)
   optimizer      the optimizer of --optimizer and the plateau learning-rate schedule

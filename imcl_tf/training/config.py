@@ -11,6 +11,7 @@ from imcl_tf import data as data_lib
 from imcl_tf import label_graph as graph_lib
 from imcl_tf import losses as losses_lib
 from imcl_tf import models
+from imcl_tf.training.class_choice import parse_class_list
 from imcl_tf.training.distribution import STRATEGIES, cluster_size
 from imcl_tf.training.errors import bad_flag
 from imcl_tf.training.optimizer import LR_SCHEDULES, OPTIMIZERS
@@ -140,6 +141,13 @@ class TrainConfig:
     export_dir: str = _field("", "Export base for TensorFlow Serving (<export_dir>/<model_name>/"
                                  "<version>); empty: no export.")
     export_model_name: str = _field("imcl", "Model name inside --export_dir.")
+    pr_classes: str = _field("", "Classes with a PR curve in TensorBoard: comma-separated class "
+                                 "names or indices (empty: the 5 most and the 5 least frequent "
+                                 "in training).")
+    control_model_dir: str = _field("", "A finished run to compare with in TensorBoard (a fair "
+                                        "control: e.g. --method=logistic trained with the same "
+                                        "steps): per-class AP differences and the "
+                                        "frequency-group chart.")
     verify_data: bool = _field(True, "Check dataset.json against its shards before training.")
     verbose: int = _field(1, "Keras progress: 0 silent, 1 progress bar with ETA (one line per "
                              "interval when stdout is not a terminal), 2 one line per interval.")
@@ -260,6 +268,14 @@ class TrainConfig:
                                         f"[{info.num_classes}, {info.num_classes}].")
         if self.warm_start not in ("", "auto"):
             self._validate_warm_start(info)
+        if self.pr_classes:
+            try:
+                parse_class_list(self.pr_classes, info.class_names)
+            except ValueError as error:
+                bad_flag("pr_classes", f"{error} Give class names or indices of {self.data_dir!r}"
+                                       ", separated by commas.")
+        if self.control_model_dir:
+            self._validate_control(info)
         if self.strategy == "multi_worker":
             workers = cluster_size()
             shards = len(info.split("train").shards)
@@ -286,6 +302,22 @@ class TrainConfig:
         if source.get("backbone") != self.backbone:
             bad_flag("warm_start", f"the run in {self.warm_start!r} used backbone "
                                    f"{source.get('backbone')!r}, this one {self.backbone!r}.")
+
+    def _validate_control(self, info: data_lib.DatasetInfo) -> None:
+        if not self.val_split:
+            bad_flag("control_model_dir", "compares validation APs; it needs --val_split.")
+        if not os.path.exists(os.path.join(self.control_model_dir, models.MODEL_CONFIG_JSON)):
+            bad_flag("control_model_dir", f"{self.control_model_dir!r} is not the model_dir of a "
+                                          f"finished run (no {models.MODEL_CONFIG_JSON}).")
+        control = models.read_model_info(self.control_model_dir)
+        if list(control.get("class_names", [])) != list(info.class_names):
+            bad_flag("control_model_dir", f"the run in {self.control_model_dir!r} has other "
+                                          f"classes (or another order) than {self.data_dir!r}; "
+                                          "compare with a run trained on the same dataset.")
+        if control.get("input_mode", "image") != info.mode:
+            bad_flag("control_model_dir", f"the run in {self.control_model_dir!r} takes "
+                                          f"{control.get('input_mode')!r} inputs, the dataset is "
+                                          f"of mode {info.mode!r}.")
 
     def _validate_resume(self) -> None:
         """A model_dir with a checkpoint must be resumed with the settings it was written with."""
@@ -325,4 +357,5 @@ def image_class_count(info: data_lib.DatasetInfo) -> int:
 RESUMABLE_CHANGES = frozenset({
     "data_dir", "train_steps", "epochs", "eval_every", "checkpoint_every", "log_every",
     "warm_start_steps", "strategy", "export_dir", "export_model_name", "verify_data", "verbose",
+    "pr_classes", "control_model_dir",
 })

@@ -33,8 +33,9 @@ from imcl_tf.training.progress import Clock, keras_verbose
 from imcl_tf.training.report import format_number
 from imcl_tf.training.run_files import (CHECKPOINT_DIR, LOG_DIR, LOGISTIC_STAGE_DIR, RUN_CONFIG,
                                         SUMMARY_JSON, read_json, write_json)
-from imcl_tf.training.scoring import predict_scores
 from imcl_tf.training.split_reading import read_split_labels, read_split_subset
+from imcl_tf.training.summaries import PREDICTION_GRID_IMAGES
+from imcl_tf.training.validation import ValidationPass
 
 
 def run(config: TrainConfig) -> dict[str, Any]:
@@ -217,9 +218,9 @@ class _Trainer:
             **{f"{part}_optimizer": each for part, each in model.part_optimizers.items()})
         self.manager = tf.train.CheckpointManager(
             self.checkpoint, os.path.join(self.work_dir, CHECKPOINT_DIR), max_to_keep=2)
-        # One traced prediction function for every validation (a new one per call retraces).
-        self._predict = tf.function(lambda x: tf.sigmoid(model(x, training=False)),
-                                    reduce_retracing=True)
+        # One traced validation step for every validation (a new one per call retraces).
+        self._validation = ValidationPass(
+            model, num_images=PREDICTION_GRID_IMAGES if self.info.mode == "image" else 0)
 
     def _initialise_new_run(self) -> dict[str, Any]:
         """Warm start, bank filling and lambda calibration: only for a run that is not resuming."""
@@ -343,13 +344,12 @@ class _Trainer:
         self.manager.save(checkpoint_number=step)
 
     def validate(self) -> dict[str, Any]:
-        scores, labels = predict_scores(self.model, self._dataset(self.config.val_split,
-                                                                  training=False),
-                                        self._predict)
+        passed = self._validation(self._dataset(self.config.val_split, training=False))
+        scores, labels = passed["scores"], passed["labels"]
         per_class = metrics.per_class_ap(scores, labels)
         result = metrics.map_metrics(scores, labels, per_class)
         result["per_class_ap"] = per_class
-        result["scores"], result["labels"] = scores, labels
+        result.update(passed)
         return result
 
     # -- end --
