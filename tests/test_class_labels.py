@@ -113,19 +113,23 @@ def test_the_class_block_steers_the_omp_to_same_class_atoms(rng):
     np.testing.assert_array_equal(species[chosen], query_species)
 
 
-def write_species_dataset(data_dir, rng, with_class=True, num=24, size=16):
-    with data.SplitWriter(data_dir, "train", num_shards=2) as writer:
-        for index in range(num):
-            row = np.where(rng.random(len(CLASS_NAMES)) < 0.4, 1.0, -1.0)
-            row[rng.random(len(CLASS_NAMES)) < 0.4] = 0.0
-            png = tf.io.encode_png(scene(np.abs(row), rng, size)).numpy()
-            writer.write(data.make_example(
-                f"t-{index:03d}", np.flatnonzero(row > 0), np.flatnonzero(row < 0),
-                len(CLASS_NAMES), png, image_class=index % SPECIES if with_class else None))
+def write_species_dataset(data_dir, rng, with_class=True, num=24, size=16, splits=("train",)):
+    infos = {}
+    for split in splits:
+        with data.SplitWriter(data_dir, split, num_shards=2) as writer:
+            for index in range(num):
+                row = np.where(rng.random(len(CLASS_NAMES)) < 0.4, 1.0, -1.0)
+                row[:2] = (1.0, -1.0) if index % 2 else (-1.0, 1.0)  # both kinds in every split
+                if split == "train":
+                    row[2:][rng.random(len(CLASS_NAMES) - 2) < 0.4] = 0.0
+                png = tf.io.encode_png(scene(np.abs(row), rng, size)).numpy()
+                writer.write(data.make_example(
+                    f"{split}-{index:03d}", np.flatnonzero(row > 0), np.flatnonzero(row < 0),
+                    len(CLASS_NAMES), png, image_class=index % SPECIES if with_class else None))
+        infos[split] = writer.split_info
     labels = {"image_class_names": [f"s{i}" for i in range(SPECIES)]}
     data.save_dataset_info(data_dir, data.DatasetInfo(
-        class_names=list(CLASS_NAMES), splits={"train": writer.split_info}, image_size=size,
-        labels=labels))
+        class_names=list(CLASS_NAMES), splits=infos, image_size=size, labels=labels))
     return data_dir
 
 
@@ -149,13 +153,14 @@ def test_make_dataset_appends_the_image_class_one_hot(tmp_path, rng):
 
 @pytest.mark.slow
 def test_a_run_with_class_labels_trains_and_refuses_data_without_classes(tmp_path, rng):
-    data_dir = write_species_dataset(str(tmp_path / "d"), rng)
+    data_dir = write_species_dataset(str(tmp_path / "d"), rng, splits=("train", "val"))
     config = TrainConfig(data_dir=data_dir, model_dir=str(tmp_path / "run"), method="imcl",
                          train_steps=2, eval_every=2, batch_size=8, dictionary_per_class=3,
-                         calibration_batches=1, class_label_weight=10.0, val_split="",
+                         calibration_batches=1, class_label_weight=10.0, val_split="val",
                          verbose=0)
     summary = run(config)
     assert np.isfinite(summary["final_train_logs"]["loss"])
+    assert np.isfinite(summary["last_val_mAP"])
     trainer = _Trainer(dataclasses.replace(config, model_dir=str(tmp_path / "other")))
     trainer._build()
     assert trainer.model.num_image_classes == SPECIES
@@ -165,4 +170,5 @@ def test_a_run_with_class_labels_trains_and_refuses_data_without_classes(tmp_pat
     info = data.load_dataset_info(other)
     data.replace_dataset_info(other, dataclasses.replace(info, labels={}))
     with pytest.raises(ValueError, match="--class_label_weight: needs image classes"):
-        dataclasses.replace(config, data_dir=other, model_dir=str(tmp_path / "r2")).validate()
+        dataclasses.replace(config, data_dir=other, model_dir=str(tmp_path / "r2"),
+                            val_split="").validate()
