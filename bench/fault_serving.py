@@ -1,4 +1,4 @@
-"""Fault battery for the serving side (issue 13): hostile inputs and version churn against a real
+"""Fault battery for the serving side: hostile inputs and version churn against a real
 `python -m serving.server` process, under continuous good traffic over gRPC and REST.
 
     python bench/fault_serving.py [--quick] [--out bench/results/fault_serving.md]

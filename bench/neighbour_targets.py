@@ -1,7 +1,7 @@
 """How good are IMCL's smoothness targets? AP on the HIDDEN training labels, target by target.
 
 IMCL's label-side loss pulls the state of every unknown entry of an image towards its
-reconstruction from k neighbours, sum_s c_s y~_s (method spec 3.2-3.3). That can only help if the
+reconstruction from k neighbours, sum_s c_s y~_s (docs/method.md §5-3.3). That can only help if the
 reconstruction predicts the hidden label better than the model already does. On a dataset made by
 `tfrecords_tools.partial` from a fully labelled one, the hidden labels are known, so this measures
 it directly: for a trained model (usually the logistic baseline IMCL starts from), the mean over

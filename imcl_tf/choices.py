@@ -10,6 +10,8 @@ NEIGHBOUR_MODES = ("cached", "forward")
 # How forward mode gets the coefficients of the re-encoded neighbours (docs/method.md).
 REFIT_MODES = ("reuse_support_refit", "reuse_all")
 BALANCE_MODES = ("loss_ratio", "none")
+# How a neighbour reconstruction is formed: linear (official code) or the outer tanh of Eq. 3.
+RECONSTRUCTIONS = ("linear", "tanh")
 GRAPH_KINDS = ("identity", "cooccurrence")
 OPTIMIZERS = ("adam", "adamw", "rmsprop", "sgd")
 LR_SCHEDULES = ("constant", "plateau")

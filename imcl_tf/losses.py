@@ -17,38 +17,45 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from imcl_tf.choices import BALANCE_MODES
+from imcl_tf.choices import BALANCE_MODES, RECONSTRUCTIONS
 
 logger = logging.getLogger(__name__)
 
 
-# ---- Partial binary cross-entropy (docs/method.md §1) --------------------------------------------
+# ---- Partial binary cross-entropy (docs/method.md §1) -------------------------------------------
 
 
-def masked_bce(labels, logits) -> tf.Tensor:
+def masked_bce(labels, logits, unknown_as_negative: bool = False) -> tf.Tensor:
     """Binary cross-entropy over the KNOWN entries of a batch, float32 scalar.
 
     The reduction is the official one (TF1 SUM_BY_NONZERO_WEIGHTS): the sum of the per-entry losses
     over known entries divided by the number of known entries in the batch, not a per-image mean.
     A batch without any known entry gives 0 (never NaN).
 
+    With `unknown_as_negative` every unknown entry counts as a negative and the mean is over all
+    B x L entries: the official MS-COCO cross-entropy (docs/method.md §5), where unmentioned
+    caption words are negatives for the cross-entropy while the smoothness loss keeps them unknown.
+
     Args:
       labels: [B, L] in {+1, -1, 0} (present, absent, unknown).
       logits: [B, L] classifier logits, any float dtype.
+      unknown_as_negative: count unknown entries as known negatives.
 
     Example:
       >>> float(masked_bce([[1.0, 0.0, -1.0]], [[0.0, 5.0, 0.0]]))  # doctest: +ELLIPSIS
       0.6931...
     """
-    per_entry, known = masked_bce_per_entry(labels, logits)
+    per_entry, known = masked_bce_per_entry(labels, logits, unknown_as_negative)
     # [B, L] -> scalar; divide_no_nan turns 0 / 0 into 0 for a batch without known labels.
     return tf.math.divide_no_nan(tf.reduce_sum(per_entry), tf.reduce_sum(known))
 
 
-def masked_bce_per_entry(labels, logits) -> tuple[tf.Tensor, tf.Tensor]:
+def masked_bce_per_entry(labels, logits, unknown_as_negative: bool = False
+                         ) -> tuple[tf.Tensor, tf.Tensor]:
     """Per-entry BCE and the known-entry mask, both float32 [B, L].
 
-    The loss is 0 on unknown entries. Under a distribution strategy, sum the first output and divide
+    The loss is 0 on unknown entries (with `unknown_as_negative`, every entry is known and the
+    unknown ones are negatives). Under a distribution strategy, sum the first output and divide
     by the number of known entries summed over all replicas to get the global `masked_bce`.
     """
     labels = tf.convert_to_tensor(labels)
@@ -57,13 +64,15 @@ def masked_bce_per_entry(labels, logits) -> tuple[tf.Tensor, tf.Tensor]:
     _check_same_shape("masked_bce", "labels", labels, "logits", logits)
     with tf.control_dependencies([_assert_ternary("masked_bce", "labels", labels)]):
         known = tf.cast(tf.not_equal(labels, 0.0), tf.float32)  # [B, L]
+    if unknown_as_negative:
+        known = tf.ones_like(known)
     targets = tf.cast(labels > 0.0, tf.float32)  # [B, L], 1 for present, 0 otherwise
     # max(z, 0) - z t + log(1 + exp(-|z|)): stable for any logit magnitude.
     per_entry = tf.nn.sigmoid_cross_entropy_with_logits(labels=targets, logits=logits)
     return per_entry * known, known
 
 
-# ---- Label states (docs/method.md §1) ------------------------------------------------------------
+# ---- Label states (docs/method.md §1) -----------------------------------------------------------
 
 
 def asym_tanh(x, c) -> tf.Tensor:
@@ -136,14 +145,20 @@ def atom_label_states(logits, labels, graph, asym_c, a_max: float = 10.0) -> tf.
     return unknown * propagated + observed
 
 
-# ---- Smoothness loss (docs/method.md §1) ---------------------------------------------------------
+# ---- Smoothness loss (docs/method.md §1) --------------------------------------------------------
+
+
 
 
 def smoothness_losses(query_y, query_f, neighbor_y, neighbor_f, coef_y, coef_f, valid,
-                      per_example: bool = False) -> tuple[tf.Tensor, tf.Tensor]:
+                      per_example: bool = False, reconstruction: str = "linear"
+                      ) -> tuple[tf.Tensor, tf.Tensor]:
     """Label-side and feature-side smoothness losses (L_y, L_f), float32.
 
-    L_y = ||y - sum_s c_s y~_s||_F^2 / B and L_f = ||f - sum_s cbar_s f_s||_F^2 / B. The support
+    L_y = ||y - sum_s c_s y~_s||_F^2 / B and L_f = ||f - sum_s cbar_s f_s||_F^2 / B; with
+    reconstruction="tanh" the label side is the paper's Eq. 3, ||y - tanh(sum_s c_s y~_s)||^2
+    (the official code and the default drop the outer tanh, docs/method.md §5; the
+    coefficients are fitted linearly either way, Eq. 4). The support
     (`valid`) and the coefficients come from the OMP and are constants (stop_gradient); the residuals
     are re-evaluated with gradient through the query and neighbour tensors, so gradients reach the
     classifier, the backbone (query and neighbour features) and the label graph (neighbour states).
@@ -158,6 +173,7 @@ def smoothness_losses(query_y, query_f, neighbor_y, neighbor_f, coef_y, coef_f, 
       valid: [B, k] bool, False for empty OMP slots.
       per_example: return the per-image squared residual norms [B] instead of the batch means
         (sum them and divide by the global batch size under a distribution strategy).
+      reconstruction: "linear" or "tanh", how the label side's reconstruction enters the residual.
 
     Returns:
       (L_y, L_f): scalars, or [B] vectors when per_example is True.
@@ -170,8 +186,14 @@ def smoothness_losses(query_y, query_f, neighbor_y, neighbor_f, coef_y, coef_f, 
     coef_y = tf.stop_gradient(tf.cast(tf.convert_to_tensor(coef_y), tf.float32))
     coef_f = tf.stop_gradient(tf.cast(tf.convert_to_tensor(coef_f), tf.float32))
     _check_smoothness_shapes(query_y, query_f, neighbor_y, neighbor_f, coef_y, coef_f, valid)
+    if reconstruction not in RECONSTRUCTIONS:
+        raise ValueError(f"smoothness_losses: reconstruction must be one of {RECONSTRUCTIONS}. "
+                         f"Received: reconstruction={reconstruction!r}.")
 
-    residual_y = query_y - _reconstruction(neighbor_y, coef_y, valid)  # [B, L]
+    reconstructed_y = _reconstruction(neighbor_y, coef_y, valid)  # [B, L]
+    if reconstruction == "tanh":
+        reconstructed_y = tf.tanh(reconstructed_y)
+    residual_y = query_y - reconstructed_y  # [B, L]
     residual_f = query_f - _reconstruction(neighbor_f, coef_f, valid)  # [B, D]
     per_image_y = tf.reduce_sum(tf.square(residual_y), axis=-1)  # [B]
     per_image_f = tf.reduce_sum(tf.square(residual_f), axis=-1)  # [B]
@@ -180,7 +202,7 @@ def smoothness_losses(query_y, query_f, neighbor_y, neighbor_f, coef_y, coef_f, 
     return tf.reduce_mean(per_image_y), tf.reduce_mean(per_image_f)
 
 
-# ---- Lambda balancing (docs/method.md §1) --------------------------------------------------------
+# ---- Lambda balancing (docs/method.md §1) -------------------------------------------------------
 
 
 def resolve_lambdas(balance: str, loss_c, loss_y, loss_f, multiplier_y: float,

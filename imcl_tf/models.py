@@ -24,6 +24,9 @@ from imcl_tf.omp import joint_nonnegative_omp, refit_on_support
 
 # The official code's mode, not implemented (docs/method.md §5): refused with an explanation.
 _UNIMPLEMENTED_REFIT_MODES = ("official_pool_rerun",)
+# The parts that may have an optimizer of their own (set_part_optimizers); the head always uses
+# the model's optimizer.
+PART_OPTIMIZER_PARTS = ("backbone", "graph")
 
 # How each keras.applications backbone expects its 0..255 RGB input to be scaled.
 _PREPROCESSING = {"small_cnn": "unit", "mobilenet_v2": "symmetric", "resnet50": "caffe",
@@ -161,6 +164,19 @@ class IMCLModel(keras.Model):
         False runs it as ordinary TensorFlow ops (a fallback where XLA is unavailable).
       label_graph_layout: {"num_entries", "structure"} of a saved graph (get_config() writes it),
         used when label_graph_init is None to rebuild the graph's storage before its weights load.
+      bce_unknown_as_negative: the cross-entropy counts unknown entries as negatives (mean over
+        all B x L entries) while the smoothness loss keeps them unknown (official MS-COCO).
+      omp_score_threshold: the official tau (see omp.joint_nonnegative_omp score_threshold).
+      omp_balance_scores: the official is_balance (see omp.joint_nonnegative_omp).
+      reconstruction: "linear" (official code) or "tanh" (the paper's Eq. 3), see
+        losses.smoothness_losses.
+      class_label_weight, num_image_classes: the CUB class-label augmentation (docs/method.md §5,
+        official weight_class = 10): with num_image_classes = C > 0 (IMCL only) every label row
+        (batches and bank) carries C more always-known entries, the image-class one-hot of
+        `make_dataset(image_classes=C)`, which only the label states see: they get value
+        class_label_weight at the image's class and -1/c at the others, appended after the graph
+        propagation, so they steer the OMP and the label residual; the cross-entropy and the
+        outputs keep the L classes.
       atom_gradient: let the smoothness residuals also train the neighbours' label states (the
         official code does); False treats neighbours as fixed teachers of the query: no gradient
         through their label states or (forward mode) their features, so none reaches the graph.
@@ -175,6 +191,9 @@ class IMCLModel(keras.Model):
                  head_weight_decay: float = 0.0, label_graph_init: Any = None,
                  atom_gradient: bool = True, refit_mode: str = "reuse_support_refit",
                  label_graph_layout: dict[str, Any] | None = None, omp_jit_compile: bool = True,
+                 bce_unknown_as_negative: bool = False, omp_score_threshold: float = 0.0,
+                 omp_balance_scores: bool = False, reconstruction: str = "linear",
+                 class_label_weight: float = 0.0, num_image_classes: int = 0,
                  **kwargs):
         super().__init__(**kwargs)
         _check_choice("method", method, METHODS)
@@ -227,6 +246,22 @@ class IMCLModel(keras.Model):
         self.atom_gradient = bool(atom_gradient)
         self.refit_mode = refit_mode
         self.omp_jit_compile = bool(omp_jit_compile)
+        _check_choice("reconstruction", reconstruction, losses.RECONSTRUCTIONS)
+        if not (np.isfinite(omp_score_threshold) and omp_score_threshold >= 0):
+            raise ValueError("IMCLModel: omp_score_threshold must be a finite number >= 0, "
+                             f"received {omp_score_threshold}.")
+        self.bce_unknown_as_negative = bool(bce_unknown_as_negative)
+        self.omp_score_threshold = float(omp_score_threshold)
+        self.omp_balance_scores = bool(omp_balance_scores)
+        self.reconstruction = reconstruction
+        if class_label_weight < 0 or num_image_classes < 0:
+            raise ValueError("IMCLModel: class_label_weight and num_image_classes must be >= 0, "
+                             f"received {class_label_weight} and {num_image_classes}.")
+        if num_image_classes > 0 and not class_label_weight > 0:
+            raise ValueError("IMCLModel: num_image_classes > 0 appends the image-class one-hot "
+                             "to the label states, which needs class_label_weight > 0.")
+        self.class_label_weight = float(class_label_weight)
+        self.num_image_classes = int(num_image_classes) if method == "imcl" else 0
 
         self.preprocess = Preprocess(_PREPROCESSING[backbone], name="preprocess")
         self.backbone = build_backbone(backbone, self.input_shape_, backbone_weights,
@@ -251,7 +286,8 @@ class IMCLModel(keras.Model):
             self.bank = DictionaryBank(
                 self.dictionary_size, self.input_shape_,
                 "uint8" if self.input_mode == "image" else "float32",
-                self.feature_dim, self.num_classes, name="dictionary_bank")
+                self.feature_dim, self.num_classes + self.num_image_classes,
+                name="dictionary_bank")
         # Resolved lambdas live in the model so they are saved and logged with it.
         self.lambda_y = self.add_weight(shape=(), initializer=keras.initializers.Constant(multiplier_y),
                                         trainable=False, name="lambda_y")
@@ -294,13 +330,97 @@ class IMCLModel(keras.Model):
             scaled = loss / tf.cast(tf.distribute.get_strategy().num_replicas_in_sync, loss.dtype)
             scaled = self.optimizer.scale_loss(scaled)
         grads = tape.gradient(scaled, self.trainable_weights)
-        self.optimizer.apply_gradients(zip(grads, self.trainable_weights))
+        self._apply_gradients(grads, self.trainable_weights)
         return self._update_trackers(terms)
+
+    # ---- optimizers per part ------------------------------------------------------------------
+
+    def set_part_optimizers(self, optimizers: dict[str, keras.optimizers.Optimizer]) -> None:
+        """Gives the backbone and/or the label graph optimizers of their own.
+
+        `optimizers` maps "backbone" or "graph" to an optimizer (built here on that part's
+        trainable variables if it is not yet); every other trainable weight (the head) stays with
+        `self.optimizer`, whose step counter is the run's. A part without an entry is trained by
+        `self.optimizer` too. Under mixed precision the part optimizers receive gradients unscaled
+        by the loss-scale optimizer's current scale and skip a step whose gradients are not finite,
+        as it does. The optimizers are not saved with the model (a .keras file is for inference and
+        warm starts); checkpoint them with `part_optimizers` to resume.
+        """
+        unknown = sorted(set(optimizers) - set(PART_OPTIMIZER_PARTS))
+        if unknown:
+            raise ValueError(f"set_part_optimizers: unknown parts {unknown}; the parts with their "
+                             f"own optimizer are {PART_OPTIMIZER_PARTS}.")
+        for part, optimizer in optimizers.items():
+            variables = self.part_variables(part)
+            if not variables:
+                raise ValueError(f"set_part_optimizers: the {part} has no trainable variables "
+                                 "(frozen, or a fixed graph); give it no optimizer.")
+            if not optimizer.built:
+                optimizer.build(variables)
+        # A plain holder, so Keras saving and tf.train tracking leave the optimizers alone.
+        self._part_optimizer_holder = _Untracked(dict(optimizers))
+
+    @property
+    def part_optimizers(self) -> dict[str, keras.optimizers.Optimizer]:
+        """{part: optimizer} given by set_part_optimizers (empty: one optimizer for everything)."""
+        holder = getattr(self, "_part_optimizer_holder", None)
+        return dict(holder.value) if holder is not None else {}
+
+    def main_optimizer_variables(self) -> list:
+        """The trainable variables `self.optimizer` updates: those of no part optimizer."""
+        owned = {id(v) for part in self.part_optimizers for v in self.part_variables(part)}
+        return [v for v in self.trainable_weights if id(v) not in owned]
+
+    def part_variables(self, part: str) -> list:
+        """Trainable variables of "backbone", "graph" or "head" (every other trainable weight)."""
+        if part == "backbone":
+            return list(self.backbone.trainable_variables)
+        if part == "graph":
+            return list(self.label_graph.trainable_variables)
+        if part != "head":
+            raise ValueError(f"part_variables: part must be 'backbone', 'head' or 'graph', "
+                             f"received {part!r}.")
+        others = {id(v) for name in PART_OPTIMIZER_PARTS for v in self.part_variables(name)}
+        return [v for v in self.trainable_weights if id(v) not in others]
+
+    def _apply_gradients(self, grads, variables):
+        """Each part's gradients to its optimizer; the rest to self.optimizer."""
+        parts = self.part_optimizers
+        if not parts:
+            self.optimizer.apply_gradients(zip(grads, variables))
+            return
+        owner = {id(v): part for part in parts for v in self.part_variables(part)}
+        groups = {part: ([], []) for part in parts}
+        main = ([], [])
+        for grad, variable in zip(grads, variables):
+            group = groups[owner[id(variable)]] if id(variable) in owner else main
+            group[0].append(grad)
+            group[1].append(variable)
+        if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
+            # Read the scale before the main optimizer's apply may change it.
+            scale = tf.cast(self.optimizer.dynamic_scale, tf.float32)
+            groups = {part: ([None if g is None else g / tf.cast(scale, g.dtype) for g in gs], vs)
+                      for part, (gs, vs) in groups.items()}
+            finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g))
+                                    for gs, _ in groups.values() for g in gs if g is not None])
+        else:
+            finite = None
+        self.optimizer.apply_gradients(zip(*main))
+        for part, (part_grads, part_variables) in groups.items():
+            pairs = [(g, v) for g, v in zip(part_grads, part_variables) if g is not None]
+            if not pairs:
+                continue
+            optimizer = parts[part]
+            if finite is None:
+                optimizer.apply_gradients(pairs)
+            else:
+                tf.cond(finite, lambda o=optimizer, p=pairs: _applied(o, p),
+                        lambda: tf.constant(False))
 
     def test_step(self, data):
         inputs, labels, ids = _unpack(data)
         logits = self(inputs, training=False)
-        bce = losses.masked_bce(labels, logits)
+        bce = losses.masked_bce(labels[..., :self.num_classes], logits)
         self._trackers["bce"].update_state(bce)
         self._trackers["loss"].update_state(bce)
         return {"loss": self._trackers["loss"].result(), "bce": self._trackers["bce"].result()}
@@ -315,7 +435,8 @@ class IMCLModel(keras.Model):
         labels = tf.cast(labels, tf.float32)
         features = self.extract_features(inputs, training=training)  # [B, D]
         logits = self.head(features)  # [B, L]
-        bce = losses.masked_bce(labels, logits)
+        bce = losses.masked_bce(labels[..., :self.num_classes], logits,
+                                self.bce_unknown_as_negative)
         terms = {"bce": bce}
         loss = bce
         if self.head_weight_decay > 0:
@@ -336,7 +457,8 @@ class IMCLModel(keras.Model):
         query_y, query_f = fit["query_y"], fit["query_f"]
         loss_y, loss_f = losses.smoothness_losses(query_y, query_f, fit["neighbour_y"],
                                                   fit["neighbour_f"], fit["coef_y"],
-                                                  fit["coef_f"], fit["valid"])
+                                                  fit["coef_f"], fit["valid"],
+                                                  reconstruction=self.reconstruction)
         batch_size = tf.cast(tf.shape(query_y)[0], tf.float32)
         return {
             "loss_y": loss_y,
@@ -356,7 +478,8 @@ class IMCLModel(keras.Model):
         the OMPResult against the bank (whose coefficients forward mode may replace, see
         `refit_mode`).
         """
-        query_y = losses.query_label_states(logits, labels, self.asym_c)  # [B, L]
+        query_y = self._with_class_states(losses.query_label_states(
+            logits, labels[..., :self.num_classes], self.asym_c), labels)  # [B, L (+ C)]
         query_f = _with_bias(features)  # [B, D+1]: the constant coordinate is reconstructed too
         bank_f = _with_bias(self.bank.features)  # [M, D+1], constants until the next refresh
         # Atom label states for SELECTION only, with the current classifier and graph but no
@@ -366,12 +489,13 @@ class IMCLModel(keras.Model):
         omp = joint_nonnegative_omp(
             tf.stop_gradient(query_y), tf.stop_gradient(query_f), atoms_y,
             bank_f, self.k, lambda_y=lambda_y, lambda_f=lambda_f,
-            exclude=self.bank.exclusion_mask(ids), jit_compile=self.omp_jit_compile)
+            exclude=self.bank.exclusion_mask(ids), jit_compile=self.omp_jit_compile,
+            score_threshold=self.omp_score_threshold, balance_scores=self.omp_balance_scores)
         indices = tf.maximum(omp.indices, 0)  # invalid slots are masked by `valid` below
         coef_y, coef_f = omp.coef_y, omp.coef_f
         batch = tf.shape(indices)[0]
         flat = tf.reshape(indices, [-1])  # [B*k]
-        neighbour_labels = tf.cast(tf.gather(self.bank.labels, flat), tf.float32)  # [B*k, L]
+        neighbour_labels = tf.cast(tf.gather(self.bank.labels, flat), tf.float32)  # [B*k, L+C]
         if self.neighbour_mode == "forward":
             # Neighbour inputs go through the backbone again, with gradient (docs/method.md §1).
             neighbour_features = self.extract_features(self.bank(flat), training=training)
@@ -379,9 +503,11 @@ class IMCLModel(keras.Model):
             # The cached features of the chosen atoms (constants until the next refresh).
             neighbour_features = tf.gather(self.bank.features, flat)  # [B*k, D]
         # The chosen neighbours' label states, with gradient to the classifier and the graph.
-        neighbour_y = losses.atom_label_states(
-            self.head(neighbour_features), neighbour_labels, self.label_graph, self.asym_c)
-        neighbour_y = tf.reshape(neighbour_y, [batch, self.k, self.num_classes])
+        neighbour_y = self._with_class_states(losses.atom_label_states(
+            self.head(neighbour_features), neighbour_labels[:, :self.num_classes],
+            self.label_graph, self.asym_c), neighbour_labels)
+        neighbour_y = tf.reshape(neighbour_y,
+                                 [batch, self.k, self.num_classes + self.num_image_classes])
         neighbour_f = tf.reshape(_with_bias(neighbour_features), [batch, self.k, -1])
         if not self.atom_gradient:
             # Neighbours act as fixed teachers: only the query side learns from the residual.
@@ -402,8 +528,22 @@ class IMCLModel(keras.Model):
         recomputed with gradient.
         """
         logits = self.head(self.bank.features)  # [M, L]
-        return tf.stop_gradient(losses.atom_label_states(
-            logits, self.bank.label_rows(), self.label_graph, self.asym_c))
+        rows = self.bank.label_rows()  # [M, L (+ C)]
+        return tf.stop_gradient(self._with_class_states(losses.atom_label_states(
+            logits, rows[:, :self.num_classes], self.label_graph, self.asym_c), rows))
+
+    def _with_class_states(self, states, labels):
+        """Appends the class-label block to label states (see class_label_weight), if any.
+
+        states: [N, L]; labels: [N, L + C] label rows whose last C entries are the image-class
+        one-hot (+1 / -1). Returns [N, L + C]: weight a at the image's class, -1/c elsewhere.
+        """
+        if not self.num_image_classes:
+            return states
+        side = tf.cast(labels[..., self.num_classes:], tf.float32)
+        block = tf.where(side > 0, self.class_label_weight,
+                         tf.where(side < 0, -1.0 / self.asym_c, 0.0))
+        return tf.concat([states, block], axis=-1)
 
     def _update_trackers(self, terms):
         for name, value in terms.items():
@@ -479,7 +619,8 @@ class IMCLModel(keras.Model):
         logits = self.head(features)
         terms = self._smoothness_terms(inputs, features, logits, labels, ids, True,
                                        tf.constant(1.0), tf.constant(0.0))
-        terms["bce"] = losses.masked_bce(labels, logits)
+        terms["bce"] = losses.masked_bce(labels[..., :self.num_classes], logits,
+                                         self.bce_unknown_as_negative)
         return terms
 
     # ---- serialisation -------------------------------------------------------------------------
@@ -496,6 +637,11 @@ class IMCLModel(keras.Model):
             "freeze_batchnorm": self.freeze_batchnorm, "head_weight_decay": self.head_weight_decay,
             "atom_gradient": self.atom_gradient, "refit_mode": self.refit_mode,
             "omp_jit_compile": self.omp_jit_compile,
+            "bce_unknown_as_negative": self.bce_unknown_as_negative,
+            "omp_score_threshold": self.omp_score_threshold,
+            "omp_balance_scores": self.omp_balance_scores, "reconstruction": self.reconstruction,
+            "class_label_weight": self.class_label_weight,
+            "num_image_classes": self.num_image_classes,
             "label_graph_layout": {"num_entries": self.label_graph.get_config()["num_entries"],
                                    "structure": self.label_graph.structure},
             "name": self.name,
@@ -504,6 +650,18 @@ class IMCLModel(keras.Model):
     @classmethod
     def from_config(cls, config):
         return cls(**config)
+
+
+class _Untracked:
+    """Holds a value out of sight of Keras saving and tf.train dependency tracking."""
+
+    def __init__(self, value):
+        self.value = value
+
+
+def _applied(optimizer, pairs):
+    optimizer.apply_gradients(pairs)
+    return tf.constant(True)
 
 
 def _check_choice(name, value, choices):

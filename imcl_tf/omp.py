@@ -49,7 +49,9 @@ def joint_nonnegative_omp(query_y: Any,
                           lambda_f: Any = 1.0,
                           exclude: Any = None,
                           *,
-                          jit_compile: bool = False) -> OMPResult:
+                          jit_compile: bool = False,
+                          score_threshold: float = 0.0,
+                          balance_scores: bool = False) -> OMPResult:
     """Selects k nonnegative sparse neighbours per query from a dictionary (Algorithm 2).
 
     At each of the k steps every atom m that is neither chosen yet nor excluded gets the score of
@@ -78,6 +80,14 @@ def joint_nonnegative_omp(query_y: Any,
       jit_compile: run the computation through a cached `tf.function(jit_compile=True)`, also
         from inside an ordinary tf.function such as a Keras train step (IMCLModel does). Inside
         a caller's own jit-compiled function leave it False: the caller's compilation covers it.
+      score_threshold: the official code's tau (`thresold_coeff`, docs/method.md §5): a slot is
+        valid only if its atom's score, with the weights renormalised as the official code does
+        (lambda / (max(lambda_y, lambda_f) + 1e-4)), is >= tau; otherwise it and every later slot
+        stay empty. 0 disables it (CUB 1e-6, COCO 1e-20, Open Images 1e-3).
+      balance_scores: the official `is_balance` (Open Images end-to-end): the atoms are chosen by
+        lambda_y gain_y / max gain_y + lambda_f gain_f / max gain_f, each side's gains divided by
+        their maximum over the atoms the query may choose, so neither side dominates by scale.
+        Validity still needs a loss decrease (the unbalanced score) above the minimum gain.
 
     Returns:
       OMPResult(indices [B, k] int32, valid [B, k] bool, coef_y [B, k] float32,
@@ -110,14 +120,20 @@ def joint_nonnegative_omp(query_y: Any,
     query_y, query_f, atoms_y, atoms_f = (
         _check_finite(x, name) for x, name in ((query_y, "query_y"), (query_f, "query_f"),
                                               (atoms_y, "atoms_y"), (atoms_f, "atoms_f")))
+    if not (isinstance(score_threshold, (int, float, np.floating, np.integer))
+            and math.isfinite(score_threshold) and score_threshold >= 0):
+        raise ValueError(f"joint_nonnegative_omp: score_threshold must be a finite number >= 0. "
+                         f"Received: score_threshold={score_threshold!r}.")
     omp = _compiled_omp if jit_compile else _omp
-    return omp(query_y, query_f, atoms_y, atoms_f, k, lambda_y, lambda_f, exclude)
+    return omp(query_y, query_f, atoms_y, atoms_f, k, lambda_y, lambda_f, exclude,
+               float(score_threshold), bool(balance_scores))
 
 
 # ---- The algorithm ------------------------------------------------------------------------------
 
 
-def _omp(query_y, query_f, atoms_y, atoms_f, k, lambda_y, lambda_f, exclude):
+def _omp(query_y, query_f, atoms_y, atoms_f, k, lambda_y, lambda_f, exclude,
+         score_threshold=0.0, balance_scores=False):
     """The k-step loop on validated float32 tensors (see joint_nonnegative_omp).
 
     The steps run in a tf.while_loop over fixed [B, k] slot tensors (slots not reached yet count
@@ -142,6 +158,7 @@ def _omp(query_y, query_f, atoms_y, atoms_f, k, lambda_y, lambda_f, exclude):
     energy = (lambda_y * tf.reduce_sum(tf.square(query_y), axis=1)
               + lambda_f * tf.reduce_sum(tf.square(query_f), axis=1))  # [B]
     min_gain = RELATIVE_MIN_GAIN * energy  # [B]
+    weight_scale = tf.maximum(lambda_y, lambda_f) + 1e-4  # the official weight renormalisation
 
     def one_step(step, residual_y, residual_f, blocked, indices, valid, coef):
         # The two GEMMs of the step: correlations of the residuals with every atom.
@@ -149,13 +166,20 @@ def _omp(query_y, query_f, atoms_y, atoms_f, k, lambda_y, lambda_f, exclude):
         corr_f = tf.matmul(residual_f, atoms_f, transpose_b=True)  # [B, M]
         score = _selection_scores(corr_y, corr_f, inv_norm_y, inv_norm_f, lambda_y, lambda_f)
         score = tf.where(blocked, tf.zeros_like(score), score)  # [B, M]
-        best = tf.reduce_max(score, axis=1)  # [B]
+        choice = score
+        if balance_scores:
+            choice = _balanced_scores(corr_y, corr_f, inv_norm_y, inv_norm_f, lambda_y,
+                                      lambda_f, blocked)
+        best_choice = tf.reduce_max(choice, axis=1)  # [B]
         # tf.argmax leaves ties unspecified: take the first index attaining the maximum.
-        first = tf.where(score == best[:, None], atom_index[None, :], num_atoms)  # [B, M]
+        first = tf.where(choice == best_choice[:, None], atom_index[None, :], num_atoms)  # [B, M]
         index = tf.reduce_min(first, axis=1)  # [B]
+        best = tf.gather(score, tf.minimum(index, num_atoms - 1), batch_dims=1)  # [B] loss decrease
         # A slot is valid only if every earlier one is (an invalid slot leaves the residual as is).
         alive = tf.reduce_all(tf.logical_or(valid, slot_index[None, :] >= step), axis=1)  # [B]
         ok = tf.logical_and(alive, best > min_gain)  # [B]
+        if score_threshold > 0:
+            ok = tf.logical_and(ok, best_choice / weight_scale >= score_threshold)
         index = tf.where(ok, index, 0)
         blocked = tf.logical_or(
             blocked, tf.logical_and(atom_index[None, :] == index[:, None], ok[:, None]))
@@ -198,6 +222,16 @@ def _selection_scores(corr_y, corr_f, inv_norm_y, inv_norm_f, lambda_y, lambda_f
     gain_y = tf.square(tf.nn.relu(corr_y)) * inv_norm_y[None, :]
     gain_f = tf.square(tf.nn.relu(corr_f)) * inv_norm_f[None, :]
     return lambda_y * gain_y + lambda_f * gain_f
+
+
+def _balanced_scores(corr_y, corr_f, inv_norm_y, inv_norm_f, lambda_y, lambda_f, blocked):
+    """The `is_balance` score: each side's gains over their maximum among the allowed atoms."""
+    zeros = tf.zeros_like(corr_y)
+    gain_y = tf.where(blocked, zeros, tf.square(tf.nn.relu(corr_y)) * inv_norm_y[None, :])
+    gain_f = tf.where(blocked, zeros, tf.square(tf.nn.relu(corr_f)) * inv_norm_f[None, :])
+    gain_y = tf.math.divide_no_nan(gain_y, tf.reduce_max(gain_y, axis=1, keepdims=True))
+    gain_f = tf.math.divide_no_nan(gain_f, tf.reduce_max(gain_f, axis=1, keepdims=True))
+    return lambda_y * gain_y + lambda_f * gain_f  # [B, M]
 
 
 def refit_on_support(query_y: Any, query_f: Any, support_y: Any, support_f: Any,

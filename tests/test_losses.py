@@ -367,3 +367,40 @@ def test_losses_compile_with_xla_and_match_eager(rng):
     compiled = tf.function(all_losses, jit_compile=True)(logits, labels, tf.constant(2.0))
     for expected, got in zip(eager, compiled):
         np.testing.assert_allclose(got.numpy(), expected.numpy(), rtol=1e-5, atol=1e-6)
+
+
+# ---- the official variants ----------------------------------------------------------
+
+
+def test_bce_unknown_as_negative_matches_reference(rng):
+    """COCO's cross-entropy: every unknown entry a negative, the mean over all B x L entries."""
+    labels = random_labels(rng, (5, 7), known_ratio=0.4)
+    logits = rng.normal(scale=2.0, size=(5, 7)).astype(np.float32)
+    expected = reference_masked_bce(np.where(labels == 0, -1.0, labels), logits)
+    got = losses.masked_bce(labels, logits, unknown_as_negative=True)
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-5)
+    probability = 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
+    targets = (labels > 0).astype(np.float64)
+    by_hand = -np.mean(targets * np.log(probability) + (1 - targets) * np.log(1 - probability))
+    np.testing.assert_allclose(got.numpy(), by_hand, rtol=1e-5)
+    assert abs(got.numpy() - losses.masked_bce(labels, logits).numpy()) > 1e-3
+
+
+def test_tanh_reconstruction_matches_reference(rng):
+    """The paper's Eq. 3: y - tanh(sum_s c_s y~_s) on the label side, the feature side linear."""
+    inputs = smoothness_inputs(rng)
+    batch = inputs["query_y"].shape[0]
+    expected_y = 0.0
+    for b in range(batch):
+        mixed = np.zeros(inputs["query_y"].shape[1])
+        for s in range(inputs["neighbor_y"].shape[1]):
+            if inputs["valid"][b, s]:
+                mixed += inputs["coef_y"][b, s] * inputs["neighbor_y"][b, s].astype(np.float64)
+        expected_y += np.sum((inputs["query_y"][b] - np.tanh(mixed)) ** 2)
+    expected_y /= batch
+    _, expected_f = reference_smoothness(**inputs)
+    loss_y, loss_f = losses.smoothness_losses(**inputs, reconstruction="tanh")
+    np.testing.assert_allclose([loss_y.numpy(), loss_f.numpy()], [expected_y, expected_f],
+                               rtol=1e-5)
+    with pytest.raises(ValueError, match="reconstruction must be one of"):
+        losses.smoothness_losses(**inputs, reconstruction="sigmoid")

@@ -1,4 +1,4 @@
-"""Hostile requests to serving/server.py (issue 13): compact TensorProtos with huge shapes, image
+"""Hostile requests to serving/server.py: compact TensorProtos with huge shapes, image
 decompression bombs, non-finite arrays. Each is refused with INVALID_ARGUMENT before anything big
 is built, and the server's peak memory stays bounded."""
 

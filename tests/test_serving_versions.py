@@ -1,4 +1,4 @@
-"""Version churn faults for serving/server.py (issue 13 item 5): a half-copied version completed
+"""Version churn faults for serving/server.py: a half-copied version completed
 later, versions that fail the sanity checks, and a base path that vanishes for a poll.
 
 The poller is slowed down (poll_seconds=1000) and `manager.refresh()` is called by the tests, so

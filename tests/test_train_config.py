@@ -82,6 +82,7 @@ def test_architecture_flags_exist():
 def test_every_model_option_is_a_flag_and_reaches_the_model(dataset, tmp_path):
     """A new IMCLModel argument without a training flag (or not passed on) fails here."""
     derived = {"self", "num_classes", "input_shape_", "dictionary_size", "label_graph_init",
+               "num_image_classes",
                "kwargs"}  # from the dataset and the bank selection
     renamed = {"multiplier_y": "lambda_y", "multiplier_f": "lambda_f"}
     config = config_for(dataset, tmp_path, k=2, lambda_y=0.7, lambda_f=0.3, asym_c=1.5,
@@ -98,8 +99,10 @@ def test_every_model_option_is_a_flag_and_reaches_the_model(dataset, tmp_path):
             continue
         flag = renamed.get(name, name)
         assert flag in fields, f"IMCLModel({name}=...) has no training flag"
+        # BatchNorm is frozen only when the run starts from trained weights (none here).
+        expected = trainer.freeze_batchnorm if name == "freeze_batchnorm" else getattr(config, flag)
         if name != "backbone_weights":  # only used to build; saved models record "none"
-            assert model_config[name] == getattr(config, flag), name
+            assert model_config[name] == expected, name
     assert trainer.model.dictionary_size >= 2
 
 

@@ -109,6 +109,24 @@ def decode_image(encoded: tf.Tensor, image_size: int, image_id: tf.Tensor | str 
     return _central_square(image, image_size)
 
 
+def with_image_class(labels: tf.Tensor, image_class: tf.Tensor, num_image_classes: int,
+                     image_id: tf.Tensor) -> tf.Tensor:
+    """A label row [L] extended by an always-known one-hot of the record's image/class, [L + C].
+
+    The C appended entries are +1 at the record's class and -1 at the others (the CUB species
+    one-hot of the class-label augmentation, docs/method.md §5). A record without image/class, or
+    with a class outside [0, C), fails with InvalidArgumentError naming its id.
+    """
+    ok = tf.logical_and(image_class >= 0, image_class < num_image_classes)
+    check = tf.debugging.Assert(ok, [
+        "record", image_id, f": image/class is missing or outside [0, {num_image_classes}) "
+        "(received", image_class, "); the class-label augmentation (--class_label_weight) needs "
+        "every training record's image/class, e.g. the CUB species written by tfrecords_tools.cub."])
+    with tf.control_dependencies([check]):
+        one_hot = tf.one_hot(image_class, num_image_classes, on_value=1.0, off_value=-1.0)
+    return tf.concat([labels, one_hot], axis=0)
+
+
 def id_hash(ids: tf.Tensor) -> tf.Tensor:
     """Stable int64 hash of string ids (FarmHash fingerprint; the same in every run and process)."""
     return tf.strings.to_hash_bucket_fast(ids, _ID_HASH_BUCKETS)

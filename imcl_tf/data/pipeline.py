@@ -8,7 +8,8 @@ import numpy as np
 import tensorflow as tf
 
 from imcl_tf.data.dataset_info import DatasetInfo, SplitInfo, load_dataset_info
-from imcl_tf.data.decoding import _augmented_image, decode_image, id_hash, parse_example
+from imcl_tf.data.decoding import (_augmented_image, decode_image, id_hash, parse_example,
+                                   with_image_class)
 from imcl_tf.data.errors import DataError
 from imcl_tf.data.schema import DATASET_JSON
 
@@ -25,7 +26,8 @@ def make_dataset(data_dir: str,
                  repeat: bool = False,
                  drop_remainder: bool = False,
                  deterministic: bool = False,
-                 input_context: tf.distribute.InputContext | None = None) -> tf.data.Dataset:
+                 input_context: tf.distribute.InputContext | None = None,
+                 image_classes: int = 0) -> tf.data.Dataset:
     """The input pipeline of one split: batches of (inputs, labels, ids).
 
     Shards are read in parallel (interleaved); with `training` files and records are shuffled and,
@@ -54,6 +56,9 @@ def make_dataset(data_dir: str,
       input_context: from `strategy.distribute_datasets_from_function`; with several input
         pipelines each reads a disjoint subset of the shard FILES (so there must be at least as
         many shards as pipelines).
+      image_classes: C > 0 appends to every label row C always-known entries, +1 at the record's
+        image/class and -1 elsewhere (`with_image_class`; the CUB class-label augmentation), so
+        labels are [B, L + C]; 0 (default) leaves them [B, L].
 
     Example:
       ds = make_dataset("/data/demo", "train", batch_size=32, training=True, augment=True, seed=1)
@@ -93,13 +98,18 @@ def make_dataset(data_dir: str,
         def to_element(serialized, element_seed):
             parsed = parse_example(serialized, num_classes, mode, embedding_dim)
             image = _augmented_image(parsed["image"], image_size, parsed["id"], element_seed)
-            return image, parsed["labels"], id_hash(parsed["id"])
+            labels = parsed["labels"]
+            if image_classes:
+                labels = with_image_class(labels, parsed["image_class"], image_classes,
+                                          parsed["id"])
+            return image, labels, id_hash(parsed["id"])
     else:
         elements = records
 
         def to_element(serialized):
             inputs, labels, image_id = _evaluation_element(serialized, num_classes, mode,
-                                                           embedding_dim, image_size)
+                                                           embedding_dim, image_size,
+                                                           image_classes)
             return inputs, labels, id_hash(image_id)
 
     elements = elements.map(to_element, num_parallel_calls=tf.data.AUTOTUNE)
@@ -162,15 +172,18 @@ def load_split_arrays(data_dir: str,
 
 
 def _evaluation_element(serialized: tf.Tensor, num_classes: int, mode: str,
-                        embedding_dim: int | None, image_size: int | None
-                        ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-    """One record without augmentation: (inputs, labels [L], id string)."""
+                        embedding_dim: int | None, image_size: int | None,
+                        image_classes: int = 0) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """One record without augmentation: (inputs, labels [L] (+ C, see make_dataset), id string)."""
     parsed = parse_example(serialized, num_classes, mode, embedding_dim)
     if mode == "image":
         inputs = decode_image(parsed["image"], image_size, parsed["id"])  # [S, S, 3]
     else:
         inputs = parsed["embedding"]  # [D]
-    return inputs, parsed["labels"], parsed["id"]
+    labels = parsed["labels"]
+    if image_classes:
+        labels = with_image_class(labels, parsed["image_class"], image_classes, parsed["id"])
+    return inputs, labels, parsed["id"]
 
 
 def _resolve_image_size(info: DatasetInfo, image_size: int | None, data_dir: str) -> int | None:

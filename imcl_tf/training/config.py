@@ -90,7 +90,44 @@ class TrainConfig:
     clip_label_graph: bool = _field(True, "Clip the graph to [0, 1] after every step.")
     asym_c: float = _field(2.0, "Asymmetry c >= 1 of the label-state function sigma_c.")
     head_weight_decay: float = _field(0.0, "L2 factor on the classifier kernel (CUB: 1e-4).")
-    freeze_batchnorm: bool = _field(False, "Keep BatchNorm layers frozen (inference mode).")
+    freeze_batchnorm: bool = _field(True, "BatchNorm layers in inference mode (moving statistics "
+                                          "and affine frozen) whenever the run starts from "
+                                          "trained weights (--warm_start or --backbone_weights), "
+                                          "as the official runs fine-tune; a network trained "
+                                          "from scratch always trains its BatchNorm.")
+    # ---- the paper's recipes: learning rate per part ----
+    backbone_learning_rate: float = _field(-1.0, "Base learning rate of the backbone (negative: "
+                                                 "--learning_rate; 0: frozen, no gradient).")
+    head_learning_rate: float = _field(-1.0, "Base learning rate of the classifier head "
+                                             "(negative: --learning_rate).")
+    graph_learning_rate: float = _field(-1.0, "Base learning rate of the label graph, on its own "
+                                              "--graph_optimizer (negative: --learning_rate; 0: "
+                                              "the graph stays fixed).")
+    graph_optimizer: str = _field("rmsprop", "The label graph's own optimizer; rmsprop (the "
+                                             "official) moves the graph in proportion to its "
+                                             "gradient, so lambda_y scales its step.", option_choices.OPTIMIZERS)
+    # ---- the paper's recipes: the official loss and OMP options ----
+    bce_unknown_as_negative: bool = _field(False, "The cross-entropy counts unknown entries as "
+                                                  "negatives (mean over all entries) while the "
+                                                  "smoothness loss keeps them unknown (official "
+                                                  "MS-COCO caption words); the co-occurrence "
+                                                  "graph then counts them as absent too.")
+    omp_score_threshold: float = _field(0.0, "OMP score threshold tau: a neighbour is taken only "
+                                             "if its score (weights renormalised to max 1) is >= "
+                                             "tau (official: CUB 1e-6, COCO 1e-20, Open Images "
+                                             "1e-3; 0: off).")
+    omp_balance_scores: bool = _field(False, "Official is_balance: each side's OMP scores are "
+                                             "divided by their maximum before mixing (Open "
+                                             "Images end-to-end).")
+    reconstruction: str = _field("linear", "Label-side residual y - sum c y~ (linear, the "
+                                           "official code) or y - tanh(sum c y~) (the paper's "
+                                           "Eq. 3).", option_choices.RECONSTRUCTIONS)
+    # ---- the paper's recipes: the CUB class-label augmentation ----
+    class_label_weight: float = _field(0.0, "CUB's class-label weight a (official weight_class "
+                                            "= 10): the image-class one-hot (image/class, e.g. "
+                                            "the CUB species) is appended to the IMCL label "
+                                            "states only, a at the class and -1/c elsewhere, "
+                                            "always known; 0: off.")
     augment: bool = _field(False, "Random resized crop and flip of training images.")
     warm_start: str = _field("", "A logistic run's model_dir to start from, 'auto' to train that "
                                  "baseline first (into <model_dir>/logistic_stage), or empty.")
@@ -148,11 +185,23 @@ class TrainConfig:
                 bad_flag(name, f"must be >= 1, received {getattr(self, name)}.")
         if not self.learning_rate > 0:
             bad_flag("learning_rate", f"must be > 0, received {self.learning_rate}.")
+        if self.head_learning_rate == 0 or self.head_learning_rate != self.head_learning_rate:
+            bad_flag("head_learning_rate", f"must be > 0 (or negative for --learning_rate), "
+                                           f"received {self.head_learning_rate}.")
+        for name in ("backbone_learning_rate", "graph_learning_rate"):
+            if getattr(self, name) != getattr(self, name):  # NaN
+                bad_flag(name, "must be a number (negative: --learning_rate, 0: frozen).")
         if self.plateau_min_lr < 0:
             bad_flag("plateau_min_lr", f"must be >= 0, received {self.plateau_min_lr}.")
         for name in ("lambda_y", "lambda_f"):
             if not getattr(self, name) >= 0:
                 bad_flag(name, f"multipliers must be >= 0, received {getattr(self, name)}.")
+        if not self.omp_score_threshold >= 0 or self.omp_score_threshold == float("inf"):
+            bad_flag("omp_score_threshold", f"must be a finite number >= 0, received "
+                                            f"{self.omp_score_threshold}.")
+        if not 0 <= self.class_label_weight < float("inf"):
+            bad_flag("class_label_weight", f"must be a finite number >= 0, received "
+                                           f"{self.class_label_weight}.")
         if not self.asym_c >= 1:
             bad_flag("asym_c", f"must be >= 1, received {self.asym_c}.")
         if self.head_weight_decay < 0:
@@ -205,6 +254,11 @@ class TrainConfig:
         if info.mode == "image" and not (self.image_size or info.image_size):
             bad_flag("image_size", "is 0 and dataset.json has no image_size hint; set "
                                    "--image_size.")
+        if self.class_label_weight > 0 and self.method == "imcl" and not image_class_count(info):
+            bad_flag("class_label_weight", f"needs image classes, but {self.data_dir!r} has no "
+                                           "labels.image_class_names in dataset.json (build it "
+                                           "with tfrecords_tools.cub, whose records carry "
+                                           "image/class), or set --class_label_weight=0.")
         if self.augment and info.mode != "image":
             bad_flag("augment", "applies to images; this is a features-mode dataset.")
         if self.backbone_weights not in ("none", "imagenet") and not os.path.exists(
@@ -296,6 +350,19 @@ class TrainConfig:
             bad_flag(changed[0], f"{self.model_dir!r} holds a run checkpointed with {details}; it "
                                  "can only be resumed with the same settings. Use a new "
                                  "--model_dir (or delete this one) to train with other settings.")
+
+
+def image_class_count(info: data_lib.DatasetInfo) -> int:
+    """C, the number of image classes (labels.image_class_names) of a dataset, 0 if none.
+
+    A dataset made by tfrecords_tools.partial keeps its source's labels under source_labels.
+    """
+    labels = info.labels
+    while isinstance(labels, dict):
+        if labels.get("image_class_names"):
+            return len(labels["image_class_names"])
+        labels = labels.get("source_labels")
+    return 0
 
 
 # Options that may change when a checkpointed run is resumed: how long and how it is watched,

@@ -8,6 +8,7 @@ import numpy as np
 import tensorflow as tf
 
 from imcl_tf import data as data_lib
+from imcl_tf.data.decoding import with_image_class
 
 
 def read_split_labels(data_dir: str, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -40,9 +41,12 @@ def count_split_labels(data_dir: str, split: str) -> tuple[np.ndarray, np.ndarra
     return positives, known, count
 
 
-def read_split_subset(data_dir: str, split: str, indices: np.ndarray, image_size: int | None
-                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Inputs, label rows and id hashes of the records at `indices` (shard order) of a split."""
+def read_split_subset(data_dir: str, split: str, indices: np.ndarray, image_size: int | None,
+                      image_classes: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Inputs, label rows and id hashes of the records at `indices` (shard order) of a split.
+
+    image_classes > 0 extends the label rows by the image/class one-hot, as make_dataset does.
+    """
     info = data_lib.load_dataset_info(data_dir)
     wanted = np.zeros(info.split(split).num_examples, bool)
     wanted[np.asarray(indices, np.int64)] = True
@@ -55,7 +59,10 @@ def read_split_subset(data_dir: str, split: str, indices: np.ndarray, image_size
             inputs = data_lib.decode_image(parsed["image"], image_size, parsed["id"])
         else:
             inputs = parsed["embedding"]
-        return inputs, parsed["labels"], data_lib.id_hash(parsed["id"])
+        labels = parsed["labels"]
+        if image_classes:
+            labels = with_image_class(labels, parsed["image_class"], image_classes, parsed["id"])
+        return inputs, labels, data_lib.id_hash(parsed["id"])
 
     parts = [[], [], []]
     for batch in dataset.map(prepare, num_parallel_calls=tf.data.AUTOTUNE).batch(256):

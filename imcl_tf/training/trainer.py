@@ -16,6 +16,7 @@ import time
 from typing import Any
 
 import keras
+import numpy as np
 import tensorflow as tf
 from absl import logging
 
@@ -23,11 +24,11 @@ from imcl_tf import data as data_lib
 from imcl_tf import label_graph as graph_lib
 from imcl_tf import memory, metrics, models
 from imcl_tf.training.callbacks import BankRefresh, TrainingMonitor
-from imcl_tf.training.config import TrainConfig
+from imcl_tf.training.config import TrainConfig, image_class_count
 from imcl_tf.training.distribution import (is_chief, is_chief_process, local_byte_variables,
                                            make_strategy, prepare_multi_worker_fit, task_id)
 from imcl_tf.training.errors import bad_flag
-from imcl_tf.training.optimizer import PlateauState, make_optimizer
+from imcl_tf.training.optimizer import PlateauState, make_part_optimizers, part_learning_rates
 from imcl_tf.training.progress import Clock, LiveBar, LiveBarCallback, shows_live_bar
 from imcl_tf.training.report import format_number
 from imcl_tf.training.run_files import (CHECKPOINT_DIR, LOG_DIR, LOGISTIC_STAGE_DIR, RUN_CONFIG,
@@ -90,6 +91,9 @@ class _Trainer:
         self.train_steps = config.train_steps or max(1, int(round(config.epochs * steps_per_epoch)))
         self.eval_every = config.eval_every or max(1, math.ceil(self.train_steps / 10))
         self.has_val = bool(config.val_split)
+        # The image-class one-hot appended to the IMCL label rows (--class_label_weight).
+        self.image_classes = (image_class_count(self.info)
+                              if config.method == "imcl" and config.class_label_weight > 0 else 0)
         self.chief_checkpoints = os.path.join(config.model_dir, CHECKPOINT_DIR)
         # A non-chief worker must save checkpoints too (they may involve collectives), but into a
         # private temporary folder that is deleted at the end: model_dir is the chief's.
@@ -154,8 +158,24 @@ class _Trainer:
                 bad_flag("k", f"{config.k} is more than the {len(bank_indices)} images of the "
                               "dictionary bank; lower --k or raise --dictionary_per_class / "
                               "--dictionary_size.")
+        graph_rows = train_labels
+        if train_labels is not None and config.bce_unknown_as_negative:
+            # Unknown entries are absences for this run (COCO's unmentioned words): the
+            # co-occurrence graph counts them so, as the cross-entropy does.
+            graph_rows = np.where(train_labels == 0, -1, train_labels).astype(train_labels.dtype)
         graph = graph_lib.build_label_graph(config.label_graph, self.info.num_classes,
-                                            train_labels, config.label_graph_top_k or None)
+                                            graph_rows, config.label_graph_top_k or None)
+        rates = part_learning_rates(config)
+        # BatchNorm frozen when fine-tuning trained weights (docs/method.md §5 row 22): then the
+        # query's features (training mode) and the bank's (inference mode) are the same function
+        # of the image and the smoothness terms compare like with like.
+        self.freeze_batchnorm = config.freeze_batchnorm and (
+            bool(config.warm_start) or config.backbone_weights != "none")
+        if config.method == "imcl" and not self.freeze_batchnorm and config.backbone != "features":
+            logging.warning("BatchNorm trains in this IMCL run (no warm start or backbone "
+                            "weights, or --nofreeze_batchnorm): the queries' features use batch "
+                            "statistics, the bank's the moving ones, so the smoothness terms "
+                            "compare different functions of the images.")
         with self.strategy.scope(), local_byte_variables(self.strategy):
             model = models.IMCLModel(
                 num_classes=self.info.num_classes, input_shape_=input_shape,
@@ -164,22 +184,38 @@ class _Trainer:
                 dictionary_size=0 if bank_indices is None else len(bank_indices),
                 k=config.k, multiplier_y=config.lambda_y, multiplier_f=config.lambda_f,
                 balance=config.balance, asym_c=config.asym_c,
-                learn_label_graph=config.learn_label_graph,
+                learn_label_graph=config.learn_label_graph and rates.graph > 0,
                 clip_label_graph=config.clip_label_graph, neighbour_mode=config.neighbour_mode,
-                feature_loss=config.feature_loss, freeze_batchnorm=config.freeze_batchnorm,
+                feature_loss=config.feature_loss, freeze_batchnorm=self.freeze_batchnorm,
                 head_weight_decay=config.head_weight_decay, label_graph_init=graph,
-                atom_gradient=config.atom_gradient, refit_mode=config.refit_mode)
-            optimizer = make_optimizer(config.optimizer, config.learning_rate)
+                atom_gradient=config.atom_gradient, refit_mode=config.refit_mode,
+                bce_unknown_as_negative=config.bce_unknown_as_negative,
+                omp_score_threshold=config.omp_score_threshold,
+                omp_balance_scores=config.omp_balance_scores,
+                reconstruction=config.reconstruction,
+                class_label_weight=config.class_label_weight,
+                num_image_classes=self.image_classes)
+            if rates.backbone == 0:
+                model.backbone.trainable = False  # frozen: no gradient, no optimizer slots
+            optimizer, part_optimizers = make_part_optimizers(
+                config, rates, graph_learnable=bool(model.part_variables("graph")))
             model.compile(optimizer=optimizer, jit_compile=False)
-            model.optimizer.build(model.trainable_variables)
+            model.set_part_optimizers(part_optimizers)
+            model.optimizer.build(model.main_optimizer_variables())
             self.schedule = PlateauState()
         if isinstance(self.strategy, tf.distribute.MultiWorkerMirroredStrategy):
             prepare_multi_worker_fit(model, self.strategy, input_shape, config.batch_size,
                                      self.info.num_classes)
         self.model = model
+        # Base learning rate of each part as trained (0: frozen or fixed), for run_config.json.
+        self.learning_rates = {
+            "backbone": rates.backbone if model.backbone.trainable else 0.0,
+            "head": rates.head, "graph": rates.graph if model.part_variables("graph") else 0.0}
         self.bank_indices = bank_indices
-        self.checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer,
-                                              schedule=self.schedule)
+        # Each part's optimizer is checkpointed beside the model's (head) one.
+        self.checkpoint = tf.train.Checkpoint(
+            model=model, optimizer=model.optimizer, schedule=self.schedule,
+            **{f"{part}_optimizer": each for part, each in model.part_optimizers.items()})
         self.manager = tf.train.CheckpointManager(
             self.checkpoint, os.path.join(self.work_dir, CHECKPOINT_DIR), max_to_keep=2)
         # One traced validation step for every validation (a new one per call retraces).
@@ -197,7 +233,7 @@ class _Trainer:
             resolved["warm_start"] = config.warm_start
         if config.method == "imcl":
             inputs, labels, ids = read_split_subset(config.data_dir, "train", self.bank_indices,
-                                                    self.image_size)
+                                                    self.image_size, self.image_classes)
             model.fill_bank(inputs, labels, ids)
             resolved["dictionary_size"] = int(len(self.bank_indices))
             resolved.update(model.calibrate_lambdas(
@@ -210,6 +246,7 @@ class _Trainer:
         run_config = {
             "config": dataclasses.asdict(self.config), "train_steps": self.train_steps,
             "eval_every": self.eval_every, "resolved": self.resolved,
+            "freeze_batchnorm": self.freeze_batchnorm, "learning_rates": self.learning_rates,
             "num_replicas": self.num_replicas, "dataset": {
                 "num_classes": self.info.num_classes, "num_train": self.num_train,
                 "mode": self.info.mode, "image_size": self.image_size,
@@ -234,7 +271,8 @@ class _Trainer:
             self.config.data_dir, split, batch_size=self.config.batch_size,
             image_size=self.image_size, training=training, augment=training and self.config.augment,
             seed=self.config.seed if seed is None else seed, repeat=training,
-            drop_remainder=training, deterministic=not training)
+            drop_remainder=training, deterministic=not training,
+            image_classes=self.image_classes if training else 0)
 
     def _train_dataset(self, seed):
         """The training pipeline; under a strategy each worker reads its own shard FILES."""
@@ -246,7 +284,8 @@ class _Trainer:
             return data_lib.make_dataset(
                 config.data_dir, "train", batch_size=config.batch_size,
                 image_size=self.image_size, training=True, augment=config.augment, seed=seed,
-                repeat=True, drop_remainder=True, input_context=input_context)
+                repeat=True, drop_remainder=True, input_context=input_context,
+                image_classes=self.image_classes)
 
         return self.strategy.distribute_datasets_from_function(per_worker)
 
@@ -309,7 +348,8 @@ class _Trainer:
                     models.save_model_file(self.model, os.path.join(self.work_dir,
                                                                     models.BEST_MODEL))
             if self.config.lr_schedule == "plateau":
-                self.schedule.update(val["mAP"], self.model.optimizer, self.config, step)
+                self.schedule.update(val["mAP"], self.model.optimizer, self.config, step,
+                                     others=list(self.model.part_optimizers.values()))
         self.manager.save(checkpoint_number=step)
 
     def validate(self) -> dict[str, Any]:

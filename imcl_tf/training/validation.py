@@ -38,7 +38,9 @@ class ValidationPass:
         per_entry, known = losses.masked_bce_per_entry(labels, logits)
         out = {"scores": tf.sigmoid(logits), "bce_sum": tf.reduce_sum(per_entry),
                "known": tf.reduce_sum(known)}
-        if model.method == "imcl":
+        # A run with the class-label augmentation has no image-class rows in validation
+        # batches (they are for training only), so its smoothness losses are not measured there.
+        if model.method == "imcl" and not getattr(model, "num_image_classes", 0):
             terms = model._smoothness_terms(inputs, features, logits, labels, ids, False,
                                             model.lambda_y, model.lambda_f)
             batch = tf.cast(tf.shape(logits)[0], tf.float32)
