@@ -418,12 +418,34 @@ class IMCLModel(keras.Model):
 
     # ---- the dictionary bank and lambdas ------------------------------------------------------
 
-    def fill_bank(self, inputs: np.ndarray, labels: np.ndarray, ids: np.ndarray) -> None:
-        """Puts the chosen training images into the bank and computes their features."""
+    def fill_bank(self, inputs, labels: np.ndarray | None = None,
+                  ids: np.ndarray | None = None) -> None:
+        """Puts the chosen training images into the bank and computes their features.
+
+        Either arrays (inputs [M, ...], labels [M, L], ids [M]) or, with labels and ids left out,
+        an iterable of (inputs, labels, ids) chunks, converted one by one (see
+        DictionaryBank.fill): a large image bank is then never held as float32.
+        """
         if self.bank is None:
             raise ValueError("fill_bank: the logistic model has no dictionary bank.")
-        self.bank.set_contents(inputs, labels, ids)
+        if labels is None and ids is None:
+            self.bank.fill(inputs)
+        elif labels is None or ids is None:
+            raise ValueError("fill_bank: give inputs, labels and ids, or one iterable of "
+                             "(inputs, labels, ids) chunks.")
+        else:
+            self.bank.set_contents(inputs, labels, ids)
         self.refresh_bank()
+
+    def restore_bank_inputs(self, chunks) -> None:
+        """After a checkpoint restore: gives the bank its inputs back (they are not saved).
+
+        `chunks` yields the same (inputs, labels, ids) the bank was filled with; the restored
+        features are kept (no refresh), so the run continues exactly where it stopped.
+        """
+        if self.bank is None:
+            raise ValueError("restore_bank_inputs: the logistic model has no dictionary bank.")
+        self.bank.set_inputs(chunks)
 
     def refresh_bank(self, batch_size: int = 256) -> None:
         """Re-encodes the bank's inputs with the current network (inference mode)."""
