@@ -453,6 +453,9 @@ class _Trainer:
             self.resumed_from = latest
             self.resolved = previous.get("resolved", {})
             self.start_step = int(self.model.optimizer.iterations.numpy())
+            if config.method == "imcl":  # the bank's inputs are not in checkpoints: re-read them
+                self.model.restore_bank_inputs(iter_split_subset(
+                    config.data_dir, "train", self.bank_indices, self.image_size))
             logging.info("Resumed from %s at step %d of %d", latest, self.start_step,
                          self.train_steps)
         else:
@@ -523,9 +526,8 @@ class _Trainer:
             model.head.set_weights(source.head.get_weights())
             resolved["warm_start"] = config.warm_start
         if config.method == "imcl":
-            inputs, labels, ids = read_split_subset(config.data_dir, "train", self.bank_indices,
-                                                    self.image_size)
-            model.fill_bank(inputs, labels, ids)
+            model.fill_bank(iter_split_subset(config.data_dir, "train", self.bank_indices,
+                                              self.image_size))
             resolved["dictionary_size"] = int(len(self.bank_indices))
             resolved.update(model.calibrate_lambdas(
                 self._dataset("train", training=True, seed=config.seed + 7919),
@@ -952,6 +954,13 @@ def read_split_labels(data_dir: str, split: str) -> tuple[np.ndarray, np.ndarray
 def read_split_subset(data_dir: str, split: str, indices: np.ndarray, image_size: int | None
                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Inputs, label rows and id hashes of the records at `indices` (shard order) of a split."""
+    parts = list(zip(*iter_split_subset(data_dir, split, indices, image_size)))
+    return tuple(np.concatenate(part) for part in parts)
+
+
+def iter_split_subset(data_dir: str, split: str, indices: np.ndarray, image_size: int | None,
+                      chunk_size: int = 256):
+    """`read_split_subset` in chunks of `chunk_size` records: (inputs, labels, ids) arrays."""
     info = data_lib.load_dataset_info(data_dir)
     wanted = np.zeros(info.split(split).num_examples, bool)
     wanted[np.asarray(indices, np.int64)] = True
@@ -966,11 +975,8 @@ def read_split_subset(data_dir: str, split: str, indices: np.ndarray, image_size
             inputs = parsed["embedding"]
         return inputs, parsed["labels"], data_lib.id_hash(parsed["id"])
 
-    parts = [[], [], []]
-    for batch in dataset.map(prepare, num_parallel_calls=tf.data.AUTOTUNE).batch(256):
-        for part, values in zip(parts, batch):
-            part.append(values.numpy())
-    return tuple(np.concatenate(part) for part in parts)
+    for batch in dataset.map(prepare, num_parallel_calls=tf.data.AUTOTUNE).batch(chunk_size):
+        yield tuple(values.numpy() for values in batch)
 
 
 def _records(data_dir, split, info):
