@@ -29,6 +29,11 @@ REFIT_MODES = ("reuse_support_refit", "reuse_all")
 # Named by the method spec but not implemented: refused with an explanation.
 _UNIMPLEMENTED_REFIT_MODES = ("official_pool_rerun",)
 BALANCE_MODES = ("loss_ratio", "none")
+# The atoms' selection label states are computed in chunks of about this many [atom, label]
+# entries (64 MB of float32), but at least MIN_ATOM_STATE_CHUNK atoms: the temporaries of the
+# classifier and graph over the bank stay small whatever M and L are.
+ATOM_STATE_CHUNK_ENTRIES = 1 << 24
+MIN_ATOM_STATE_CHUNK = 1024
 
 # How each keras.applications backbone expects its 0..255 RGB input to be scaled.
 _PREPROCESSING = {"small_cnn": "unit", "mobilenet_v2": "symmetric", "resnet50": "caffe",
@@ -164,6 +169,11 @@ class IMCLModel(keras.Model):
       head_weight_decay: L2 factor on the classifier kernel (bias excluded), CUB uses 1e-4.
       omp_jit_compile: run the OMP XLA-compiled inside the step (architecture.md section 5);
         False runs it as ordinary TensorFlow ops (a fallback where XLA is unavailable).
+      label_state_refresh_every: recompute the atoms' selection label states (the classifier
+        and graph over all M bank atoms, 2 M D L multiply-adds) every this many steps and reuse
+        them in between; 1 (the default) recomputes them every step, which is exact. Larger
+        values let the OMP select with states up to n - 1 steps old; the chosen neighbours'
+        states in the loss are always current. A bank refresh makes them due again.
       label_graph_layout: {"num_entries", "structure"} of a saved graph (get_config() writes it),
         used when label_graph_init is None to rebuild the graph's storage before its weights load.
       atom_gradient: let the smoothness residuals also train the neighbours' label states (the
@@ -180,7 +190,7 @@ class IMCLModel(keras.Model):
                  head_weight_decay: float = 0.0, label_graph_init: Any = None,
                  atom_gradient: bool = True, refit_mode: str = "reuse_support_refit",
                  label_graph_layout: dict[str, Any] | None = None, omp_jit_compile: bool = True,
-                 **kwargs):
+                 label_state_refresh_every: int = 1, **kwargs):
         super().__init__(**kwargs)
         _check_choice("method", method, METHODS)
         _check_choice("backbone", backbone, BACKBONES)
@@ -200,6 +210,11 @@ class IMCLModel(keras.Model):
             if not 1 <= k <= dictionary_size:
                 raise ValueError(f"IMCLModel: k must be in [1, dictionary_size={dictionary_size}], "
                                  f"received k={k}.")
+        if (isinstance(label_state_refresh_every, bool) or
+                not isinstance(label_state_refresh_every, (int, np.integer)) or
+                label_state_refresh_every < 1):
+            raise ValueError("IMCLModel: label_state_refresh_every must be an integer >= 1, "
+                             f"received {label_state_refresh_every!r}.")
         if asym_c < 1.0:
             raise ValueError(f"IMCLModel: asym_c must be >= 1, received {asym_c}.")
         if multiplier_y < 0 or multiplier_f < 0:
@@ -232,6 +247,7 @@ class IMCLModel(keras.Model):
         self.atom_gradient = bool(atom_gradient)
         self.refit_mode = refit_mode
         self.omp_jit_compile = bool(omp_jit_compile)
+        self.label_state_refresh_every = int(label_state_refresh_every)
 
         self.preprocess = Preprocess(_PREPROCESSING[backbone], name="preprocess")
         self.backbone = build_backbone(backbone, self.input_shape_, backbone_weights,
@@ -257,6 +273,17 @@ class IMCLModel(keras.Model):
                 self.dictionary_size, self.input_shape_,
                 "uint8" if self.input_mode == "image" else "float32",
                 self.feature_dim, self.num_classes, name="dictionary_bank")
+            # The atoms' selection label states, written chunk by chunk (never a second [M, L]
+            # array) and, with label_state_refresh_every > 1, reused between refreshes. Derived
+            # state: kept out of weights and checkpoints, recomputed after a restart.
+            per_replica = dict(trainable=False, synchronization=tf.VariableSynchronization.ON_READ,
+                               aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+            self._atom_states = _Untracked(
+                tf.Variable(tf.zeros([self.dictionary_size, self.num_classes]),
+                            name="atom_label_states", **per_replica),
+                # Calls since the last recomputation; 0 = due now.
+                tf.Variable(tf.constant(0, tf.int64), name="atom_label_state_age",
+                            **per_replica))
         # Resolved lambdas live in the model so they are saved and logged with it.
         self.lambda_y = self.add_weight(shape=(), initializer=keras.initializers.Constant(multiplier_y),
                                         trainable=False, name="lambda_y")
@@ -401,14 +428,40 @@ class IMCLModel(keras.Model):
                 "valid": omp.valid, "omp": omp}
 
     def selection_atom_states(self) -> tf.Tensor:
-        """[M, L] label states of every bank atom (current classifier and graph), no gradient.
+        """[M, L] label states of every bank atom (classifier and graph), no gradient.
 
         They only choose the neighbours (the OMP); the loss uses the chosen neighbours' states
-        recomputed with gradient.
+        recomputed with gradient. Recomputed with the current weights at every call, or every
+        `label_state_refresh_every` calls (see the constructor).
         """
-        logits = self.head(self.bank.features)  # [M, L]
-        return tf.stop_gradient(losses.atom_label_states(
-            logits, self.bank.label_rows(), self.label_graph, self.asym_c))
+        states, age = self._atom_states.variables
+        if self.label_state_refresh_every == 1:
+            self._write_atom_states()
+        else:
+            def recompute():
+                self._write_atom_states()
+                return age.assign(1)
+
+            tf.cond(tf.equal(age.read_value() % self.label_state_refresh_every, 0), recompute,
+                    lambda: age.assign_add(1))
+        return tf.stop_gradient(states.read_value())
+
+    def _write_atom_states(self):
+        """Atom label states in chunks of ATOM_STATE_CHUNK_ENTRIES entries, written in place."""
+        states = self._atom_states.variables[0]
+        chunk = max(MIN_ATOM_STATE_CHUNK, ATOM_STATE_CHUNK_ENTRIES // self.num_classes)
+        for start in range(0, self.dictionary_size, chunk):  # static: a few chunks at most
+            end = min(start + chunk, self.dictionary_size)
+            logits = self.head(self.bank.features[start:end])  # [c, L]
+            labels = tf.cast(self.bank.labels[start:end], tf.float32)
+            values = tf.stop_gradient(losses.atom_label_states(logits, labels, self.label_graph,
+                                                               self.asym_c))
+            states.scatter_update(tf.IndexedSlices(values, tf.range(start, end)))
+
+    def mark_atom_states_due(self) -> None:
+        """Makes the next selection recompute the atoms' label states (e.g. after a refresh)."""
+        if self.bank is not None:
+            self._atom_states.variables[1].assign(0)
 
     def _update_trackers(self, terms):
         for name, value in terms.items():
@@ -452,6 +505,7 @@ class IMCLModel(keras.Model):
         if self.bank is None:
             return
         self.bank.refresh(self._bank_features, batch_size)
+        self.mark_atom_states_due()
 
     @tf.function(reduce_retracing=True)
     def _bank_features(self, inputs):
@@ -523,6 +577,7 @@ class IMCLModel(keras.Model):
             "freeze_batchnorm": self.freeze_batchnorm, "head_weight_decay": self.head_weight_decay,
             "atom_gradient": self.atom_gradient, "refit_mode": self.refit_mode,
             "omp_jit_compile": self.omp_jit_compile,
+            "label_state_refresh_every": self.label_state_refresh_every,
             "label_graph_layout": {"num_entries": self.label_graph.get_config()["num_entries"],
                                    "structure": self.label_graph.structure},
             "name": self.name,
@@ -544,6 +599,13 @@ def _unpack(data):
                          "imcl_tf.data.make_dataset; received a batch of structure "
                          f"{tf.nest.map_structure(lambda t: getattr(t, 'shape', t), data)}.")
     return data
+
+
+class _Untracked:
+    """Holds variables outside Keras' and tf.train's tracking (not saved, not checkpointed)."""
+
+    def __init__(self, *variables):
+        self.variables = variables
 
 
 def _with_bias(features):
