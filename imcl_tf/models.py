@@ -283,6 +283,11 @@ class IMCLModel(keras.Model):
                             name="atom_label_states", **per_replica),
                 # Calls since the last recomputation; 0 = due now.
                 tf.Variable(tf.constant(0, tf.int64), name="atom_label_state_age",
+                            **per_replica),
+                # Squared norms of the states and of the bias-extended features, for the OMP.
+                tf.Variable(tf.zeros([self.dictionary_size]), name="atom_state_sq_norms",
+                            **per_replica),
+                tf.Variable(tf.zeros([self.dictionary_size]), name="atom_feature_sq_norms",
                             **per_replica))
         # Resolved lambdas live in the model so they are saved and logged with it.
         self.lambda_y = self.add_weight(shape=(), initializer=keras.initializers.Constant(multiplier_y),
@@ -398,7 +403,9 @@ class IMCLModel(keras.Model):
         omp = joint_nonnegative_omp(
             tf.stop_gradient(query_y), tf.stop_gradient(query_f), atoms_y,
             bank_f, self.k, lambda_y=lambda_y, lambda_f=lambda_f,
-            exclude=self.bank.exclusion_mask(ids), jit_compile=self.omp_jit_compile)
+            exclude=self.bank.exclusion_mask(ids), jit_compile=self.omp_jit_compile,
+            atoms_y_sq_norms=self._atom_states.variables[2].read_value(),
+            atoms_f_sq_norms=self._atom_states.variables[3].read_value())
         indices = tf.maximum(omp.indices, 0)  # invalid slots are masked by `valid` below
         coef_y, coef_f = omp.coef_y, omp.coef_f
         batch = tf.shape(indices)[0]
@@ -434,7 +441,7 @@ class IMCLModel(keras.Model):
         recomputed with gradient. Recomputed with the current weights at every call, or every
         `label_state_refresh_every` calls (see the constructor).
         """
-        states, age = self._atom_states.variables
+        states, age = self._atom_states.variables[:2]
         if self.label_state_refresh_every == 1:
             self._write_atom_states()
         else:
@@ -448,15 +455,20 @@ class IMCLModel(keras.Model):
 
     def _write_atom_states(self):
         """Atom label states in chunks of ATOM_STATE_CHUNK_ENTRIES entries, written in place."""
-        states = self._atom_states.variables[0]
+        states, _, norms_y, norms_f = self._atom_states.variables
         chunk = max(MIN_ATOM_STATE_CHUNK, ATOM_STATE_CHUNK_ENTRIES // self.num_classes)
         for start in range(0, self.dictionary_size, chunk):  # static: a few chunks at most
             end = min(start + chunk, self.dictionary_size)
-            logits = self.head(self.bank.features[start:end])  # [c, L]
+            features = self.bank.features[start:end]  # [c, D]
+            logits = self.head(features)  # [c, L]
             labels = tf.cast(self.bank.labels[start:end], tf.float32)
             values = tf.stop_gradient(losses.atom_label_states(logits, labels, self.label_graph,
                                                                self.asym_c))
-            states.scatter_update(tf.IndexedSlices(values, tf.range(start, end)))
+            rows = tf.range(start, end)
+            states.scatter_update(tf.IndexedSlices(values, rows))
+            norms_y.scatter_update(tf.IndexedSlices(tf.reduce_sum(tf.square(values), 1), rows))
+            norms_f.scatter_update(tf.IndexedSlices(
+                tf.reduce_sum(tf.square(features), 1) + 1.0, rows))  # + the bias coordinate
 
     def mark_atom_states_due(self) -> None:
         """Makes the next selection recompute the atoms' label states (e.g. after a refresh)."""

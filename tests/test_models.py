@@ -312,8 +312,14 @@ def test_forward_refit_solves_nnls_on_the_omp_support_with_fresh_neighbours(batc
 def test_forward_reuse_all_keeps_the_omp_coefficients(batches, rng):
     model, inputs, batch_labels, batch_ids, fit, omp = _stale_forward_fit(batches, rng, "reuse_all")
     np.testing.assert_array_equal(fit["valid"], omp.valid)
-    np.testing.assert_allclose(fit["coef_y"], omp.coef_y, rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(fit["coef_f"], omp.coef_f, rtol=1e-6, atol=1e-7)
+    # Exactly the model's own OMP coefficients (nothing refitted) ...
+    np.testing.assert_array_equal(fit["coef_y"], fit["omp"].coef_y)
+    np.testing.assert_array_equal(fit["coef_f"], fit["omp"].coef_f)
+    # ... which are those of an independent OMP on the cached bank. The untrained CNN's features
+    # are nearly collinear, so the feature-side NNLS is ill-conditioned: the model's OMP (XLA,
+    # given norms) and this eager one differ by float32 rounding amplified to ~1e-3 relative.
+    np.testing.assert_allclose(fit["coef_y"], omp.coef_y, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(fit["coef_f"], omp.coef_f, rtol=1e-2, atol=1e-4)
     assert model.get_config()["refit_mode"] == "reuse_all"
     assert IMCLModel.from_config(model.get_config()).refit_mode == "reuse_all"
 
