@@ -160,7 +160,8 @@ class FeatureVariant:
 
 
 def make_floor(imcl, args):
-    """The floor of an IMCL step on the IMCL model's own shapes, as a tf.function."""
+    """The floor of an IMCL step on the IMCL model's own shapes: the head over the bank (as
+    TensorFlow runs it) plus the OMP's k chained GEMMs (XLA-compiled, as in the step)."""
     import tensorflow as tf
     model = imcl.model
     features, labels, _ = imcl.batch
@@ -170,16 +171,20 @@ def make_floor(imcl, args):
     query_f = features
 
     @tf.function
-    def floor():
-        logits = model.head(bank)  # [M, L]: one forward pass of the classifier over the bank
-        residual_y, residual_f = query_y, query_f
+    def head_over_bank():  # one forward pass of the classifier over the bank, [M, D] x [D, L]
+        return tf.reduce_sum(model.head(bank)[:, 0])
+
+    @tf.function(jit_compile=True)  # compiled, as the OMP is inside the step
+    def chained_products(residual_y, residual_f):
         for _ in range(args.k):  # the OMP's k chained GEMMs
             corr = (tf.matmul(residual_y, atoms_y, transpose_b=True) +
                     tf.matmul(residual_f, bank, transpose_b=True))  # [B, M]
             top = 1e-9 * tf.reduce_max(corr, axis=1, keepdims=True)
             residual_y, residual_f = residual_y - top, residual_f - top
-        return tf.reduce_sum(logits[:, 0]) + tf.reduce_sum(residual_y) + tf.reduce_sum(
-            residual_f)
+        return tf.reduce_sum(residual_y) + tf.reduce_sum(residual_f)
+
+    def floor():
+        return head_over_bank() + chained_products(query_y, query_f)
 
     return floor
 
@@ -359,7 +364,7 @@ def features_report(args, results, load_start, load_end, seconds):
         f"{args.steps} step(s); median over rounds",
         "- step: Keras' train function (what `fit` runs) on one batch in memory; floor: the "
         "classifier over the bank ([M, D] x [D, L]) plus the OMP's k chained [B, L+D] x "
-        "[L+D, M] products, timed alone in the same rounds",
+        "[L+D, M] products (XLA-compiled, as the step's OMP is), timed alone in the same rounds",
         "- peak: VmHWM of a fresh process that builds the model, fills the bank and runs two "
         "steps (TensorFlow alone, after import, is given for reference)", "",
         "| L | M | D | logistic step (s) | IMCL step (s) | floor (s) | IMCL / floor | "
