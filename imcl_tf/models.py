@@ -454,9 +454,15 @@ class IMCLModel(keras.Model):
         return tf.stop_gradient(states.read_value())
 
     def _write_atom_states(self):
-        """Atom label states in chunks of ATOM_STATE_CHUNK_ENTRIES entries, written in place."""
+        """Atom label states in chunks of ATOM_STATE_CHUNK_ENTRIES entries, written in place.
+
+        Under a distribution strategy (per-replica variables, which have no scatter_update) the
+        chunks are joined and assigned at once: one [M, L] temporary more.
+        """
         states, _, norms_y, norms_f = self._atom_states.variables
+        in_place = not isinstance(states, tf.distribute.DistributedValues)
         chunk = max(MIN_ATOM_STATE_CHUNK, ATOM_STATE_CHUNK_ENTRIES // self.num_classes)
+        pieces = []
         for start in range(0, self.dictionary_size, chunk):  # static: a few chunks at most
             end = min(start + chunk, self.dictionary_size)
             features = self.bank.features[start:end]  # [c, D]
@@ -464,11 +470,18 @@ class IMCLModel(keras.Model):
             labels = tf.cast(self.bank.labels[start:end], tf.float32)
             values = tf.stop_gradient(losses.atom_label_states(logits, labels, self.label_graph,
                                                                self.asym_c))
-            rows = tf.range(start, end)
-            states.scatter_update(tf.IndexedSlices(values, rows))
-            norms_y.scatter_update(tf.IndexedSlices(tf.reduce_sum(tf.square(values), 1), rows))
-            norms_f.scatter_update(tf.IndexedSlices(
-                tf.reduce_sum(tf.square(features), 1) + 1.0, rows))  # + the bias coordinate
+            # Squared norms of the states and of the features with their bias coordinate.
+            parts = (values, tf.reduce_sum(tf.square(values), 1),
+                     tf.reduce_sum(tf.square(features), 1) + 1.0)
+            if in_place:
+                rows = tf.range(start, end)
+                for variable, part in zip((states, norms_y, norms_f), parts):
+                    variable.scatter_update(tf.IndexedSlices(part, rows))
+            else:
+                pieces.append(parts)
+        if not in_place:
+            for variable, part in zip((states, norms_y, norms_f), zip(*pieces)):
+                variable.assign(tf.concat(part, axis=0))
 
     def mark_atom_states_due(self) -> None:
         """Makes the next selection recompute the atoms' label states (e.g. after a refresh)."""
