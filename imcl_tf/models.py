@@ -525,10 +525,16 @@ class IMCLModel(keras.Model):
             raise ValueError("restore_bank_inputs: the logistic model has no dictionary bank.")
         self.bank.set_inputs(chunks)
 
-    def refresh_bank(self, batch_size: int = 256) -> None:
-        """Re-encodes the bank's inputs with the current network (inference mode)."""
+    def refresh_bank(self, batch_size: int | None = None) -> None:
+        """Re-encodes the bank's inputs with the current network (inference mode).
+
+        batch_size: atoms per forward pass; None takes up to 256, fewer for large inputs (about
+        16 M input values, e.g. 111 images of 224 x 224), so a refresh's activations stay small.
+        """
         if self.bank is None:
             return
+        if batch_size is None:
+            batch_size = int(min(256, max(1, (1 << 24) // int(np.prod(self.input_shape_)))))
         self.bank.refresh(self._bank_features, batch_size)
         self.mark_atom_states_due()
 
