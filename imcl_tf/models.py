@@ -463,9 +463,11 @@ class IMCLModel(keras.Model):
         in_place = not isinstance(states, tf.distribute.DistributedValues)
         chunk = max(MIN_ATOM_STATE_CHUNK, ATOM_STATE_CHUNK_ENTRIES // self.num_classes)
         pieces = []
+        done = []  # the previous chunk's writes: a graph would otherwise run all chunks at once
         for start in range(0, self.dictionary_size, chunk):  # static: a few chunks at most
             end = min(start + chunk, self.dictionary_size)
-            features = self.bank.features[start:end]  # [c, D]
+            with tf.control_dependencies(done):
+                features = tf.identity(self.bank.features[start:end])  # [c, D]
             logits = self.head(features)  # [c, L]
             labels = tf.cast(self.bank.labels[start:end], tf.float32)
             values = tf.stop_gradient(losses.atom_label_states(logits, labels, self.label_graph,
@@ -475,8 +477,9 @@ class IMCLModel(keras.Model):
                      tf.reduce_sum(tf.square(features), 1) + 1.0)
             if in_place:
                 rows = tf.range(start, end)
-                for variable, part in zip((states, norms_y, norms_f), parts):
-                    variable.scatter_update(tf.IndexedSlices(part, rows))
+                done = [variable.scatter_update(tf.IndexedSlices(part, rows))
+                        for variable, part in zip((states, norms_y, norms_f), parts)]
+                done = [] if tf.executing_eagerly() else done
             else:
                 pieces.append(parts)
         if not in_place:
