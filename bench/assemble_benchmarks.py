@@ -14,7 +14,8 @@ import re
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SECTIONS = ("quality", "transfer_protocol", "demo", "omp", "step", "input", "serving")
+SECTIONS = ("quality", "transfer_protocol", "demo", "omp", "step", "scale", "input", "serving",
+            "fault_serving")
 
 
 def assemble(root: str = ROOT) -> str:

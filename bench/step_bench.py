@@ -137,9 +137,7 @@ def profile_parts(variant, logistic, args, rounds):
 
     @tf.function
     def bank_head():
-        atoms = losses.atom_label_states(model.head(model.bank.features), model.bank.label_rows(),
-                                         model.label_graph.matrix, model.asym_c)
-        return atoms
+        return model.selection_atom_states()  # what the step does: chunked, no gradient
 
     features = model.extract_features(inputs)
     logits = model.head(features)
@@ -150,9 +148,10 @@ def profile_parts(variant, logistic, args, rounds):
     exclude = model.bank.exclusion_mask(ids)
 
     @tf.function
-    def omp():
+    def omp():  # as the step runs it: XLA-compiled unless the model says otherwise
         return joint_nonnegative_omp(query_y, query_f, atoms_y, atoms_f, model.k,
-                                     lambda_y=1.0, lambda_f=0.5, exclude=exclude).coef_y
+                                     lambda_y=1.0, lambda_f=0.5, exclude=exclude,
+                                     jit_compile=model.omp_jit_compile).coef_y
 
     @tf.function
     def smoothness_no_gradient():

@@ -27,6 +27,11 @@ _UNIMPLEMENTED_REFIT_MODES = ("official_pool_rerun",)
 # The parts that may have an optimizer of their own (set_part_optimizers); the head always uses
 # the model's optimizer.
 PART_OPTIMIZER_PARTS = ("backbone", "graph")
+# The atoms' selection label states are computed in chunks of about this many [atom, label]
+# entries (64 MB of float32), but at least MIN_ATOM_STATE_CHUNK atoms: the temporaries of the
+# classifier and graph over the bank stay small whatever M and L are.
+ATOM_STATE_CHUNK_ENTRIES = 1 << 24
+MIN_ATOM_STATE_CHUNK = 1024
 
 # How each keras.applications backbone expects its 0..255 RGB input to be scaled.
 _PREPROCESSING = {"small_cnn": "unit", "mobilenet_v2": "symmetric", "resnet50": "caffe",
@@ -162,6 +167,11 @@ class IMCLModel(keras.Model):
       head_weight_decay: L2 factor on the classifier kernel (bias excluded), CUB uses 1e-4.
       omp_jit_compile: run the OMP XLA-compiled inside the step (docs/architecture.md);
         False runs it as ordinary TensorFlow ops (a fallback where XLA is unavailable).
+      label_state_refresh_every: recompute the atoms' selection label states (the classifier
+        and graph over all M bank atoms, 2 M D L multiply-adds) every this many steps and reuse
+        them in between; 1 (the default) recomputes them every step, which is exact. Larger
+        values let the OMP select with states up to n - 1 steps old; the chosen neighbours'
+        states in the loss are always current. A bank refresh makes them due again.
       label_graph_layout: {"num_entries", "structure"} of a saved graph (get_config() writes it),
         used when label_graph_init is None to rebuild the graph's storage before its weights load.
       bce_unknown_as_negative: the cross-entropy counts unknown entries as negatives (mean over
@@ -194,7 +204,7 @@ class IMCLModel(keras.Model):
                  bce_unknown_as_negative: bool = False, omp_score_threshold: float = 0.0,
                  omp_balance_scores: bool = False, reconstruction: str = "linear",
                  class_label_weight: float = 0.0, num_image_classes: int = 0,
-                 **kwargs):
+                 label_state_refresh_every: int = 1, **kwargs):
         super().__init__(**kwargs)
         _check_choice("method", method, METHODS)
         _check_choice("backbone", backbone, BACKBONES)
@@ -214,6 +224,11 @@ class IMCLModel(keras.Model):
             if not 1 <= k <= dictionary_size:
                 raise ValueError(f"IMCLModel: k must be in [1, dictionary_size={dictionary_size}], "
                                  f"received k={k}.")
+        if (isinstance(label_state_refresh_every, bool) or
+                not isinstance(label_state_refresh_every, (int, np.integer)) or
+                label_state_refresh_every < 1):
+            raise ValueError("IMCLModel: label_state_refresh_every must be an integer >= 1, "
+                             f"received {label_state_refresh_every!r}.")
         if asym_c < 1.0:
             raise ValueError(f"IMCLModel: asym_c must be >= 1, received {asym_c}.")
         if multiplier_y < 0 or multiplier_f < 0:
@@ -262,6 +277,7 @@ class IMCLModel(keras.Model):
                              "to the label states, which needs class_label_weight > 0.")
         self.class_label_weight = float(class_label_weight)
         self.num_image_classes = int(num_image_classes) if method == "imcl" else 0
+        self.label_state_refresh_every = int(label_state_refresh_every)
 
         self.preprocess = Preprocess(_PREPROCESSING[backbone], name="preprocess")
         self.backbone = build_backbone(backbone, self.input_shape_, backbone_weights,
@@ -288,6 +304,23 @@ class IMCLModel(keras.Model):
                 "uint8" if self.input_mode == "image" else "float32",
                 self.feature_dim, self.num_classes + self.num_image_classes,
                 name="dictionary_bank")
+            # The atoms' selection label states [M, L (+ C)], written chunk by chunk (never a second [M, L]
+            # array) and, with label_state_refresh_every > 1, reused between refreshes. Derived
+            # state: kept out of weights and checkpoints, recomputed after a restart.
+            per_replica = dict(trainable=False, synchronization=tf.VariableSynchronization.ON_READ,
+                               aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+            self._atom_states = _Untracked(
+                tf.Variable(tf.zeros([self.dictionary_size,
+                           self.num_classes + self.num_image_classes]),
+                            name="atom_label_states", **per_replica),
+                # Calls since the last recomputation; 0 = due now.
+                tf.Variable(tf.constant(0, tf.int64), name="atom_label_state_age",
+                            **per_replica),
+                # Squared norms of the states and of the bias-extended features, for the OMP.
+                tf.Variable(tf.zeros([self.dictionary_size]), name="atom_state_sq_norms",
+                            **per_replica),
+                tf.Variable(tf.zeros([self.dictionary_size]), name="atom_feature_sq_norms",
+                            **per_replica))
         # Resolved lambdas live in the model so they are saved and logged with it.
         self.lambda_y = self.add_weight(shape=(), initializer=keras.initializers.Constant(multiplier_y),
                                         trainable=False, name="lambda_y")
@@ -490,7 +523,9 @@ class IMCLModel(keras.Model):
             tf.stop_gradient(query_y), tf.stop_gradient(query_f), atoms_y,
             bank_f, self.k, lambda_y=lambda_y, lambda_f=lambda_f,
             exclude=self.bank.exclusion_mask(ids), jit_compile=self.omp_jit_compile,
-            score_threshold=self.omp_score_threshold, balance_scores=self.omp_balance_scores)
+            score_threshold=self.omp_score_threshold, balance_scores=self.omp_balance_scores,
+            atoms_y_sq_norms=self._atom_states.variables[2].read_value(),
+            atoms_f_sq_norms=self._atom_states.variables[3].read_value())
         indices = tf.maximum(omp.indices, 0)  # invalid slots are masked by `valid` below
         coef_y, coef_f = omp.coef_y, omp.coef_f
         batch = tf.shape(indices)[0]
@@ -522,15 +557,62 @@ class IMCLModel(keras.Model):
                 "valid": omp.valid, "omp": omp}
 
     def selection_atom_states(self) -> tf.Tensor:
-        """[M, L] label states of every bank atom (current classifier and graph), no gradient.
+        """[M, L] label states of every bank atom (classifier and graph), no gradient.
 
         They only choose the neighbours (the OMP); the loss uses the chosen neighbours' states
-        recomputed with gradient.
+        recomputed with gradient. Recomputed with the current weights at every call, or every
+        `label_state_refresh_every` calls (see the constructor).
         """
-        logits = self.head(self.bank.features)  # [M, L]
-        rows = self.bank.label_rows()  # [M, L (+ C)]
-        return tf.stop_gradient(self._with_class_states(losses.atom_label_states(
-            logits, rows[:, :self.num_classes], self.label_graph, self.asym_c), rows))
+        states, age = self._atom_states.variables[:2]
+        if self.label_state_refresh_every == 1:
+            self._write_atom_states()
+        else:
+            def recompute():
+                self._write_atom_states()
+                return age.assign(1)
+
+            tf.cond(tf.equal(age.read_value() % self.label_state_refresh_every, 0), recompute,
+                    lambda: age.assign_add(1))
+        return tf.stop_gradient(states.read_value())
+
+    def _write_atom_states(self):
+        """Atom label states in chunks of ATOM_STATE_CHUNK_ENTRIES entries, written in place.
+
+        Under a distribution strategy (per-replica variables, which have no scatter_update) the
+        chunks are joined and assigned at once: one [M, L] temporary more.
+        """
+        states, _, norms_y, norms_f = self._atom_states.variables
+        in_place = not isinstance(states, tf.distribute.DistributedValues)
+        width = self.num_classes + self.num_image_classes
+        chunk = max(MIN_ATOM_STATE_CHUNK, ATOM_STATE_CHUNK_ENTRIES // width)
+        pieces = []
+        done = []  # the previous chunk's writes: a graph would otherwise run all chunks at once
+        for start in range(0, self.dictionary_size, chunk):  # static: a few chunks at most
+            end = min(start + chunk, self.dictionary_size)
+            with tf.control_dependencies(done):
+                features = tf.identity(self.bank.features[start:end])  # [c, D]
+            logits = self.head(features)  # [c, L]
+            rows = tf.cast(self.bank.labels[start:end], tf.float32)  # [c, L (+ C)]
+            values = tf.stop_gradient(self._with_class_states(losses.atom_label_states(
+                logits, rows[:, :self.num_classes], self.label_graph, self.asym_c), rows))
+            # Squared norms of the states and of the features with their bias coordinate.
+            parts = (values, tf.reduce_sum(tf.square(values), 1),
+                     tf.reduce_sum(tf.square(features), 1) + 1.0)
+            if in_place:
+                positions = tf.range(start, end)
+                done = [variable.scatter_update(tf.IndexedSlices(part, positions))
+                        for variable, part in zip((states, norms_y, norms_f), parts)]
+                done = [] if tf.executing_eagerly() else done
+            else:
+                pieces.append(parts)
+        if not in_place:
+            for variable, part in zip((states, norms_y, norms_f), zip(*pieces)):
+                variable.assign(tf.concat(part, axis=0))
+
+    def mark_atom_states_due(self) -> None:
+        """Makes the next selection recompute the atoms' label states (e.g. after a refresh)."""
+        if self.bank is not None:
+            self._atom_states.variables[1].assign(0)
 
     def _with_class_states(self, states, labels):
         """Appends the class-label block to label states (see class_label_weight), if any.
@@ -553,18 +635,47 @@ class IMCLModel(keras.Model):
 
     # ---- the dictionary bank and lambdas ------------------------------------------------------
 
-    def fill_bank(self, inputs: np.ndarray, labels: np.ndarray, ids: np.ndarray) -> None:
-        """Puts the chosen training images into the bank and computes their features."""
+    def fill_bank(self, inputs, labels: np.ndarray | None = None,
+                  ids: np.ndarray | None = None) -> None:
+        """Puts the chosen training images into the bank and computes their features.
+
+        Either arrays (inputs [M, ...], labels [M, L], ids [M]) or, with labels and ids left out,
+        an iterable of (inputs, labels, ids) chunks, converted one by one (see
+        DictionaryBank.fill): a large image bank is then never held as float32.
+        """
         if self.bank is None:
             raise ValueError("fill_bank: the logistic model has no dictionary bank.")
-        self.bank.set_contents(inputs, labels, ids)
+        if labels is None and ids is None:
+            self.bank.fill(inputs)
+        elif labels is None or ids is None:
+            raise ValueError("fill_bank: give inputs, labels and ids, or one iterable of "
+                             "(inputs, labels, ids) chunks.")
+        else:
+            self.bank.set_contents(inputs, labels, ids)
         self.refresh_bank()
 
-    def refresh_bank(self, batch_size: int = 256) -> None:
-        """Re-encodes the bank's inputs with the current network (inference mode)."""
+    def restore_bank_inputs(self, chunks) -> None:
+        """After a checkpoint restore: gives the bank its inputs back (they are not saved).
+
+        `chunks` yields the same (inputs, labels, ids) the bank was filled with; the restored
+        features are kept (no refresh), so the run continues exactly where it stopped.
+        """
+        if self.bank is None:
+            raise ValueError("restore_bank_inputs: the logistic model has no dictionary bank.")
+        self.bank.set_inputs(chunks)
+
+    def refresh_bank(self, batch_size: int | None = None) -> None:
+        """Re-encodes the bank's inputs with the current network (inference mode).
+
+        batch_size: atoms per forward pass; None takes up to 256, fewer for large inputs (about
+        16 M input values, e.g. 111 images of 224 x 224), so a refresh's activations stay small.
+        """
         if self.bank is None:
             return
+        if batch_size is None:
+            batch_size = int(min(256, max(1, (1 << 24) // int(np.prod(self.input_shape_)))))
         self.bank.refresh(self._bank_features, batch_size)
+        self.mark_atom_states_due()
 
     @tf.function(reduce_retracing=True)
     def _bank_features(self, inputs):
@@ -642,6 +753,7 @@ class IMCLModel(keras.Model):
             "omp_balance_scores": self.omp_balance_scores, "reconstruction": self.reconstruction,
             "class_label_weight": self.class_label_weight,
             "num_image_classes": self.num_image_classes,
+            "label_state_refresh_every": self.label_state_refresh_every,
             "label_graph_layout": {"num_entries": self.label_graph.get_config()["num_entries"],
                                    "structure": self.label_graph.structure},
             "name": self.name,
@@ -675,6 +787,13 @@ def _unpack(data):
                          "imcl_tf.data.make_dataset; received a batch of structure "
                          f"{tf.nest.map_structure(lambda t: getattr(t, 'shape', t), data)}.")
     return data
+
+
+class _Untracked:
+    """Holds variables outside Keras' and tf.train's tracking (not saved, not checkpointed)."""
+
+    def __init__(self, *variables):
+        self.variables = variables
 
 
 def _with_bias(features):

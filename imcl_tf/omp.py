@@ -51,7 +51,9 @@ def joint_nonnegative_omp(query_y: Any,
                           *,
                           jit_compile: bool = False,
                           score_threshold: float = 0.0,
-                          balance_scores: bool = False) -> OMPResult:
+                          balance_scores: bool = False,
+                          atoms_y_sq_norms: Any = None,
+                          atoms_f_sq_norms: Any = None) -> OMPResult:
     """Selects k nonnegative sparse neighbours per query from a dictionary (Algorithm 2).
 
     At each of the k steps every atom m that is neither chosen yet nor excluded gets the score of
@@ -88,6 +90,9 @@ def joint_nonnegative_omp(query_y: Any,
         lambda_y gain_y / max gain_y + lambda_f gain_f / max gain_f, each side's gains divided by
         their maximum over the atoms the query may choose, so neither side dominates by scale.
         Validity still needs a loss decrease (the unbalanced score) above the minimum gain.
+      atoms_y_sq_norms, atoms_f_sq_norms: optional [M] squared row norms of atoms_y / atoms_f
+        when the caller already has them (IMCLModel computes them chunk by chunk with the
+        atoms): computing them here needs an [M, L] temporary. They must be the atoms' own.
 
     Returns:
       OMPResult(indices [B, k] int32, valid [B, k] bool, coef_y [B, k] float32,
@@ -124,16 +129,28 @@ def joint_nonnegative_omp(query_y: Any,
             and math.isfinite(score_threshold) and score_threshold >= 0):
         raise ValueError(f"joint_nonnegative_omp: score_threshold must be a finite number >= 0. "
                          f"Received: score_threshold={score_threshold!r}.")
+    norms = []
+    for given, atoms, name in ((atoms_y_sq_norms, atoms_y, "atoms_y_sq_norms"),
+                               (atoms_f_sq_norms, atoms_f, "atoms_f_sq_norms")):
+        if given is None:
+            norms.append(None)
+            continue
+        given = _as_float32(tf.reshape(given, [-1, 1]), name)[:, 0]
+        if given.shape[0] is not None and atoms.shape[0] is not None and \
+                given.shape[0] != atoms.shape[0]:
+            raise ValueError(f"joint_nonnegative_omp: {name} must be [M] = [{atoms.shape[0]}]. "
+                             f"Received: shape {given.shape}.")
+        norms.append(given)
     omp = _compiled_omp if jit_compile else _omp
     return omp(query_y, query_f, atoms_y, atoms_f, k, lambda_y, lambda_f, exclude,
-               float(score_threshold), bool(balance_scores))
+               float(score_threshold), bool(balance_scores), *norms)
 
 
 # ---- The algorithm ------------------------------------------------------------------------------
 
 
 def _omp(query_y, query_f, atoms_y, atoms_f, k, lambda_y, lambda_f, exclude,
-         score_threshold=0.0, balance_scores=False):
+         score_threshold=0.0, balance_scores=False, sq_norms_y=None, sq_norms_f=None):
     """The k-step loop on validated float32 tensors (see joint_nonnegative_omp).
 
     The steps run in a tf.while_loop over fixed [B, k] slot tensors (slots not reached yet count
@@ -147,8 +164,12 @@ def _omp(query_y, query_f, atoms_y, atoms_f, k, lambda_y, lambda_f, exclude,
     num_atoms = tf.shape(atoms_y)[0]
 
     # Atom norms once per call; 1/|a|^2 is 0 for zero atoms, so that side adds 0 to the score.
-    inv_norm_y = tf.math.divide_no_nan(1.0, _squared_row_norms(atoms_y))  # [M]
-    inv_norm_f = tf.math.divide_no_nan(1.0, _squared_row_norms(atoms_f))  # [M]
+    if sq_norms_y is None:
+        sq_norms_y = _squared_row_norms(atoms_y)
+    if sq_norms_f is None:
+        sq_norms_f = _squared_row_norms(atoms_f)
+    inv_norm_y = tf.math.divide_no_nan(1.0, tf.stop_gradient(sq_norms_y))  # [M]
+    inv_norm_f = tf.math.divide_no_nan(1.0, tf.stop_gradient(sq_norms_f))  # [M]
     atom_index = tf.range(num_atoms, dtype=tf.int32)  # [M]
     slot_index = tf.range(k, dtype=tf.int32)  # [k]
     if exclude is None:

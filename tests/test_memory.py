@@ -80,3 +80,57 @@ def test_bank_refresh_exclusion_and_validation(rng):
     bad[0, 0] = np.nan
     with pytest.raises(ValueError, match="NaN"):
         bank.set_contents(bad, labels, ids)
+
+
+def test_bank_inputs_live_in_host_memory_not_in_weights_or_checkpoints(rng, tmp_path):
+    bank = DictionaryBank(size=7, input_shape_=(4, 4, 3), inputs_dtype="uint8", feature_dim=2,
+                          num_classes=3)
+    images = rng.uniform(0, 255, (7, 4, 4, 3)).astype(np.float32)
+    labels = rng.choice([-1, 0, 1], size=(7, 3))
+    ids = np.arange(20, 27)
+    # Chunks of 3, 3, 1: each converted on its own, the same as one whole-array fill.
+    bank.fill((images[i:i + 3], labels[i:i + 3], ids[i:i + 3]) for i in range(0, 7, 3))
+    assert bank.inputs.dtype == np.uint8
+    np.testing.assert_array_equal(bank.inputs, np.round(images).astype(np.uint8))
+    np.testing.assert_array_equal(bank.labels.numpy(), labels)
+    np.testing.assert_array_equal(bank.ids.numpy(), ids)
+    assert sorted(w.name for w in bank.weights) == ["features", "filled", "ids", "labels"]
+    # Forward mode gathers neighbour inputs inside a compiled step.
+    gathered = tf.function(bank)(tf.constant([6, 0, 6], tf.int32))
+    assert gathered.dtype == tf.uint8 and gathered.shape == (3, 4, 4, 3)
+    np.testing.assert_array_equal(gathered.numpy(), bank.inputs[[6, 0, 6]])
+    bank.refresh(lambda x: tf.reduce_mean(x, axis=[1, 2])[:, :2], batch_size=3)
+    expected = np.round(images).mean(axis=(1, 2))[:, :2]
+    np.testing.assert_allclose(bank.features.numpy(), expected, rtol=1e-5)
+    # A checkpoint holds features, labels and ids, not the 7 x 48 image bytes.
+    path = tf.train.Checkpoint(bank=bank).write(str(tmp_path / "ckpt"))
+    names = [name for name, _ in tf.train.list_variables(path)]
+    assert not any("inputs" in name for name in names), names
+    restored = DictionaryBank(size=7, input_shape_=(4, 4, 3), inputs_dtype="uint8",
+                              feature_dim=2, num_classes=3)
+    tf.train.Checkpoint(bank=restored).read(path).assert_existing_objects_matched()
+    assert not restored.has_inputs
+    with pytest.raises(ValueError, match="not in memory.*set_inputs"):
+        restored.refresh(lambda x: x[:, 0, 0, :2])
+    with pytest.raises(ValueError, match="not the atoms the restored bank holds"):
+        restored.set_inputs([(images, labels, ids + 1)])
+    restored.set_inputs([(images[:4], labels[:4], ids[:4]), (images[4:], labels[4:], ids[4:])])
+    np.testing.assert_array_equal(restored.inputs, bank.inputs)
+    np.testing.assert_array_equal(restored.features.numpy(), bank.features.numpy())
+
+
+def test_bank_fill_rejects_bad_chunks(rng):
+    bank = DictionaryBank(size=4, input_shape_=(2, 2, 3), inputs_dtype="uint8", feature_dim=2,
+                          num_classes=2)
+    images = rng.uniform(0, 255, (4, 2, 2, 3))
+    labels = np.zeros((4, 2))
+    ids = np.arange(4)
+    with pytest.raises(ValueError, match=r"received 3 rows in all"):
+        bank.fill([(images[:3], labels[:3], ids[:3])])
+    with pytest.raises(ValueError, match=r"more than 4 rows"):
+        bank.fill([(images, labels, ids), (images[:1], labels[:1], ids[:1])])
+    bad = images.copy()
+    bad[3, 0, 0, 0] = 300.0
+    with pytest.raises(ValueError, match=r"0\.\.255.*chunk 1"):
+        bank.fill([(images[:2], labels[:2], ids[:2]), (bad[2:], labels[2:], ids[2:])])
+    assert not bank.has_inputs  # a failed fill leaves nothing half-written

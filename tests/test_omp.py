@@ -406,3 +406,18 @@ def test_negative_lambda_tensor_in_a_graph_is_caught(rng):
     assert graph_omp(tf.constant(0.5)).indices.shape == (3, 2)
     with pytest.raises(tf.errors.InvalidArgumentError, match="lambda_f must be >= 0"):
         graph_omp(tf.constant(-1.0))
+
+
+def test_given_atom_norms_give_the_same_result_and_are_checked(rng):
+    problem = random_problem(rng, 5, 30, 7, 9)
+    query_y, query_f, atoms_y, atoms_f = problem
+    plain = joint_nonnegative_omp(*problem, 3, lambda_y=0.5)
+    given = joint_nonnegative_omp(*problem, 3, lambda_y=0.5,
+                                  atoms_y_sq_norms=np.sum(np.square(atoms_y), 1),
+                                  atoms_f_sq_norms=np.sum(np.square(atoms_f), 1))
+    np.testing.assert_array_equal(given.indices.numpy(), plain.indices.numpy())
+    np.testing.assert_array_equal(given.valid.numpy(), plain.valid.numpy())
+    np.testing.assert_allclose(given.coef_y.numpy(), plain.coef_y.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(given.coef_f.numpy(), plain.coef_f.numpy(), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"atoms_f_sq_norms must be \[M\] = \[30\]"):
+        joint_nonnegative_omp(*problem, 3, atoms_f_sq_norms=np.ones(29))

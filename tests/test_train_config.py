@@ -82,14 +82,15 @@ def test_architecture_flags_exist():
 def test_every_model_option_is_a_flag_and_reaches_the_model(dataset, tmp_path):
     """A new IMCLModel argument without a training flag (or not passed on) fails here."""
     derived = {"self", "num_classes", "input_shape_", "dictionary_size", "label_graph_init",
-               "num_image_classes",
-               "kwargs"}  # from the dataset and the bank selection
+               "num_image_classes", "label_graph_layout",
+               "kwargs"}  # from the dataset, the bank selection and the graph
     renamed = {"multiplier_y": "lambda_y", "multiplier_f": "lambda_f"}
     config = config_for(dataset, tmp_path, k=2, lambda_y=0.7, lambda_f=0.3, asym_c=1.5,
                         balance="none", learn_label_graph=False, clip_label_graph=False,
                         neighbour_mode="forward", feature_loss=False, freeze_batchnorm=True,
                         head_weight_decay=1e-4, atom_gradient=False, refit_mode="reuse_all",
-                        dictionary_per_class=2)
+                        dictionary_per_class=2, omp_jit_compile=False,
+                        label_state_refresh_every=3)
     trainer = _Trainer(config)
     trainer._build()
     model_config = trainer.model.get_config()

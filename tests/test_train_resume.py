@@ -93,6 +93,9 @@ def test_killed_run_resumes_at_its_checkpoint_with_the_same_state(tmp_path):
     bank = trainer.model.bank
     np.testing.assert_array_equal(bank.features.numpy(), reader.get_tensor(
         "model/bank/features/.ATTRIBUTES/VARIABLE_VALUE"))
+    # The bank's images are not in the checkpoint; the restart re-read them from the shards.
+    assert not any("bank/inputs" in name for name in saved)
+    assert bank.has_inputs and bank.inputs.shape[0] == bank.size
     np.testing.assert_array_equal(trainer.model.lambda_y.numpy(), reader.get_tensor(
         "model/lambda_y/.ATTRIBUTES/VARIABLE_VALUE"))
 

@@ -73,6 +73,11 @@ class TrainConfig:
     dictionary_per_class: int = _field(10, "Bank images per class with a known positive "
                                            "(0: the whole training split).")
     refresh_every: int = _field(100, "Re-encode the bank's features every this many steps.")
+    label_state_refresh_every: int = _field(1, "Recompute the bank atoms' label states that the "
+                                               "OMP selects with (classifier + graph over all "
+                                               "atoms) every this many steps; 1 is exact.")
+    omp_jit_compile: bool = _field(True, "Run the OMP XLA-compiled inside the step (false: "
+                                         "plain TensorFlow ops, where XLA is unavailable).")
     neighbour_mode: str = _field("cached", "cached: neighbour features from the bank; forward: "
                                            "neighbours re-run through the backbone.",
                                  option_choices.NEIGHBOUR_MODES)
@@ -180,7 +185,8 @@ class TrainConfig:
                      "plateau_start_step"):
             if getattr(self, name) < 0:
                 bad_flag(name, f"must be >= 0, received {getattr(self, name)}.")
-        for name in ("checkpoint_every", "log_every", "refresh_every", "calibration_batches"):
+        for name in ("checkpoint_every", "log_every", "refresh_every", "calibration_batches",
+                     "label_state_refresh_every"):
             if getattr(self, name) < 1:
                 bad_flag(name, f"must be >= 1, received {getattr(self, name)}.")
         if not self.learning_rate > 0:

@@ -47,6 +47,13 @@ def read_split_subset(data_dir: str, split: str, indices: np.ndarray, image_size
 
     image_classes > 0 extends the label rows by the image/class one-hot, as make_dataset does.
     """
+    parts = list(zip(*iter_split_subset(data_dir, split, indices, image_size, image_classes)))
+    return tuple(np.concatenate(part) for part in parts)
+
+
+def iter_split_subset(data_dir: str, split: str, indices: np.ndarray, image_size: int | None,
+                      image_classes: int = 0, chunk_size: int = 256):
+    """`read_split_subset` in chunks of `chunk_size` records: (inputs, labels, ids) arrays."""
     info = data_lib.load_dataset_info(data_dir)
     wanted = np.zeros(info.split(split).num_examples, bool)
     wanted[np.asarray(indices, np.int64)] = True
@@ -64,11 +71,8 @@ def read_split_subset(data_dir: str, split: str, indices: np.ndarray, image_size
             labels = with_image_class(labels, parsed["image_class"], image_classes, parsed["id"])
         return inputs, labels, data_lib.id_hash(parsed["id"])
 
-    parts = [[], [], []]
-    for batch in dataset.map(prepare, num_parallel_calls=tf.data.AUTOTUNE).batch(256):
-        for part, values in zip(parts, batch):
-            part.append(values.numpy())
-    return tuple(np.concatenate(part) for part in parts)
+    for batch in dataset.map(prepare, num_parallel_calls=tf.data.AUTOTUNE).batch(chunk_size):
+        yield tuple(values.numpy() for values in batch)
 
 
 def _records(data_dir, split, info):

@@ -33,7 +33,7 @@ from imcl_tf.training.progress import Clock, LiveBar, LiveBarCallback, shows_liv
 from imcl_tf.training.report import format_number
 from imcl_tf.training.run_files import (CHECKPOINT_DIR, LOG_DIR, LOGISTIC_STAGE_DIR, RUN_CONFIG,
                                         SUMMARY_JSON, read_json, write_json)
-from imcl_tf.training.split_reading import read_split_labels, read_split_subset
+from imcl_tf.training.split_reading import iter_split_subset, read_split_labels
 from imcl_tf.training.summaries import PREDICTION_GRID_IMAGES
 from imcl_tf.training.validation import ValidationPass
 
@@ -130,6 +130,10 @@ class _Trainer:
             self.resumed_from = latest
             self.resolved = previous.get("resolved", {})
             self.start_step = int(self.model.optimizer.iterations.numpy())
+            if config.method == "imcl":  # the bank's inputs are not in checkpoints: re-read them
+                self.model.restore_bank_inputs(iter_split_subset(
+                    config.data_dir, "train", self.bank_indices, self.image_size,
+                    self.image_classes))
             logging.info("Resumed from %s at step %d of %d", latest, self.start_step,
                          self.train_steps)
         else:
@@ -194,7 +198,8 @@ class _Trainer:
                 omp_balance_scores=config.omp_balance_scores,
                 reconstruction=config.reconstruction,
                 class_label_weight=config.class_label_weight,
-                num_image_classes=self.image_classes)
+                num_image_classes=self.image_classes, omp_jit_compile=config.omp_jit_compile,
+                label_state_refresh_every=config.label_state_refresh_every)
             if rates.backbone == 0:
                 model.backbone.trainable = False  # frozen: no gradient, no optimizer slots
             optimizer, part_optimizers = make_part_optimizers(
@@ -232,9 +237,8 @@ class _Trainer:
             model.head.set_weights(source.head.get_weights())
             resolved["warm_start"] = config.warm_start
         if config.method == "imcl":
-            inputs, labels, ids = read_split_subset(config.data_dir, "train", self.bank_indices,
-                                                    self.image_size, self.image_classes)
-            model.fill_bank(inputs, labels, ids)
+            model.fill_bank(iter_split_subset(config.data_dir, "train", self.bank_indices,
+                                              self.image_size, self.image_classes))
             resolved["dictionary_size"] = int(len(self.bank_indices))
             resolved.update(model.calibrate_lambdas(
                 self._dataset("train", training=True, seed=config.seed + 7919),
