@@ -166,7 +166,7 @@ def make_floor(imcl, args):
     model = imcl.model
     features, labels, _ = imcl.batch
     bank = model.bank.features
-    atoms_y = model._atom_states.variables[0]  # [M, L], the states the OMP reads
+    atoms_y = model._atom_states.value[0]  # [M, L], the states the OMP reads
     query_y = tf.stop_gradient(model(features))
     query_f = features
 

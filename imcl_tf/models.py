@@ -309,9 +309,9 @@ class IMCLModel(keras.Model):
             # state: kept out of weights and checkpoints, recomputed after a restart.
             per_replica = dict(trainable=False, synchronization=tf.VariableSynchronization.ON_READ,
                                aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
-            self._atom_states = _Untracked(
+            self._atom_states = _Untracked((
                 tf.Variable(tf.zeros([self.dictionary_size,
-                           self.num_classes + self.num_image_classes]),
+                                      self.num_classes + self.num_image_classes]),
                             name="atom_label_states", **per_replica),
                 # Calls since the last recomputation; 0 = due now.
                 tf.Variable(tf.constant(0, tf.int64), name="atom_label_state_age",
@@ -320,7 +320,7 @@ class IMCLModel(keras.Model):
                 tf.Variable(tf.zeros([self.dictionary_size]), name="atom_state_sq_norms",
                             **per_replica),
                 tf.Variable(tf.zeros([self.dictionary_size]), name="atom_feature_sq_norms",
-                            **per_replica))
+                            **per_replica)))
         # Resolved lambdas live in the model so they are saved and logged with it.
         self.lambda_y = self.add_weight(shape=(), initializer=keras.initializers.Constant(multiplier_y),
                                         trainable=False, name="lambda_y")
@@ -524,8 +524,8 @@ class IMCLModel(keras.Model):
             bank_f, self.k, lambda_y=lambda_y, lambda_f=lambda_f,
             exclude=self.bank.exclusion_mask(ids), jit_compile=self.omp_jit_compile,
             score_threshold=self.omp_score_threshold, balance_scores=self.omp_balance_scores,
-            atoms_y_sq_norms=self._atom_states.variables[2].read_value(),
-            atoms_f_sq_norms=self._atom_states.variables[3].read_value())
+            atoms_y_sq_norms=self._atom_states.value[2].read_value(),
+            atoms_f_sq_norms=self._atom_states.value[3].read_value())
         indices = tf.maximum(omp.indices, 0)  # invalid slots are masked by `valid` below
         coef_y, coef_f = omp.coef_y, omp.coef_f
         batch = tf.shape(indices)[0]
@@ -563,7 +563,7 @@ class IMCLModel(keras.Model):
         recomputed with gradient. Recomputed with the current weights at every call, or every
         `label_state_refresh_every` calls (see the constructor).
         """
-        states, age = self._atom_states.variables[:2]
+        states, age = self._atom_states.value[:2]
         if self.label_state_refresh_every == 1:
             self._write_atom_states()
         else:
@@ -581,7 +581,7 @@ class IMCLModel(keras.Model):
         Under a distribution strategy (per-replica variables, which have no scatter_update) the
         chunks are joined and assigned at once: one [M, L] temporary more.
         """
-        states, _, norms_y, norms_f = self._atom_states.variables
+        states, _, norms_y, norms_f = self._atom_states.value
         in_place = not isinstance(states, tf.distribute.DistributedValues)
         width = self.num_classes + self.num_image_classes
         chunk = max(MIN_ATOM_STATE_CHUNK, ATOM_STATE_CHUNK_ENTRIES // width)
@@ -612,7 +612,7 @@ class IMCLModel(keras.Model):
     def mark_atom_states_due(self) -> None:
         """Makes the next selection recompute the atoms' label states (e.g. after a refresh)."""
         if self.bank is not None:
-            self._atom_states.variables[1].assign(0)
+            self._atom_states.value[1].assign(0)
 
     def _with_class_states(self, states, labels):
         """Appends the class-label block to label states (see class_label_weight), if any.
@@ -765,7 +765,8 @@ class IMCLModel(keras.Model):
 
 
 class _Untracked:
-    """Holds a value out of sight of Keras saving and tf.train dependency tracking."""
+    """Holds a value (optimizers, derived variables) out of sight of Keras saving and tf.train
+    dependency tracking: not saved, not checkpointed."""
 
     def __init__(self, value):
         self.value = value
@@ -787,13 +788,6 @@ def _unpack(data):
                          "imcl_tf.data.make_dataset; received a batch of structure "
                          f"{tf.nest.map_structure(lambda t: getattr(t, 'shape', t), data)}.")
     return data
-
-
-class _Untracked:
-    """Holds variables outside Keras' and tf.train's tracking (not saved, not checkpointed)."""
-
-    def __init__(self, *variables):
-        self.variables = variables
 
 
 def _with_bias(features):
