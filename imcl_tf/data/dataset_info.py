@@ -55,6 +55,13 @@ class DatasetInfo:
 
     @classmethod
     def from_json(cls, obj: dict[str, Any], where: str = DATASET_JSON) -> "DatasetInfo":
+        if not isinstance(obj, dict):
+            raise DataError(f"{where}: malformed dataset description (a JSON object is expected, "
+                            f"got {type(obj).__name__}); rebuild it with tfrecords_tools.")
+        if not isinstance(obj.get("splits"), dict) or not obj["splits"]:
+            raise DataError(f"{where}: \"splits\" must be a non-empty object of split name -> "
+                            f"split description, got {obj.get('splits')!r}; rebuild the dataset "
+                            "with tfrecords_tools.")
         try:
             splits = {name: SplitInfo(**split) for name, split in obj["splits"].items()}
             fields = {f.name for f in dataclasses.fields(cls)}
@@ -63,12 +70,55 @@ class DatasetInfo:
         except (KeyError, TypeError) as e:
             raise DataError(f"{where}: malformed dataset description ({e}); rebuild it with "
                             "tfrecords_tools.") from e
+        for name, split in info.splits.items():
+            _check_split(name, split, where)
         if obj.get("num_classes", info.num_classes) != info.num_classes:
             raise DataError(f"{where}: num_classes={obj['num_classes']} but {info.num_classes} "
                             "class names are listed.")
         if info.mode not in ("image", "features"):
             raise DataError(f"{where}: mode must be 'image' or 'features', got {info.mode!r}.")
         return info
+
+
+def check_shard_name(name: Any, where: str = DATASET_JSON) -> str:
+    """`name` after checking it is a plain file name inside the dataset folder.
+
+    Shard names come from dataset.json, which may be hand-edited or hostile: a name with a path
+    separator, `..` or an absolute path would make readers open, and rewriting converters
+    delete, files outside the folder.
+
+    Raises:
+      DataError naming `where` and the bad name.
+    """
+    if (not isinstance(name, str) or not name or name in (".", "..") or "/" in name
+            or "\\" in name or "\0" in name or os.path.isabs(name)
+            or os.path.basename(name) != name):
+        raise DataError(f"{where}: shard name {name!r} is not a plain file name; shards must be "
+                        "files directly inside the dataset folder (no '/', '..' or absolute "
+                        "path). Rebuild the dataset with tfrecords_tools.")
+    return name
+
+
+def _check_split(name: str, split: SplitInfo, where: str) -> None:
+    """The shapes and names of one split's description (DataError naming the split)."""
+    what = f"{where}: split {name!r}"
+    if not isinstance(split.shards, list) or not split.shards:
+        raise DataError(f"{what} lists no shards (\"shards\": {split.shards!r}); every split "
+                        "has at least one shard file. Rebuild the dataset with tfrecords_tools.")
+    for shard in split.shards:
+        check_shard_name(shard, what)
+    if len(set(split.shards)) != len(split.shards):
+        raise DataError(f"{what} lists a shard twice: {split.shards!r}.")
+    if isinstance(split.num_examples, bool) or not isinstance(split.num_examples, int) \
+            or split.num_examples < 0:
+        raise DataError(f"{what}: num_examples must be an integer >= 0, got "
+                        f"{split.num_examples!r}.")
+    if not isinstance(split.shard_sizes, list) or not isinstance(split.skipped, list):
+        raise DataError(f"{what}: shard_sizes and skipped must be lists.")
+    if split.shard_sizes and (len(split.shard_sizes) != len(split.shards) or any(
+            isinstance(n, bool) or not isinstance(n, int) or n < 0 for n in split.shard_sizes)):
+        raise DataError(f"{what}: shard_sizes {split.shard_sizes!r} must be one count >= 0 per "
+                        f"shard ({len(split.shards)} shards).")
 
 
 def load_dataset_info(data_dir: str) -> DatasetInfo:
