@@ -84,3 +84,115 @@ def test_malformed_lists_in_dataset_json_are_clear_errors(tmp_path, rng, edit, m
     edit_dataset_json(out, edit)
     with pytest.raises(data.DataError, match=message):
         data.load_dataset_info(str(out))
+
+
+# ---- a rebuild in place publishes all or nothing ------------------------------------------------
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Rebuilds the dataset with the labels of build `sys.argv[2]`; with a third argument N the process
+# SIGKILLs itself at the N-th file rename (between the shard renames, or before dataset.json's).
+REBUILD_SCRIPT = '''
+import os, signal, sys
+import numpy as np
+import tensorflow as tf
+from tfrecords_tools import common
+
+out, build = sys.argv[1], int(sys.argv[2])
+kill_at = int(sys.argv[3]) if len(sys.argv) > 3 else 0
+if kill_at:
+    rename, calls = tf.io.gfile.rename, [0]
+
+    def dying_rename(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return rename(*args, **kwargs)
+    tf.io.gfile.rename = dying_rename
+rng = np.random.default_rng(0)
+records = [common.Record(f"img-{i}", [(i + build) % 3], [], source=f"row {i}",
+                         image_bytes=tf.io.encode_png(
+                             rng.integers(0, 256, [8, 8, 3], dtype=np.uint8)).numpy())
+           for i in range(12)]
+common.convert_split(records, output_dir=out, class_names=["a", "b", "c"], converter="test",
+                     num_shards=4, shuffle=False, num_workers=1, stream=open(os.devnull, "w"))
+'''
+
+
+def rebuild(tmp_path, out, build, kill_at=None):
+    import subprocess
+    import sys
+    script = tmp_path / "rebuild.py"
+    script.write_text(REBUILD_SCRIPT)
+    command = [sys.executable, str(script), str(out), str(build)] + (
+        [str(kill_at)] if kill_at else [])
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True,
+                            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2",
+                                 "PYTHONPATH": REPO_ROOT})
+    return result
+
+
+def train_labels(out):
+    """The single positive class of img-0 .. img-11."""
+    _, labels, ids = data.load_split_arrays(str(out), "train", image_size=8, string_ids=True)
+    by_id = {image_id.decode(): int(np.argmax(row)) for image_id, row in zip(ids, labels)}
+    return np.array([by_id[f"img-{i}"] for i in range(12)])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill_at", [3])  # between the shard renames (of 4, then dataset.json)
+def test_a_rebuild_killed_in_place_leaves_the_old_dataset_and_the_next_run_cleans_up(
+        tmp_path, kill_at):
+    import signal
+    out = tmp_path / "data"
+    first = rebuild(tmp_path, out, build=0)
+    assert first.returncode == 0, first.stderr[-2000:]
+    old_files = sorted(os.listdir(out))
+    old_labels = train_labels(out)
+    np.testing.assert_array_equal(old_labels, np.arange(12) % 3)
+
+    killed = rebuild(tmp_path, out, build=1, kill_at=kill_at)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    leftovers = sorted(set(os.listdir(out)) - set(old_files))
+    assert leftovers  # new shards (renamed or still temporary) the kill left behind
+    # The published dataset is the old one, whole: it verifies and has the old labels.
+    report = data.verify_dataset(str(out))
+    assert report.splits["train"].num_examples == 12
+    np.testing.assert_array_equal(train_labels(out), old_labels)
+    assert sorted(data.load_dataset_info(str(out)).splits["train"].shards) == sorted(
+        name for name in old_files if name.endswith(".tfrecord"))
+
+    again = rebuild(tmp_path, out, build=1)
+    assert again.returncode == 0, again.stderr[-2000:]
+    np.testing.assert_array_equal(train_labels(out), (np.arange(12) + 1) % 3)
+    info = data.load_dataset_info(str(out))
+    assert sorted(os.listdir(out)) == sorted(["dataset.json"] + info.splits["train"].shards)
+    assert not set(info.splits["train"].shards) & set(old_files)  # a fresh generation
+    data.verify_dataset(str(out))
+
+
+def test_stale_temporaries_are_removed_on_the_next_write(tmp_path, rng):
+    out = tmp_path / "data"
+    out.mkdir()
+    dead_pid = 2 ** 22 + 12345  # above the default pid_max of 4194304: never a live process
+    stale = [f".train-00000-of-00002.tfrecord.tmp-{dead_pid}", f"dataset.json.tmp-{dead_pid}"]
+    live = f".val-00000-of-00001.tfrecord.tmp-{os.getpid()}"  # a writer still running
+    for name in stale + [live]:
+        (out / name).write_bytes(b"half written")
+    write_dataset(out, rng)
+    names = set(os.listdir(out))
+    assert not names & set(stale)
+    assert live in names
+
+
+def test_a_rebuild_with_the_same_shard_count_never_overwrites_published_shards(tmp_path, rng):
+    out = tmp_path / "data"
+    first = write_dataset(out, rng)
+    old = first.splits["train"].shards
+    with data.SplitWriter(str(out), "train", 2) as writer:
+        writer.write(data.make_example("x", [0], [], NUM_CLASSES, encoded_image=b"\x89PNG"))
+    assert writer.split_info.shards == data.shard_names("train", 2, generation=1)
+    assert all(os.path.exists(out / name) for name in old)  # untouched until published
+    data.replace_dataset_info(str(out), data.DatasetInfo(
+        class_names=first.class_names, splits={"train": writer.split_info}, image_size=8))
+    assert sorted(os.listdir(out)) == sorted(["dataset.json"] + writer.split_info.shards)

@@ -314,13 +314,6 @@ def _merge_dataset_info(output_dir: str, existing: data.DatasetInfo | None, spli
                         label_source: str | None, label_info: dict[str, Any] | None,
                         stats: dict[str, Any], run: dict[str, Any]) -> None:
     info = existing or data.DatasetInfo(class_names=list(class_names), splits={}, mode=mode)
-    previous = info.splits.get(split)
-    if previous is not None:
-        # A rewritten split may have fewer shards: remove the old shard files no longer listed.
-        for name in set(previous.shards) - set(split_info.shards):
-            path = os.path.join(output_dir, name)
-            if tf.io.gfile.exists(path):
-                tf.io.gfile.remove(path)
     info.splits[split] = split_info
     if mode == "features":
         info.embedding_dim = embedding_dim
@@ -333,7 +326,9 @@ def _merge_dataset_info(output_dir: str, existing: data.DatasetInfo | None, spli
     info.provenance["converter"] = run["converter"]
     info.provenance["date"] = run["date"]
     info.provenance.setdefault("splits", {})[split] = run
-    data.save_dataset_info(output_dir, info)
+    # The commit point: the old shards of this split (and leftovers of killed builds) are removed
+    # only once the new dataset.json is in place.
+    data.replace_dataset_info(output_dir, info, splits=[split])
 
 
 

@@ -6,7 +6,8 @@ import dataclasses
 import datetime
 import json
 import os
-from typing import Any
+import re
+from typing import Any, Sequence
 
 import tensorflow as tf
 
@@ -138,15 +139,21 @@ def load_dataset_info(data_dir: str) -> DatasetInfo:
 def save_dataset_info(data_dir: str, info: DatasetInfo) -> None:
     """Writes dataset.json atomically (temporary file, then rename)."""
     tf.io.gfile.makedirs(data_dir)
+    remove_stale_temporaries(data_dir)
     path = os.path.join(data_dir, DATASET_JSON)
     _atomic_write_text(path, json.dumps(info.to_json(), indent=2, sort_keys=True) + "\n")
 
 
-def replace_dataset_info(data_dir: str, info: DatasetInfo) -> None:
-    """Saves `info` over an existing description and deletes the shards only the old one listed.
+def replace_dataset_info(data_dir: str, info: DatasetInfo,
+                         splits: Sequence[str] | None = None) -> None:
+    """Publishes `info` over an existing description, then deletes the shards it no longer lists.
 
-    For tools that rebuild a dataset in place (e.g. with another --num_shards): no stale shard of
-    an earlier build stays behind to be mistaken for data.
+    The rename of dataset.json is the single commit point of a rebuild: new shards are written
+    under names no old shard has (SplitWriter), readers only open the shards dataset.json lists,
+    and old shards are deleted only after the new description is in place. A build killed at any
+    point therefore leaves either the old dataset or the new one, plus unlisted leftovers that the
+    next call removes: shard files of `splits` (default: every split of `info`) that dataset.json
+    does not list, and temporaries of processes that are gone.
     """
     previous = None
     if tf.io.gfile.exists(os.path.join(data_dir, DATASET_JSON)):
@@ -154,15 +161,54 @@ def replace_dataset_info(data_dir: str, info: DatasetInfo) -> None:
             previous = load_dataset_info(data_dir)
         except DataError:
             previous = None  # an unreadable old description lists nothing we could trust
-    save_dataset_info(data_dir, info)
-    if previous is None:
-        return
+    save_dataset_info(data_dir, info)  # the commit point
     listed = {name for split in info.splits.values() for name in split.shards}
-    for split in previous.splits.values():
-        for name in split.shards:
-            path = os.path.join(data_dir, name)
-            if name not in listed and tf.io.gfile.exists(path):
-                tf.io.gfile.remove(path)
+    stale = set()
+    if previous is not None:
+        stale = {name for split in previous.splits.values() for name in split.shards}
+    names = list(info.splits) if splits is None else list(splits)
+    patterns = [re.compile(rf"^{re.escape(name)}-(g\d+-)?\d{{5}}-of-\d{{5}}\.tfrecord$")
+                for name in names]
+    for name in tf.io.gfile.listdir(data_dir):
+        if any(pattern.match(name) for pattern in patterns):
+            stale.add(name)  # a shard of a build that was killed before its commit
+    for name in sorted(stale - listed):
+        path = os.path.join(data_dir, name)
+        if tf.io.gfile.exists(path):
+            tf.io.gfile.remove(path)
+
+
+_TEMPORARY = re.compile(r"\.tmp-(\d+)$")
+
+
+def remove_stale_temporaries(data_dir: str) -> list[str]:
+    """Deletes `*.tmp-<pid>` files of `data_dir` whose writing process is gone; returns them.
+
+    Shards and dataset.json are written as `<name>.tmp-<pid>` and renamed into place; a process
+    killed before its rename leaves such a file behind. A file of a process still running here
+    (a concurrent writer) is kept.
+    """
+    removed = []
+    if not tf.io.gfile.isdir(data_dir):
+        return removed
+    for name in tf.io.gfile.listdir(data_dir):
+        match = _TEMPORARY.search(name)
+        if match and not _process_alive(int(match.group(1))):
+            tf.io.gfile.remove(os.path.join(data_dir, name))
+            removed.append(name)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True  # someone else's process (or an odd number): keep its file
+    return True
 
 
 def _atomic_write_text(path: str, text: str) -> None:
