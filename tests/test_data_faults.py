@@ -196,3 +196,57 @@ def test_a_rebuild_with_the_same_shard_count_never_overwrites_published_shards(t
     data.replace_dataset_info(str(out), data.DatasetInfo(
         class_names=first.class_names, splits={"train": writer.split_info}, image_size=8))
     assert sorted(os.listdir(out)) == sorted(["dataset.json"] + writer.split_info.shards)
+
+
+# ---- decompression bombs and non-images in shards -----------------------------------------------
+
+
+def test_a_bomb_in_a_shard_fails_in_the_pipeline_naming_the_record_before_decoding(tmp_path, rng):
+    out = tmp_path / "data"
+    write_dataset(out, rng, image=png_bomb(20000, 20000))  # img-5 is the bomb
+    for training in (False, True):
+        dataset = data.make_dataset(str(out), "train", batch_size=6, training=training,
+                                    augment=training, seed=0)
+        with pytest.raises(tf.errors.InvalidArgumentError) as caught:
+            next(iter(dataset))
+        message = caught.value.message
+        assert "image img-5" in message and "20000 x 20000" in message
+        assert "--max_image_pixels=50000000" in message
+    # A higher limit is the documented way out (here a smaller bomb, to stay cheap).
+    small = tmp_path / "small"
+    write_dataset(small, rng, image=png_bomb(300, 300))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="300 x 300"):
+        next(iter(data.make_dataset(str(small), "train", batch_size=6, max_image_pixels=50_000)))
+    images, _, _ = next(iter(data.make_dataset(str(small), "train", batch_size=6,
+                                               max_image_pixels=90_000)))
+    assert images.shape == (6, 8, 8, 3)
+
+
+@pytest.mark.parametrize("image, message", [
+    (png_bomb(20000, 20000), r"record 2 \(id 'img-5'\): image of 20000 x 20000 pixels "
+                             r"\(400,000,000 pixels\) is over the limit.*--max_image_pixels"),
+    (b"just some bytes, no image", r"record 2 \(id 'img-5'\).*not a PNG, JPEG, GIF or BMP"),
+])
+def test_verification_reads_every_header_and_names_file_and_record(tmp_path, rng, image,
+                                                                   message):
+    out = tmp_path / "data"
+    info = write_dataset(out, rng, image=image)  # img-5: the last record of shard 1 of 2
+    data.verify_dataset(str(out))  # without the header check the bytes pass
+    shard = info.splits["train"].shards[1]
+    with pytest.raises(data.DataError, match=shard + ": " + message):
+        data.verify_dataset(str(out), max_image_pixels=50_000_000)
+
+
+def test_training_refuses_a_bomb_before_it_starts(tmp_path, rng):
+    from imcl_tf.training.config import TrainConfig
+    from imcl_tf.training.trainer import _Trainer
+    out = tmp_path / "data"
+    info = write_dataset(out, rng, image=png_bomb(20000, 20000))
+    config = TrainConfig(data_dir=str(out), model_dir=str(tmp_path / "run"), method="logistic",
+                         val_split="", train_steps=2, batch_size=2, verbose=0)
+    config.validate()
+    trainer = _Trainer(config)
+    with pytest.raises(data.DataError, match=info.splits["train"].shards[1] +
+                       r": record 2 \(id 'img-5'\): image of 20000 x 20000"):
+        trainer.setup()
+    assert not os.path.exists(tmp_path / "run" / "checkpoints")

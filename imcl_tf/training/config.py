@@ -8,6 +8,7 @@ import os
 import numpy as np
 
 from imcl_tf import data as data_lib
+from imcl_tf import image_header
 from imcl_tf import label_graph as graph_lib
 from imcl_tf import models
 from imcl_tf.training.distribution import STRATEGIES, cluster_size
@@ -102,7 +103,11 @@ class TrainConfig:
     export_dir: str = _field("", "Export base for TensorFlow Serving (<export_dir>/<model_name>/"
                                  "<version>); empty: no export.")
     export_model_name: str = _field("imcl", "Model name inside --export_dir.")
-    verify_data: bool = _field(True, "Check dataset.json against its shards before training.")
+    verify_data: bool = _field(True, "Check dataset.json against its shards (and every image's "
+                                     "header) before training.")
+    max_image_pixels: int = _field(image_header.DEFAULT_MAX_IMAGE_PIXELS,
+                                   "Refuse images with more pixels (read from the header before "
+                                   "decoding) in verification and the input pipeline.")
     verbose: int = _field(1, "Keras progress: 0 silent, 1 progress bar with ETA (one line per "
                              "interval when stdout is not a terminal), 2 one line per interval.")
 
@@ -149,6 +154,10 @@ class TrainConfig:
             bad_flag("head_weight_decay", f"must be >= 0, received {self.head_weight_decay}.")
         if not 0 < self.plateau_alpha <= 1:
             bad_flag("plateau_alpha", f"must be in (0, 1], received {self.plateau_alpha}.")
+        if isinstance(self.max_image_pixels, bool) or not isinstance(
+                self.max_image_pixels, int) or self.max_image_pixels < 1:
+            bad_flag("max_image_pixels", f"must be a positive integer, received "
+                                         f"{self.max_image_pixels!r}.")
         if self.verbose not in (0, 1, 2):
             bad_flag("verbose", f"must be 0, 1 or 2, received {self.verbose}.")
         if self.label_graph not in graph_lib.GRAPH_KINDS and not self.label_graph.endswith(".npy"):
@@ -257,4 +266,5 @@ class TrainConfig:
 RESUMABLE_CHANGES = frozenset({
     "data_dir", "train_steps", "epochs", "eval_every", "checkpoint_every", "log_every",
     "warm_start_steps", "strategy", "export_dir", "export_model_name", "verify_data", "verbose",
+    "max_image_pixels",
 })

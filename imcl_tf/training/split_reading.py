@@ -22,7 +22,8 @@ def read_split_labels(data_dir: str, split: str) -> tuple[np.ndarray, np.ndarray
     return np.concatenate(labels), np.concatenate(ids)
 
 
-def read_split_subset(data_dir: str, split: str, indices: np.ndarray, image_size: int | None
+def read_split_subset(data_dir: str, split: str, indices: np.ndarray, image_size: int | None,
+                      max_image_pixels: int | None = None
                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Inputs, label rows and id hashes of the records at `indices` (shard order) of a split."""
     info = data_lib.load_dataset_info(data_dir)
@@ -34,7 +35,8 @@ def read_split_subset(data_dir: str, split: str, indices: np.ndarray, image_size
 
     def prepare(index, parsed):
         if info.mode == "image":
-            inputs = data_lib.decode_image(parsed["image"], image_size, parsed["id"])
+            inputs = data_lib.decode_image(parsed["image"], image_size, parsed["id"],
+                                           max_image_pixels)
         else:
             inputs = parsed["embedding"]
         return inputs, parsed["labels"], data_lib.id_hash(parsed["id"])

@@ -116,7 +116,9 @@ class _Trainer:
         config = self.config
         os.makedirs(self.work_dir, exist_ok=True)
         if config.verify_data and self.is_chief:
-            data_lib.verify_dataset(config.data_dir)
+            # Headers too: a record that is not an image, or a decompression bomb, is named
+            # (file and record) before training starts instead of stopping it midway.
+            data_lib.verify_dataset(config.data_dir, max_image_pixels=config.max_image_pixels)
         self._build()
         latest = tf.train.latest_checkpoint(self.chief_checkpoints)
         previous = read_json(os.path.join(config.model_dir, RUN_CONFIG)) or {}
@@ -196,7 +198,7 @@ class _Trainer:
             resolved["warm_start"] = config.warm_start
         if config.method == "imcl":
             inputs, labels, ids = read_split_subset(config.data_dir, "train", self.bank_indices,
-                                                    self.image_size)
+                                                    self.image_size, config.max_image_pixels)
             model.fill_bank(inputs, labels, ids)
             resolved["dictionary_size"] = int(len(self.bank_indices))
             resolved.update(model.calibrate_lambdas(
@@ -233,7 +235,8 @@ class _Trainer:
             self.config.data_dir, split, batch_size=self.config.batch_size,
             image_size=self.image_size, training=training, augment=training and self.config.augment,
             seed=self.config.seed if seed is None else seed, repeat=training,
-            drop_remainder=training, deterministic=not training)
+            drop_remainder=training, deterministic=not training,
+            max_image_pixels=self.config.max_image_pixels)
 
     def _train_dataset(self, seed):
         """The training pipeline; under a strategy each worker reads its own shard FILES."""
@@ -245,7 +248,8 @@ class _Trainer:
             return data_lib.make_dataset(
                 config.data_dir, "train", batch_size=config.batch_size,
                 image_size=self.image_size, training=True, augment=config.augment, seed=seed,
-                repeat=True, drop_remainder=True, input_context=input_context)
+                repeat=True, drop_remainder=True, max_image_pixels=config.max_image_pixels,
+                input_context=input_context)
 
         return self.strategy.distribute_datasets_from_function(per_worker)
 
