@@ -22,6 +22,7 @@ from absl import app, flags, logging
 
 from imcl_tf.training.config import TrainConfig
 from imcl_tf.training.report import format_summary
+from imcl_tf.training.run_files import RunError
 from imcl_tf.training.trainer import run
 
 FLAGS = flags.FLAGS
@@ -128,7 +129,11 @@ def main(argv: list[str]) -> None:
         config.validate()
     except ValueError as e:
         raise app.UsageError(str(e)) from e
-    summary = run(config)
+    try:
+        summary = run(config)
+    except RunError as e:  # the folder is in use, or the run diverged: one line, status 1
+        print(f"imcl_tf.train: error: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
     if summary.get("is_chief", True):
         print(format_summary(summary), flush=True)
 

@@ -31,7 +31,7 @@ from imcl_tf.training.optimizer import PlateauState, make_optimizer
 from imcl_tf.training.progress import Clock, keras_verbose
 from imcl_tf.training.report import format_number
 from imcl_tf.training.run_files import (CHECKPOINT_DIR, LOG_DIR, LOGISTIC_STAGE_DIR, RUN_CONFIG,
-                                        SUMMARY_JSON, read_json, write_json)
+                                        SUMMARY_JSON, hold_run_lock, read_json, write_json)
 from imcl_tf.training.scoring import predict_scores
 from imcl_tf.training.split_reading import read_split_labels, read_split_subset
 
@@ -44,6 +44,13 @@ def run(config: TrainConfig) -> dict[str, Any]:
     """
     started = time.time()
     config.validate()
+    if not is_chief_process(config.strategy):
+        return _run(config, started)
+    with hold_run_lock(config.model_dir):  # one training per folder (RunError otherwise)
+        return _run(config, started)
+
+
+def _run(config: TrainConfig, started: float) -> dict[str, Any]:
     if config.warm_start == "auto":
         stage_dir = os.path.join(config.model_dir, LOGISTIC_STAGE_DIR)
         logistic = dataclasses.replace(
