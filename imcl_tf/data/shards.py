@@ -80,8 +80,12 @@ class SplitWriter:
     def close(self) -> SplitInfo:
         for writer in self._writers:
             writer.close()
-        for tmp, name in zip(self._tmp, self.names):
-            tf.io.gfile.rename(tmp, os.path.join(self.output_dir, name), overwrite=True)
+        try:
+            for tmp, name in zip(self._tmp, self.names):
+                tf.io.gfile.rename(tmp, os.path.join(self.output_dir, name), overwrite=False)
+        except BaseException:
+            self.abort()  # the temporaries not renamed yet; renamed ones are unlisted leftovers
+            raise
         self.split_info = SplitInfo(shards=list(self.names), num_examples=self.num_examples,
                                     skipped=list(self.skipped), shard_sizes=list(self._shard_sizes))
         return self.split_info
