@@ -8,6 +8,7 @@ import os
 import numpy as np
 
 from imcl_tf import data as data_lib
+from imcl_tf import export as export_lib
 from imcl_tf import image_header
 from imcl_tf import label_graph as graph_lib
 from imcl_tf import models
@@ -15,6 +16,9 @@ from imcl_tf.training.distribution import STRATEGIES, cluster_size
 from imcl_tf.training.errors import bad_flag
 from imcl_tf.training.optimizer import LR_SCHEDULES, OPTIMIZERS
 from imcl_tf.training.run_files import CHECKPOINT_DIR, LOGISTIC_STAGE_DIR, RUN_CONFIG, read_json
+
+# The export's folder-name rule, checked before training rather than when the export starts.
+_EXPORT_MODEL_NAME = export_lib._MODEL_NAME
 
 
 def _field(default, help_text, choices=None):
@@ -100,9 +104,15 @@ class TrainConfig:
                                       "(TF_CONFIG).", STRATEGIES)
     mixed_precision: bool = _field(False, "mixed_float16 compute; OMP and losses stay float32.")
     seed: int = _field(0, "Seed of initialisation, data order and bank choice.")
+    deterministic: bool = _field(False, "The same --seed gives the same run, bit for bit: "
+                                        "deterministic TensorFlow ops and tf.data element order "
+                                        "(slower input pipeline; stays on for the process).")
     export_dir: str = _field("", "Export base for TensorFlow Serving (<export_dir>/<model_name>/"
                                  "<version>); empty: no export.")
     export_model_name: str = _field("imcl", "Model name inside --export_dir.")
+    export_diverged: bool = _field(False, "Export even when the training diverged (a loss not "
+                                          "finite or over 1000 x its first value stops the run; "
+                                          "it is then not exported and ends with status 1).")
     verify_data: bool = _field(True, "Check dataset.json against its shards (and every image's "
                                      "header) before training.")
     max_image_pixels: int = _field(image_header.DEFAULT_MAX_IMAGE_PIXELS,
@@ -171,6 +181,11 @@ class TrainConfig:
                                    "--method=imcl.")
         if self.export_dir and not self.export_model_name:
             bad_flag("export_model_name", "is required with --export_dir.")
+        if self.export_dir and not _EXPORT_MODEL_NAME.match(self.export_model_name):
+            # Checked here, not after hours of training when the export starts.
+            bad_flag("export_model_name", f"must be a folder name of letters, digits, '_', '.', "
+                                          f"'-' (starting with a letter or digit); received "
+                                          f"{self.export_model_name!r}.")
 
     def validate(self) -> None:
         """Checks the options against the dataset, the warm start and an existing run folder.
@@ -191,6 +206,10 @@ class TrainConfig:
             bad_flag("val_split", f"{self.val_split!r} is not a split of {self.data_dir!r} (it has "
                                   f"{sorted(info.splits)}); pick one of those, or --val_split= to "
                                   "train without validation.")
+        if self.val_split and info.split(self.val_split).num_examples < 1:
+            bad_flag("val_split", f"the {self.val_split!r} split of {self.data_dir!r} is empty: "
+                                  "validation needs images. Rebuild the split, or pass "
+                                  "--val_split= to train without validation.")
         if (self.backbone == "features") != (info.mode == "features"):
             bad_flag("backbone", f"{self.backbone!r} does not fit a dataset of mode "
                                  f"{info.mode!r}: use --backbone=features exactly for "
@@ -251,8 +270,11 @@ class TrainConfig:
         now = dataclasses.asdict(self)
         if now["warm_start"] == "auto":  # the stage-2 run records where the baseline went
             now["warm_start"] = os.path.join(self.model_dir, LOGISTIC_STAGE_DIR)
+        before_dir = before.get("model_dir", self.model_dir)
         changed = [name for name in now if name not in RESUMABLE_CHANGES and name in before
-                   and before[name] != now[name]]
+                   and before[name] != now[name]
+                   and not (name in PATH_OPTIONS and _same_path(before[name], now[name],
+                                                                before_dir, self.model_dir))]
         if changed:
             details = ", ".join(f"--{name}={before[name]!r} (now {now[name]!r})"
                                 for name in changed)
@@ -261,10 +283,34 @@ class TrainConfig:
                                  "--model_dir (or delete this one) to train with other settings.")
 
 
+# Options that name files: a resumed run may name them by another path (the run folder was moved
+# or copied, a relative path became absolute) as long as it is the same file.
+PATH_OPTIONS = frozenset({"model_dir", "warm_start", "label_graph", "backbone_weights"})
+
+
+def _same_path(before: str, now: str, before_model_dir: str, model_dir: str) -> bool:
+    """Whether two spellings of a path option name the same thing.
+
+    The same file (os.path.samefile), or the same place relative to the run folder (a moved or
+    copied folder: its model_dir, and the logistic stage inside it). The run folder itself is
+    always the same: its run_config.json is the one being read.
+    """
+    if before == model_dir or os.path.realpath(before) == os.path.realpath(before_model_dir):
+        return os.path.realpath(now) == os.path.realpath(model_dir)
+    try:
+        if os.path.samefile(before, now):
+            return True
+    except OSError:
+        pass  # one of them does not exist (here): compare them inside the run folder
+    inside = os.path.relpath(os.path.realpath(before), os.path.realpath(before_model_dir))
+    return not inside.startswith("..") and os.path.realpath(
+        os.path.join(model_dir, inside)) == os.path.realpath(now)
+
+
 # Options that may change when a checkpointed run is resumed: how long and how it is watched,
 # where the data and exports are, and how it is distributed (checkpoints are strategy-agnostic).
 RESUMABLE_CHANGES = frozenset({
     "data_dir", "train_steps", "epochs", "eval_every", "checkpoint_every", "log_every",
     "warm_start_steps", "strategy", "export_dir", "export_model_name", "verify_data", "verbose",
-    "max_image_pixels",
+    "max_image_pixels", "export_diverged", "deterministic",
 })

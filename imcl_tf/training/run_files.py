@@ -10,6 +10,7 @@ A run folder holds:
                     statistics), validation/ (mAP, per-class AP, PR curves, frequency groups),
                     and the hparams session
   summary.json      the run's summary (also printed at the end)
+  export.json       the export version written for the final step (not exported twice)
   run.lock          held (fcntl.flock) by the training that uses the folder: a second training
                     on the same folder stops at once instead of mixing its files in
 """
@@ -32,6 +33,7 @@ SUMMARY_JSON = "summary.json"
 LOGISTIC_STAGE_DIR = "logistic_stage"
 FREQUENCY_CHART = "frequency_groups_val.png"
 RUN_LOCK = "run.lock"
+EXPORT_RECORD = "export.json"  # the version an export is writing (a resumed run reuses it)
 
 
 class RunError(RuntimeError):
