@@ -11,11 +11,12 @@ nothing lost): a converter SIGKILLed between its shard renames, stale temporarie
 writers, a second training on a busy run folder, a kill right after an export, a kill inside an
 evaluation interval (the resumed run must be bit-identical with --deterministic).
 
---quick keeps the cases that need no training and no subprocess running TensorFlow (well under a
-minute; tests/test_fault_bench.py runs it). The serving cases (oversized requests, bombs sent to
-the server, version swaps) are bench/fault_serving.py's: when that module is present its
-`run_cases(quick)` is called and its figures are added (requests sent / failed); otherwise the
-report says they were not run.
+--quick keeps the cases that need no training and no subprocess running TensorFlow
+(tests/test_fault_bench.py runs them). The serving cases (compact oversized tensors, bombs sent
+to a server process, malformed requests, version faults under gRPC and REST traffic) are
+bench/fault_serving.py's `run(workdir, quick)`: its figures are added to the totals (requests
+sent / failed come from it alone) and its report, with the server's peak RSS, is printed;
+--no_serving leaves them out.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import io
 import json
 import os
 import platform
+import re
 import shutil
 import signal
 import subprocess
@@ -62,6 +64,12 @@ class Outcome:
     requests_sent: int = 0
     requests_failed: int = 0
     records_lost: int = 0
+    tried: int = 1  # inputs tried or faults injected by this outcome (many for serving's)
+    passed: int | None = None  # of them rejected clearly / survived (default: 1 if ok)
+
+    def __post_init__(self):
+        if self.passed is None:
+            self.passed = int(self.ok) * self.tried
 
 
 class Case:
@@ -468,17 +476,34 @@ def killed_mid_interval(root):
 # ---- the run ------------------------------------------------------------------------------------
 
 
-def run_serving_cases(quick: bool) -> list[Outcome] | None:
-    """bench/fault_serving.py's cases, when that module exists (its `run_cases(quick)` returns
-    dicts with the Outcome fields); None when it does not."""
+def run_serving_cases(quick: bool, stream=sys.stdout) -> list[Outcome] | None:
+    """bench/fault_serving.py's battery as Outcomes (None when the module is absent)."""
     try:
         serving = importlib.import_module("bench.fault_serving")
     except ModuleNotFoundError:
         return None
-    return [Outcome(**result) for result in serving.run_cases(quick)]
+    with tempfile.TemporaryDirectory(prefix="fault_serving_") as workdir:
+        figures = serving.run(workdir, quick=quick)
+    print(serving.format_figures(figures), file=stream, flush=True)
+    outcomes = [Outcome(FAULT, f"serving: {name}", bool(survived), detail or "")
+                for name, survived, detail in figures["fault_details"]]
+    if len(outcomes) != figures["faults"]:  # faults reported in the totals only
+        outcomes.append(Outcome(FAULT, "serving: other faults",
+                                figures["survived"] - sum(o.ok for o in outcomes)
+                                == figures["faults"] - len(outcomes), "",
+                                tried=figures["faults"] - len(outcomes),
+                                passed=figures["survived"] - sum(o.ok for o in outcomes)))
+    unclear = list(figures["unclear"])
+    outcomes.append(Outcome(BAD_INPUT, "serving: hostile and malformed requests",
+                            figures["rejected"] == figures["tried"],
+                            "; ".join(unclear[:3]) or "all rejected clearly",
+                            tried=figures["tried"], passed=figures["rejected"],
+                            requests_sent=figures["sent"], requests_failed=figures["failed"]))
+    return outcomes
 
 
-def run_battery(quick: bool = False, stream=sys.stdout) -> list[Outcome]:
+def run_battery(quick: bool = False, stream=sys.stdout, serving: bool = True
+                ) -> list[Outcome]:
     outcomes = []
     for item in CASES:
         if quick and not item.quick:
@@ -486,7 +511,7 @@ def run_battery(quick: bool = False, stream=sys.stdout) -> list[Outcome]:
         root = tempfile.mkdtemp(prefix="fault_bench_")
         try:
             with contextlib.redirect_stderr(io.StringIO()):
-                detail = item.function(root)
+                detail = item.function(root).replace(root, "<case>")
             outcome = Outcome(item.kind, item.name, True, detail)
         except Exception as e:  # a wrong outcome or an unexpected error: the case failed
             detail = f"{type(e).__name__}: {e}" if isinstance(e, Failed) else \
@@ -498,11 +523,12 @@ def run_battery(quick: bool = False, stream=sys.stdout) -> list[Outcome]:
         print(f"[{'ok' if outcome.ok else 'FAILED'}] {item.kind}: {item.name}: "
               f"{outcome.detail.splitlines()[0] if outcome.detail else ''}", file=stream,
               flush=True)
-    serving = run_serving_cases(quick)
-    if serving is None:
-        print("serving cases: bench/fault_serving.py is not present; not run", file=stream)
-    else:
-        outcomes.extend(serving)
+    if serving:
+        results = run_serving_cases(quick, stream)
+        if results is None:
+            print("serving cases: bench/fault_serving.py is not present; not run", file=stream)
+        else:
+            outcomes.extend(results)
     return outcomes
 
 
@@ -512,15 +538,17 @@ def totals(outcomes: list[Outcome]) -> dict[str, int]:
     return {
         "requests_sent": sum(o.requests_sent for o in outcomes),
         "requests_failed": sum(o.requests_failed for o in outcomes),
-        "faults_injected": len(faults), "faults_survived": sum(o.ok for o in faults),
-        "bad_inputs_tried": len(bad), "bad_inputs_rejected_clearly": sum(o.ok for o in bad),
+        "faults_injected": sum(o.tried for o in faults),
+        "faults_survived": sum(o.passed for o in faults),
+        "bad_inputs_tried": sum(o.tried for o in bad),
+        "bad_inputs_rejected_clearly": sum(o.passed for o in bad),
         "records_lost": sum(o.records_lost for o in outcomes),
     }
 
 
 def format_totals(figures: dict[str, int], serving_run: bool) -> str:
     requests = (f"{figures['requests_sent']} / {figures['requests_failed']}" if serving_run
-                else "not run (bench/fault_serving.py absent)")
+                else "none sent (serving cases not run)")
     return (f"requests sent / failed: {requests}\n"
             f"faults injected / survived: {figures['faults_injected']} / "
             f"{figures['faults_survived']}\n"
@@ -531,14 +559,18 @@ def format_totals(figures: dict[str, int], serving_run: bool) -> str:
 
 def write_results(path: str, outcomes: list[Outcome], figures: dict[str, int], command: str,
                   serving_run: bool) -> None:
-    load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
-    lines = ["## Fault battery (issue 13)", "",
-             f"`{command}` on {platform.node() and 'the benchmark machine'} "
-             f"({os.cpu_count()} cores, no GPU), {datetime.date.today().isoformat()}, "
-             f"load: `{load}`.", "", "```", format_totals(figures, serving_run), "```", "",
+    load = os.getloadavg()
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    lines = ["# Fault battery (issue 13)", "", f"Command: `{command}`", "",
+             f"Machine: {os.cpu_count()}-core CPU, no GPU, shared with other jobs (load average "
+             f"{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} at the end); Python "
+             f"{platform.python_version()}, TensorFlow {tf.__version__}. Date: {now}.", "",
+             "```", format_totals(figures, serving_run), "```", "",
              "| kind | case | outcome |", "|---|---|---|"]
+    temp = tempfile.gettempdir()
     for o in outcomes:
         detail = o.detail.splitlines()[0].replace("|", "\\|") if o.detail else ""
+        detail = re.sub(re.escape(temp) + r"/[^\s/)']+", "<tmp>", detail)
         lines.append(f"| {o.kind} | {o.name} | {'ok' if o.ok else 'FAILED'}: {detail} |")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -548,13 +580,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="cheap cases only")
     parser.add_argument("--out", help="write a results section (markdown) here")
+    parser.add_argument("--no_serving", action="store_true",
+                        help="leave out bench/fault_serving.py's server cases")
     args = parser.parse_args(argv)
-    outcomes = run_battery(args.quick)
+    outcomes = run_battery(args.quick, serving=not args.no_serving)
     figures = totals(outcomes)
     serving_run = any(o.requests_sent for o in outcomes)
     print(format_totals(figures, serving_run))
     if args.out:
-        command = "python bench/fault_bench.py" + (" --quick" if args.quick else "")
+        command = ("python bench/fault_bench.py" + (" --quick" if args.quick else "")
+                   + (" --no_serving" if args.no_serving else "") + f" --out={args.out}")
         write_results(args.out, outcomes, figures, command, serving_run)
     return 0 if all(o.ok for o in outcomes) and not figures["records_lost"] else 1
 

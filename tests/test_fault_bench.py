@@ -11,7 +11,8 @@ from bench import fault_bench  # noqa: E402
 
 def test_the_quick_battery_passes_and_prints_the_figures():
     stream = io.StringIO()
-    outcomes = fault_bench.run_battery(quick=True, stream=stream)
+    # The serving half has its own smoke test (tests/test_serving_fault_bench.py).
+    outcomes = fault_bench.run_battery(quick=True, stream=stream, serving=False)
     failed = [(o.name, o.detail) for o in outcomes if not o.ok]
     assert not failed, failed
     figures = fault_bench.totals(outcomes)
@@ -30,5 +31,5 @@ def test_a_case_with_a_wrong_outcome_is_reported_failed(monkeypatch):
         fault_bench.refused(lambda: None, ValueError, "anything")
     monkeypatch.setattr(fault_bench, "CASES", [fault_bench.Case(
         fault_bench.BAD_INPUT, "an input nobody refuses", True, accepts_everything)])
-    outcomes = fault_bench.run_battery(quick=True, stream=io.StringIO())
+    outcomes = fault_bench.run_battery(quick=True, stream=io.StringIO(), serving=False)
     assert [(o.ok, o.detail) for o in outcomes] == [(False, "Failed: accepted")]
