@@ -1,4 +1,4 @@
-"""bench/fault_bench.py --quick: the cheap half of the fault battery passes and prints its totals."""
+"""bench/fault_bench.py --quick: the cheap half of the battery passes and prints its totals."""
 
 import io
 import os
