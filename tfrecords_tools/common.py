@@ -102,7 +102,9 @@ def convert_split(records: Iterable[Record], *,
     Args:
       records: the split's Records. Labels and ids are all checked before any image is read, so
         annotation errors stop the run in seconds.
-      output_dir, split, num_shards: where and how to write (`<split>-0000i-of-0000n.tfrecord`).
+      output_dir, split, num_shards: where and how to write (`<split>-0000i-of-0000n.tfrecord`,
+        or `<split>-g<k>-0000i-of-0000n.tfrecord` when a rebuild in place must not overwrite the
+        published shards; dataset.json lists the names).
       class_names: the L class names; must equal those of splits already in dataset.json.
       converter: the converter's module name, recorded as provenance.
       num_workers: threads reading and decode-checking images; the output is identical for any
