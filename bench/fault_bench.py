@@ -494,9 +494,12 @@ def run_serving_cases(quick: bool, stream=sys.stdout) -> list[Outcome] | None:
                                 tried=figures["faults"] - len(outcomes),
                                 passed=figures["survived"] - sum(o.ok for o in outcomes)))
     unclear = list(figures["unclear"])
+    rss = figures["rss"]
+    memory = (f"server RSS {rss['after start']:.0f} MB after start, peak "
+              f"{rss['peak during hostile inputs']:.0f} MB during the hostile inputs")
     outcomes.append(Outcome(BAD_INPUT, "serving: hostile and malformed requests",
                             figures["rejected"] == figures["tried"],
-                            "; ".join(unclear[:3]) or "all rejected clearly",
+                            "; ".join([memory] + unclear[:3]),
                             tried=figures["tried"], passed=figures["rejected"],
                             requests_sent=figures["sent"], requests_failed=figures["failed"]))
     return outcomes
@@ -583,7 +586,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no_serving", action="store_true",
                         help="leave out bench/fault_serving.py's server cases")
     args = parser.parse_args(argv)
+    started = datetime.datetime.now()
     outcomes = run_battery(args.quick, serving=not args.no_serving)
+    print(f"battery time: {(datetime.datetime.now() - started).total_seconds():.0f} s")
     figures = totals(outcomes)
     serving_run = any(o.requests_sent for o in outcomes)
     print(format_totals(figures, serving_run))
