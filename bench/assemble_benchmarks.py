@@ -14,7 +14,7 @@ import re
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SECTIONS = ("quality", "demo", "omp", "step", "input", "serving")
+SECTIONS = ("quality", "transfer_protocol", "demo", "omp", "step", "input", "serving")
 
 
 def assemble(root: str = ROOT) -> str:

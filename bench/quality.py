@@ -58,8 +58,8 @@ TRANSFER = dict(num_train=2000, num_val=500, num_test=1000, scene_seed=1234,
                 pretrain_steps=600, pretrain_batch_size=64, pretrain_learning_rate=2e-3,
                 pretrain_seed=0)
 TRANSFER_MODES = {
-    "fixed": dict(logistic_steps=1000, imcl_steps=300, eval_every=50,
-                  config=dict(backbone="features")),
+    "fixed": dict(logistic_steps=2000, imcl_steps=300, eval_every=100,
+                  config=dict(backbone="features", learning_rate=1e-2)),
     "finetune": dict(logistic_steps=600, imcl_steps=200, eval_every=50,
                      config=dict(backbone="small_cnn", freeze_batchnorm=True)),
 }
@@ -89,6 +89,13 @@ def main(argv=None) -> int:
     parser.add_argument("--ablations", action="store_true", help="Also run the ablations.")
     parser.add_argument("--ablations_only", action="store_true")
     parser.add_argument("--ablation_seeds", default="0,1")
+    parser.add_argument("--pretrained", default="",
+                        help="Transfer regime: reuse this fashion_pretrain weights file (its "
+                             ".json report must show the protocol's pretraining) instead of "
+                             "pretraining into <out>/pretrained.")
+    parser.add_argument("--baselines_only", action="store_true",
+                        help="Train only the logistic baselines (what bench/neighbour_targets.py "
+                             "needs); no control, no IMCL, no table.")
     parser.add_argument("--quick", action="store_true", help="Tiny sizes: a smoke test.")
     args = parser.parse_args(argv)
     transfer = args.regime == "transfer"
@@ -118,6 +125,12 @@ def main(argv=None) -> int:
     results = _load_results(args.out)
     ratios = [float(r) for r in args.ratios.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
+    if args.baselines_only:
+        for ratio in ratios:
+            for seed in seeds:
+                print(f"baseline ready: {_train_baseline(args, full_dir, 'uniform', ratio, seed, base)}",
+                      flush=True)
+        return 0
     if not args.ablations_only:
         for ratio in ratios:
             for seed in seeds:
@@ -187,8 +200,21 @@ def _build_transfer_dataset(args, base) -> str:
             "reserve_pretrain_items"):
         raise SystemExit(f"quality: {scenes_dir} is not this run's transfer dataset ({found} "
                          f"scenes, label space {flags.get('label_space')!r}); use another --out.")
-    weights = os.path.join(args.out, "pretrained", "small_cnn.weights.h5")
-    if not os.path.exists(weights + ".json"):
+    weights = args.pretrained or os.path.join(args.out, "pretrained", "small_cnn.weights.h5")
+    if args.pretrained:
+        if not os.path.exists(weights + ".json"):
+            raise SystemExit(f"quality: --pretrained {weights} has no {weights}.json report; "
+                             "write it with tfrecords_tools.fashion_pretrain.")
+        with open(weights + ".json") as f:
+            report = json.load(f)
+        expected = {"steps": args.pretrain["steps"], "batch_size": TRANSFER["pretrain_batch_size"],
+                    "learning_rate": TRANSFER["pretrain_learning_rate"],
+                    "seed": TRANSFER["pretrain_seed"]}
+        differing = {k: report.get(k) for k, v in expected.items() if report.get(k) != v}
+        if differing or args.pretrain["num_items"] or report["train_items"] != [40000, 49000]:
+            raise SystemExit(f"quality: --pretrained {weights} was not pretrained with the "
+                             f"protocol's settings {expected} on all items ({differing}).")
+    elif not os.path.exists(weights + ".json"):
         fashion_pretrain.pretrain(weights, steps=args.pretrain["steps"],
                                   num_items=args.pretrain["num_items"],
                                   batch_size=TRANSFER["pretrain_batch_size"],
@@ -213,6 +239,21 @@ def _partial_dir(args, full_dir, protocol, ratio, seed) -> str:
     return out
 
 
+def _train_baseline(args, full_dir, protocol, ratio, seed, base) -> str:
+    """The logistic run of a ratio and seed (shared by every variant); cached. Returns its dir."""
+    from imcl_tf.training.config import TrainConfig
+    from imcl_tf.training.trainer import run
+    data_dir = _partial_dir(args, full_dir, protocol, ratio, seed)
+    tag = f"{protocol}_{int(round(ratio * 100))}_seed{seed}"
+    logistic_dir = os.path.join(args.out, "runs", tag, "logistic")
+    if not _completed_or_cleared(logistic_dir):
+        run(TrainConfig(
+            data_dir=data_dir, model_dir=logistic_dir, method="logistic", seed=seed,
+            train_steps=args.logistic_steps, eval_every=args.eval_every,
+            **{k: v for k, v in base.items()}))
+    return logistic_dir
+
+
 def _run_pair(args, full_dir, results, variant, ratio, seed, base, imcl_only):
     """Logistic run (shared by all variants of a ratio and seed), then IMCL from it; cached."""
     key = f"{variant}|{ratio}|{seed}"
@@ -225,12 +266,7 @@ def _run_pair(args, full_dir, results, variant, ratio, seed, base, imcl_only):
     protocol = imcl_only.pop("_protocol", "uniform")
     data_dir = _partial_dir(args, full_dir, protocol, ratio, seed)
     tag = f"{protocol}_{int(round(ratio * 100))}_seed{seed}"
-    logistic_dir = os.path.join(args.out, "runs", tag, "logistic")
-    if not _completed_or_cleared(logistic_dir):
-        run(TrainConfig(
-            data_dir=data_dir, model_dir=logistic_dir, method="logistic", seed=seed,
-            train_steps=args.logistic_steps, eval_every=args.eval_every,
-            **{k: v for k, v in base.items()}))
+    logistic_dir = _train_baseline(args, full_dir, protocol, ratio, seed, base)
     # Control: the baseline trained for as many extra steps as IMCL gets, so that a gain cannot
     # come from the extra steps alone.
     control_dir = os.path.join(args.out, "runs", tag, "logistic_extra")

@@ -1,6 +1,6 @@
 """Evaluation application: scores a trained run on one split of a dataset and writes the results.
 
-    python -m imcl_tf.evaluate --model_dir=runs/imcl --data_dir=data/demo --split=test
+    imcl-evaluate --model_dir=runs/imcl --data_dir=data/demo --split=test
         [--baseline_model_dir=runs/logistic] [--output_dir=...] [--checkpoint=best]
         [--num_groups=10] [--batch_size=64]
 
@@ -11,9 +11,9 @@ writes into `<model_dir>/eval/<split>` (or --output_dir):
   per_class_ap.csv      one row per class: AP, known positives/negatives in the split, training
                         positives (and the baseline's AP and the gain with a baseline).
   frequency_groups.csv  (baseline only) classes sorted by training positives, cut into equal groups:
-  frequency_groups.png  mean AP gain over the baseline and training images per group (method
-                        spec 6.4, supplement Fig. 1 left).
-Unknown labels of the split are never counted as negatives (method spec 6.4). Every file is
+  frequency_groups.png  mean AP gain over the baseline and training images per group
+                        (docs/method.md §4, supplement Fig. 1 left).
+Unknown labels of the split are never counted as negatives (docs/method.md §4). Every file is
 written under a temporary name and renamed into place.
 """
 
@@ -196,8 +196,12 @@ def evaluate_model_dir(model_dir: str, data_dir: str, split: str = "test",
     _atomic_write_text(files["per_class_ap_csv"],
                        _per_class_csv(class_names, ap, labels, train_counts, baseline_ap))
     if baseline_ap is not None:
+        names = metrics_lib.comparison_names(
+            models.read_model_info(model_dir).get("method", ""),
+            models.read_model_info(baseline_model_dir).get("method", ""))
         result["frequency_groups"] = _frequency_groups(
-            ap, baseline_ap, train_counts, train_pairs, train_split, num_groups, output_dir, files)
+            ap, baseline_ap, train_counts, train_pairs, train_split, num_groups, output_dir, files,
+            names)
     files["metrics_json"] = os.path.join(output_dir, METRICS_JSON)
     result["files"] = files
     _atomic_write_text(files["metrics_json"],
@@ -270,7 +274,7 @@ def _check_class_names(model_names: Sequence[str] | None, dataset_names: Sequenc
                        model_dir: str, data_dir: str) -> None:
     if model_names is None:
         raise EvaluationError(f"{model_dir}/{models.MODEL_CONFIG_JSON} has no class_names; it was "
-                              "not written by python -m imcl_tf.train.")
+                              "not written by imcl-train.")
     model_names, dataset_names = list(model_names), list(dataset_names)
     if model_names == dataset_names:
         return
@@ -332,8 +336,11 @@ def _positive_pairs(data_dir: str, info: data.DatasetInfo, split: str
 
 
 def _frequency_groups(ap, baseline_ap, train_counts, train_pairs, train_split, num_groups,
-                      output_dir, files) -> dict[str, Any]:
-    """Makes the frequency groups, writes their CSV and plot, returns their metrics.json entry."""
+                      output_dir, files, names) -> dict[str, Any]:
+    """Makes the frequency groups, writes their CSV and plot, returns their metrics.json entry.
+
+    names: the chart's (method, baseline) names, `metrics.comparison_names` of the two runs.
+    """
     if train_counts is None:
         note = (f"no frequency groups: the dataset has no {train_split!r} split to count "
                 "training annotations in.")
@@ -359,8 +366,8 @@ def _frequency_groups(ap, baseline_ap, train_counts, train_pairs, train_split, n
     files["frequency_groups_csv"] = os.path.join(output_dir, FREQUENCY_GROUPS_CSV)
     _atomic_write_text(files["frequency_groups_csv"], _groups_csv(groups))
     files["frequency_groups_png"] = metrics_lib.plot_frequency_groups(
-        groups, os.path.join(output_dir, FREQUENCY_GROUPS_PNG), method_name="model",
-        baseline_name="baseline")
+        groups, os.path.join(output_dir, FREQUENCY_GROUPS_PNG), method_name=names[0],
+        baseline_name=names[1])
     return {"num_groups_requested": num_groups, "num_groups": used, "note": note,
             "count": f"images of split {train_split!r} with a known positive of the class",
             "groups": [group.to_dict() for group in groups]}
@@ -434,49 +441,7 @@ def _percent(value, signed: bool = False) -> str:
     return f"{100 * value:+.2f}" if signed else f"{100 * value:.2f}"
 
 
-# ---- Command line ------------------------------------------------------------------------------
+if __name__ == "__main__":  # the command's flags and main are in imcl_tf.evaluate_cli
+    from imcl_tf.evaluate_cli import run_cli
 
-
-def _define_flags() -> None:
-    # Defined only when run as a program, so importing this module next to imcl_tf.train (which
-    # also has --model_dir and --data_dir) never registers a flag twice.
-    from absl import flags
-
-    flags.DEFINE_string("model_dir", None, "Training run folder to evaluate.", required=True)
-    flags.DEFINE_string("data_dir", None, "Dataset folder (dataset.json + TFRecord shards).",
-                        required=True)
-    flags.DEFINE_string("split", "test", "Split of the dataset to evaluate on.")
-    flags.DEFINE_string("output_dir", None, "Where the results go; default "
-                        "<model_dir>/eval/<split>.")
-    flags.DEFINE_string("baseline_model_dir", None, "A baseline run (e.g. --method=logistic) "
-                        "evaluated the same way: adds deltas and frequency groups.")
-    flags.DEFINE_enum("checkpoint", "best", ["best", "latest"], "Which saved model of the run(s).")
-    flags.DEFINE_integer("num_groups", 10, "Frequency groups (5 in the paper, 10 in its "
-                         "supplement).")
-    flags.DEFINE_integer("batch_size", 64, "Images per forward pass.")
-    flags.DEFINE_string("train_split", "train", "Split whose known positives order the classes "
-                        "into frequency groups.")
-
-
-def main(argv: Sequence[str]) -> None:
-    from absl import app, flags
-
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {list(argv[1:])!r}; every option is a --flag.")
-    values = flags.FLAGS
-    try:
-        result = evaluate_model_dir(
-            values.model_dir, values.data_dir, split=values.split, output_dir=values.output_dir,
-            baseline_model_dir=values.baseline_model_dir, checkpoint=values.checkpoint,
-            num_groups=values.num_groups, batch_size=values.batch_size,
-            train_split=values.train_split)
-    except (EvaluationError, data.DataError, FileNotFoundError) as err:
-        raise SystemExit(f"imcl_tf.evaluate: error: {err}") from None
-    print(format_summary(result))
-
-
-if __name__ == "__main__":
-    from absl import app as _app
-
-    _define_flags()
-    _app.run(main)
+    run_cli()

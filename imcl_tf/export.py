@@ -1,10 +1,10 @@
-"""Export a trained classifier as a TensorFlow Serving SavedModel (architecture.md section 7).
+"""Export a trained classifier as a TensorFlow Serving SavedModel (docs/serving.md).
 
 `export_model` writes `<export_base>/<model_name>/<version>/` with named signatures, the class names
 as an asset and warm-up requests, building it in a hidden temporary folder beside the final one and
 renaming it into place, so a server polling the base path never sees half a model.
 
-    python -m imcl_tf.export --model_dir=runs/demo --export_base=exports --model_name=demo
+    imcl-export --model_dir=runs/demo --export_base=exports --model_name=demo
 
 Signatures (every input and output has an explicit name):
   serving_default   image models: `image_bytes` tf.string [B] (JPEG/PNG), decoded and resized in
@@ -184,7 +184,7 @@ def export_from_model_dir(model_dir: str, export_base: str, model_name: str, *,
     """Loads a training run with `imcl_tf.models.load_model_dir` and exports it (the CLI's body)."""
     if not os.path.isdir(model_dir):
         raise ExportError(f"--model_dir={model_dir!r} is not a folder; give the model_dir of a "
-                          "training run (python -m imcl_tf.train --model_dir=...).")
+                          "training run (imcl-train --model_dir=...).")
     if checkpoint not in ("best", "latest"):
         raise ExportError(f"--checkpoint must be 'best' or 'latest'. Received: {checkpoint!r}.")
     # Imported here so that this module (and the server, which reads its names) does not need the
@@ -433,46 +433,7 @@ def _check_arguments(model_name: str, input_mode: str, image_size: int | None,
                           f"Received: {version!r}.")
 
 
-# ---- Command line ------------------------------------------------------------------------------
+if __name__ == "__main__":  # the command's flags and main are in imcl_tf.export_cli
+    from imcl_tf.export_cli import run_cli
 
-
-def _define_flags() -> None:
-    # Defined only when run as a program, so importing this module next to imcl_tf.train (which
-    # also has --model_dir) never registers a flag twice.
-    from absl import flags
-
-    flags.DEFINE_string("model_dir", None, "Training run folder to export.", required=True)
-    flags.DEFINE_string("export_base", None, "Folder of served models (TF Serving's base path "
-                        "parent): the export goes to <export_base>/<model_name>/<version>.",
-                        required=True)
-    flags.DEFINE_string("model_name", None, "Served model name.", required=True)
-    flags.DEFINE_integer("version", None, "Version number; default 1 + the highest existing.")
-    flags.DEFINE_enum("checkpoint", "best", ["best", "latest"], "Which checkpoint to export.")
-    flags.DEFINE_integer("top_k", 5, "K of the top_k_* outputs.")
-    flags.DEFINE_integer("max_image_pixels", image_header.DEFAULT_MAX_IMAGE_PIXELS,
-                         "The image signatures refuse an image whose header declares more pixels "
-                         "(width x height), before decoding it.")
-
-
-def main(argv: Sequence[str]) -> None:
-    from absl import app, flags, logging
-
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {list(argv[1:])!r}")
-    values = flags.FLAGS
-    try:
-        version_dir = export_from_model_dir(values.model_dir, values.export_base,
-                                            values.model_name, checkpoint=values.checkpoint,
-                                            version=values.version, top_k=values.top_k,
-                                            max_image_pixels=values.max_image_pixels)
-    except ExportError as err:
-        raise SystemExit(f"imcl_tf.export: error: {err}") from None
-    logging.info("exported %s", version_dir)
-    print(version_dir)
-
-
-if __name__ == "__main__":
-    from absl import app as _app
-
-    _define_flags()
-    _app.run(main)
+    run_cli()

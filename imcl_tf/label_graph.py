@@ -1,8 +1,8 @@
 """Label graphs: builders (identity, co-occurrence, .npy), normalisation and the masked Keras layer.
 
-A graph is a NumPy float32 [L, L] matrix G in the code's row-vector convention (method spec 1 and
-3.4): a label-state row y is propagated as (y G)_j = sum_l y_l G_lj, so column j says how label j is
-predicted from its related labels. After `normalize_graph` every column sums to 1 and the
+A graph is a NumPy float32 [L, L] matrix G in the code's row-vector convention (docs/method.md
+§1, §3): a label-state row y is propagated as (y G)_j = sum_l y_l G_lj, so column j says how
+label j is predicted from its related labels. After `normalize_graph` every column sums to 1 and the
 propagated score of label j is a weighted average of the predictions of j and its related labels.
 `LabelGraph` holds the normalised matrix on its support: only its initially non-zero entries are
 stored, multiplied and trained.
@@ -16,9 +16,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from imcl_tf.choices import GRAPH_KINDS
 from imcl_tf.data import DataError
-
-GRAPH_KINDS = ("identity", "cooccurrence")
 
 
 # ---- Builders ----------------------------------------------------------------------------------
@@ -154,7 +153,8 @@ def load_graph_npy(path, num_classes: int) -> np.ndarray:
 
 
 def normalize_graph(graph) -> np.ndarray:
-    """Sets the diagonal to 1, then divides every column by its sum (spec 3.4), float32 [L, L].
+    """Sets the diagonal to 1, then divides every column by its sum (docs/method.md §3), float32
+    [L, L].
 
     Afterwards every column sums to 1 and G[j, j] = 1 / (sum of column j with its diagonal set to 1).
     """
@@ -178,13 +178,15 @@ def normalize_graph(graph) -> np.ndarray:
 # its stored entries each call); sparser ones on their support only.
 DENSE_PRODUCT_RATIO = 64
 STRUCTURES = ("identity", "diagonal", "general")
+# The most labels LabelGraph.dense_block returns without being told which (4096^2 floats: 64 MiB).
+DENSE_BLOCK_LIMIT = 4096
 
 
 @keras.saving.register_keras_serializable(package="imcl_tf")
 class LabelGraph(keras.layers.Layer):
     """The label graph G as a Keras layer: `layer(states [..., L]) -> states @ G`.
 
-    G is stored on its support only (architecture.md section 5, scale rules): the positions of the
+    G is stored on its support only (docs/architecture.md, scale rules): the positions of the
     initial matrix's non-zero entries (`support`, int32 [S, 2] of (row, column), row-major) and
     their values (`values`, float32 [S], the trainable parameters) next to their initial values
     (`initial_values`). Entries outside the support are zero forever and cost nothing, neither in
@@ -306,6 +308,35 @@ class LabelGraph(keras.layers.Layer):
         if self.structure == "identity":
             return tf.eye(self.num_classes)
         return self._dense(tf.ones([self.num_entries]), [self.num_classes] * 2)
+
+    def dense_block(self, classes=None, initial: bool = False) -> np.ndarray:
+        """G (or G0 with initial=True) on the rows and columns `classes`, dense float32 NumPy.
+
+        block[a, b] = G[classes[a], classes[b]]. Built from the stored entries only, so a block
+        of a few hundred labels of a graph over many thousands never forms the [L, L] matrix.
+        classes=None gives the whole [L, L] matrix, refused above DENSE_BLOCK_LIMIT labels.
+        """
+        if classes is None:
+            if self.num_classes > DENSE_BLOCK_LIMIT:
+                raise ValueError(f"LabelGraph.dense_block: {self.num_classes} labels are more than "
+                                 f"{DENSE_BLOCK_LIMIT}; pass the classes to show.")
+            classes = np.arange(self.num_classes)
+        classes = np.asarray(classes, np.int64)
+        if (classes.ndim != 1 or np.any((classes < 0) | (classes >= self.num_classes))
+                or np.unique(classes).size != classes.size):
+            raise ValueError(f"LabelGraph.dense_block: classes must be distinct label indices in "
+                             f"[0, {self.num_classes}). Received: {classes.tolist()[:10]}.")
+        if self.structure == "identity":
+            return (classes[:, None] == classes[None, :]).astype(np.float32)
+        support = self.support.numpy()
+        values = (self.initial_values if initial else self.values).numpy()
+        position = np.full(self.num_classes, -1, np.int64)  # label -> its place in the block
+        position[classes] = np.arange(classes.size)
+        rows, columns = position[support[:, 0]], position[support[:, 1]]
+        kept = (rows >= 0) & (columns >= 0)
+        block = np.zeros([classes.size, classes.size], np.float32)
+        block[rows[kept], columns[kept]] = values[kept]
+        return block
 
     def reset_to_initial(self) -> None:
         """Restores G to its initial values (e.g. after a NaN loss, as the official OI run does)."""

@@ -1,10 +1,10 @@
 """IMCL losses: partial (masked) BCE, label states, the prediction-smoothness loss, lambda balancing.
 
-Method spec (imcl-method.md) sections 3.1-3.3 and 3.5. Every function computes in float32, whatever
+docs/method.md §1. Every function computes in float32, whatever
 the dtype of its inputs (logits may be float16 under mixed precision), and returns float32.
 
 Label rows use the dataset convention: +1 known present, -1 known absent, 0 unknown. Only the
-label-state functions accept values above 1 (the CUB class-label augmentation `a`, spec 6.1).
+label-state functions accept values above 1 (the CUB class-label augmentation `a`).
 """
 
 from __future__ import annotations
@@ -17,12 +17,12 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from imcl_tf.choices import BALANCE_MODES
+
 logger = logging.getLogger(__name__)
 
-BALANCE_MODES = ("loss_ratio", "none")
 
-
-# ---- Partial binary cross-entropy (spec 3.1) ---------------------------------------------------
+# ---- Partial binary cross-entropy (docs/method.md §1) --------------------------------------------
 
 
 def masked_bce(labels, logits) -> tf.Tensor:
@@ -63,7 +63,7 @@ def masked_bce_per_entry(labels, logits) -> tuple[tf.Tensor, tf.Tensor]:
     return per_entry * known, known
 
 
-# ---- Label states (spec 3.2) -------------------------------------------------------------------
+# ---- Label states (docs/method.md §1) ------------------------------------------------------------
 
 
 def asym_tanh(x, c) -> tf.Tensor:
@@ -84,7 +84,7 @@ def asym_tanh(x, c) -> tf.Tensor:
 
 
 def query_label_states(logits, labels, asym_c, a_max: float = 10.0) -> tf.Tensor:
-    """Clamped label-state vectors y of query images, float32 [..., L] (spec 3.2).
+    """Clamped label-state vectors y of query images, float32 [..., L] (docs/method.md §1).
 
     y = u * sigma_c(z) + clip(l, -1/c, a_max) with u = 1 on unknown entries and 0 on observed ones:
     unknown entries take the prediction, observed positives become 1 (or the class-label weight a
@@ -106,7 +106,7 @@ def atom_label_states(logits, labels, graph, asym_c, a_max: float = 10.0) -> tf.
     """Propagated label-state vectors y~ of dictionary / neighbour images, float32 [..., L].
 
     y~ = u * (sigma_c(z) @ G) + clip(l, -1/c, a_max): the graph propagates the PREDICTED part only,
-    then the observed entries are overwritten by the observed labels (spec 3.2, the code's
+    then the observed entries are overwritten by the observed labels (docs/method.md §1, the code's
     row-vector convention (y G)_j = sum_l y_l G_lj).
 
     Args:
@@ -136,7 +136,7 @@ def atom_label_states(logits, labels, graph, asym_c, a_max: float = 10.0) -> tf.
     return unknown * propagated + observed
 
 
-# ---- Smoothness loss (spec 3.3) ----------------------------------------------------------------
+# ---- Smoothness loss (docs/method.md §1) ---------------------------------------------------------
 
 
 def smoothness_losses(query_y, query_f, neighbor_y, neighbor_f, coef_y, coef_f, valid,
@@ -180,7 +180,7 @@ def smoothness_losses(query_y, query_f, neighbor_y, neighbor_f, coef_y, coef_f, 
     return tf.reduce_mean(per_image_y), tf.reduce_mean(per_image_f)
 
 
-# ---- Lambda balancing (spec 3.5) ---------------------------------------------------------------
+# ---- Lambda balancing (docs/method.md §1) --------------------------------------------------------
 
 
 def resolve_lambdas(balance: str, loss_c, loss_y, loss_f, multiplier_y: float,

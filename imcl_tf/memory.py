@@ -1,7 +1,8 @@
 """The dictionary bank: the N_S training images IMCL reconstructs each minibatch image from.
 
 The bank holds, for M chosen training images, their network inputs (uint8 images or float
-embeddings), their cached features, their PARTIAL label rows and their id hashes (method spec 5.2).
+embeddings), their cached features, their PARTIAL label rows and their id hashes
+(docs/method.md §3).
 Everything lives in non-trainable Keras weights, so it saves and restores with the model. Cached
 features are refreshed with the current network every `refresh_every` steps; label states of the
 atoms are recomputed from the cached features with the current classifier and graph at every step.
@@ -20,7 +21,7 @@ def select_dictionary(label_rows: np.ndarray, per_class: int = 10, max_size: int
 
     Args:
       label_rows: [N, L] partial label rows in {+1, -1, 0} of the training split.
-      per_class: images per class with a KNOWN positive for that class (method spec 5.2: 10).
+      per_class: images per class with a KNOWN positive for that class (docs/method.md §3: 10).
         Classes are served rarest first; an image already chosen for another class counts for
         every class it is a known positive of, so no image appears twice. 0 takes the whole split.
       max_size: if > 0, the bank is cut to at most this many images (a seeded random subset).

@@ -1,7 +1,7 @@
 """Evaluation metrics on partially labelled data (NumPy): AP, mAP conventions, PRF, frequency groups.
 
 Label arrays use the dataset convention: +1 known present, -1 known absent, 0 unknown. Unknown
-entries never count, neither as positives nor as negatives (method spec 6.4).
+entries never count, neither as positives nor as negatives (docs/method.md §4).
 
 mAP conventions (`map_metrics`):
   mAP                 mean AP over the classes with >= 1 known positive and >= 1 known negative.
@@ -254,12 +254,28 @@ def frequency_groups(train_positive_counts, ap_method, ap_baseline, num_groups: 
     return groups
 
 
+# How charts name the methods of imcl_tf.models.METHODS.
+METHOD_DISPLAY_NAMES = {"imcl": "IMCL", "logistic": "Logistic"}
+
+
+def comparison_names(method: str, baseline_method: str) -> tuple[str, str]:
+    """Chart names of a run's method and of the run it is compared with (the control).
+
+    The real methods, e.g. ("IMCL", "Logistic"); when both runs used the same method the second
+    is called "<method> (control)", so a logistic run is never drawn as "IMCL - Logistic".
+    """
+    name = METHOD_DISPLAY_NAMES.get(method, method or "model")
+    other = METHOD_DISPLAY_NAMES.get(baseline_method, baseline_method or "baseline")
+    return (name, f"{other} (control)") if other == name else (name, other)
+
+
 def plot_frequency_groups(groups: Sequence[FrequencyGroup], path: str, method_name: str = "IMCL",
                           baseline_name: str = "Logistic") -> str:
     """Writes a PNG: bars of the mean AP gain per group (in AP points) and, on a second axis, the
     training images per group (annotations when image counts are absent). Returns the path.
 
-    The file is written under a temporary name and renamed into place.
+    The title and axis name both methods (`comparison_names` makes the names). The file is
+    written under a temporary name and renamed into place.
     """
     if not groups:
         raise ValueError("plot_frequency_groups: no groups to plot.")
@@ -277,6 +293,8 @@ def plot_frequency_groups(groups: Sequence[FrequencyGroup], path: str, method_na
     colors = ["tab:green" if gain >= 0 else "tab:red" for gain in gains]
     axis.bar(positions, np.nan_to_num(gains), color=colors, width=0.7)
     axis.axhline(0.0, color="black", linewidth=0.8)
+    axis.set_title(f"{method_name} against {baseline_name}: mean AP gain per class-frequency "
+                   "group", fontsize=10)
     axis.set_xlabel("class group (ascending training annotations per class)")
     axis.set_ylabel(f"mean AP gain, {method_name} - {baseline_name} (points)")
     axis.set_xticks(positions)

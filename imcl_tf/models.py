@@ -1,6 +1,6 @@
 """IMCLModel: a CNN (or feature adapter) with a multi-label head, trained by IMCL or by masked BCE.
 
-One Keras model serves both methods of architecture.md section 5 so that the comparison is fair:
+One Keras model serves both methods of docs/architecture.md so that the comparison is fair:
 `method="logistic"` trains with the masked BCE only (the baseline); `method="imcl"` adds the
 smoothness loss whose neighbours come from a Joint Nonnegative OMP over the dictionary bank.
 Preprocessing of 0..255 images happens inside the model, so an exported model takes raw pixels.
@@ -17,18 +17,13 @@ import numpy as np
 import tensorflow as tf
 
 from imcl_tf import losses
+from imcl_tf.choices import BACKBONES, BALANCE_MODES, METHODS, NEIGHBOUR_MODES, REFIT_MODES
 from imcl_tf.label_graph import LabelGraph
 from imcl_tf.memory import DictionaryBank
 from imcl_tf.omp import joint_nonnegative_omp, refit_on_support
 
-BACKBONES = ("small_cnn", "mobilenet_v2", "resnet50", "resnet101", "features")
-METHODS = ("imcl", "logistic")
-NEIGHBOUR_MODES = ("cached", "forward")
-# How forward mode gets the coefficients of the re-encoded neighbours (method spec 5.1).
-REFIT_MODES = ("reuse_support_refit", "reuse_all")
-# Named by the method spec but not implemented: refused with an explanation.
+# The official code's mode, not implemented (docs/method.md §5): refused with an explanation.
 _UNIMPLEMENTED_REFIT_MODES = ("official_pool_rerun",)
-BALANCE_MODES = ("loss_ratio", "none")
 
 # How each keras.applications backbone expects its 0..255 RGB input to be scaled.
 _PREPROCESSING = {"small_cnn": "unit", "mobilenet_v2": "symmetric", "resnet50": "caffe",
@@ -70,7 +65,7 @@ def build_backbone(name: str, input_shape: tuple[int, ...], weights: str = "none
       input_shape: (H, W, 3) for images or (D_in,) for features.
       weights: "none", "imagenet", or the path of a Keras weights file for this backbone.
       freeze_batchnorm: keep BatchNormalization layers in inference mode with frozen statistics
-        (method spec 2.2: the official runs fine-tune with BN frozen).
+        (docs/method.md §1: the official runs fine-tune with BN frozen).
     """
     if name not in BACKBONES:
         raise ValueError(f"Unknown backbone {name!r}; choose one of {BACKBONES}. Received: "
@@ -141,7 +136,7 @@ class IMCLModel(keras.Model):
       method: "imcl" or "logistic".
       dictionary_size: M, atoms in the bank (static; 0 only for `logistic`).
       k: neighbours per image (OMP sparsity).
-      multiplier_y, multiplier_f: user factors of the balanced lambdas (method spec 3.5).
+      multiplier_y, multiplier_f: user factors of the balanced lambdas (docs/method.md §1).
       balance: "loss_ratio" (lambda = multiplier * L_c / L_term on calibration batches) or "none"
         (lambda = multiplier).
       asym_c: the asymmetry c >= 1 of the label-state function sigma_c.
@@ -149,7 +144,7 @@ class IMCLModel(keras.Model):
         [0, 1] after every step.
       neighbour_mode: "cached" (neighbour features from the bank) or "forward" (neighbour inputs
         re-run through the backbone with gradient, as the official end-to-end code does).
-      refit_mode: where forward mode's coefficients come from (method spec 5.1 and 8 row 10).
+      refit_mode: where forward mode's coefficients come from (docs/method.md §5).
         "reuse_support_refit" (default) keeps the OMP's support (chosen atoms and valid slots) and
         re-solves both coefficient vectors by exact NNLS on it with the fresh neighbour features
         and label states, each side on its own (label side against the query's label state,
@@ -162,7 +157,7 @@ class IMCLModel(keras.Model):
       feature_loss: add lambda_f * L_f to the loss (the feature side always drives selection).
       freeze_batchnorm: see build_backbone.
       head_weight_decay: L2 factor on the classifier kernel (bias excluded), CUB uses 1e-4.
-      omp_jit_compile: run the OMP XLA-compiled inside the step (architecture.md section 5);
+      omp_jit_compile: run the OMP XLA-compiled inside the step (docs/architecture.md);
         False runs it as ordinary TensorFlow ops (a fallback where XLA is unavailable).
       label_graph_layout: {"num_entries", "structure"} of a saved graph (get_config() writes it),
         used when label_graph_init is None to rebuild the graph's storage before its weights load.
@@ -187,7 +182,7 @@ class IMCLModel(keras.Model):
         _check_choice("neighbour_mode", neighbour_mode, NEIGHBOUR_MODES)
         if refit_mode in _UNIMPLEMENTED_REFIT_MODES:
             raise ValueError(f"IMCLModel: refit_mode={refit_mode!r} (a second OMP over the union "
-                             "of the batch's neighbours, method spec 5.1) is not implemented; "
+                             "of the batch's neighbours, docs/method.md §3) is not implemented; "
                              f"choose one of {REFIT_MODES}.")
         _check_choice("refit_mode", refit_mode, REFIT_MODES)
         _check_choice("balance", balance, BALANCE_MODES)
@@ -316,7 +311,7 @@ class IMCLModel(keras.Model):
         return self(inputs, training=False)
 
     def _loss_terms(self, inputs, labels, ids, training):
-        """The loss of architecture.md section 5 and its parts, all float32 scalars."""
+        """The loss of docs/architecture.md and its parts, all float32 scalars."""
         labels = tf.cast(labels, tf.float32)
         features = self.extract_features(inputs, training=training)  # [B, D]
         logits = self.head(features)  # [B, L]
@@ -335,7 +330,7 @@ class IMCLModel(keras.Model):
         return terms
 
     def _smoothness_terms(self, inputs, features, logits, labels, ids, training, lambda_y, lambda_f):
-        """Steps 2-4 of architecture.md section 5: label states, OMP, smoothness residuals."""
+        """Steps 2-4 of docs/architecture.md: label states, OMP, smoothness residuals."""
         fit = self._neighbour_fit(inputs, features, logits, labels, ids, training, lambda_y,
                                   lambda_f)
         query_y, query_f = fit["query_y"], fit["query_f"]
@@ -365,7 +360,7 @@ class IMCLModel(keras.Model):
         query_f = _with_bias(features)  # [B, D+1]: the constant coordinate is reconstructed too
         bank_f = _with_bias(self.bank.features)  # [M, D+1], constants until the next refresh
         # Atom label states for SELECTION only, with the current classifier and graph but no
-        # gradient (architecture.md section 5, scale rules): only the B x k selected neighbours
+        # gradient (docs/architecture.md, scale rules): only the B x k selected neighbours
         # enter the loss, and their states are recomputed with gradient below.
         atoms_y = self.selection_atom_states()  # [M, L]
         omp = joint_nonnegative_omp(
@@ -378,7 +373,7 @@ class IMCLModel(keras.Model):
         flat = tf.reshape(indices, [-1])  # [B*k]
         neighbour_labels = tf.cast(tf.gather(self.bank.labels, flat), tf.float32)  # [B*k, L]
         if self.neighbour_mode == "forward":
-            # Neighbour inputs go through the backbone again, with gradient (spec 3.3).
+            # Neighbour inputs go through the backbone again, with gradient (docs/method.md §1).
             neighbour_features = self.extract_features(self.bank(flat), training=training)
         else:
             # The cached features of the chosen atoms (constants until the next refresh).
@@ -393,7 +388,7 @@ class IMCLModel(keras.Model):
             neighbour_y = tf.stop_gradient(neighbour_y)
             neighbour_f = tf.stop_gradient(neighbour_f)
         if self.neighbour_mode == "forward" and self.refit_mode == "reuse_support_refit":
-            # Same support, coefficients re-solved for the fresh vectors (spec 5.1).
+            # Same support, coefficients re-solved for the fresh vectors (docs/method.md §3).
             coef_y, coef_f = refit_on_support(query_y, query_f, neighbour_y, neighbour_f,
                                               omp.valid)
         return {"query_y": query_y, "query_f": query_f, "neighbour_y": neighbour_y,
@@ -436,7 +431,7 @@ class IMCLModel(keras.Model):
         return self.extract_features(inputs, training=False)
 
     def calibrate_lambdas(self, dataset, num_batches: int = 10) -> dict[str, float]:
-        """Sets lambda_y, lambda_f by balancing against the BCE on a few batches (spec 3.5).
+        """Sets lambda_y, lambda_f by balancing against the BCE on batches (docs/method.md §1).
 
         During calibration the OMP selects neighbours on labels only (lambda_y : lambda_f =
         1 : 0), as the official code's provisional weights do. The losses are computed in training
@@ -557,7 +552,7 @@ def read_model_info(model_dir: str) -> dict[str, Any]:
     path = os.path.join(model_dir, MODEL_CONFIG_JSON)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} not found: {model_dir!r} is not a model_dir written by "
-                                "python -m imcl_tf.train.")
+                                "imcl-train.")
     with open(path, encoding="utf-8") as f:
         return json.load(f)
 

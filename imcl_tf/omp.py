@@ -1,8 +1,8 @@
 """Joint Nonnegative OMP: the similarity-learning step of IMCL, batched for a tf.function.
 
 For every query it greedily picks up to k dictionary atoms that jointly reconstruct the query's
-label state and feature with nonnegative coefficients (imcl-method.md section 4, supplement
-Eqs. 5-10; interface in architecture.md section 5).
+label state and feature with nonnegative coefficients (docs/method.md §2, supplement
+Eqs. 5-10; interface in docs/architecture.md).
 """
 
 from __future__ import annotations

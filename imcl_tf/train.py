@@ -1,29 +1,27 @@
-"""Training application: `python -m imcl_tf.train --flagfile=configs/<name>.flags [--flag=...]`.
+"""Training application: `imcl-train --flagfile=demo [--flag=...]` (or `python -m imcl_tf.train`).
 
 Trains the logistic baseline or IMCL (optionally both: `--method=imcl --warm_start=auto` runs the
 paper's two-stage recipe), validates by mAP at every evaluation interval, logs to TensorBoard
 under model_dir, checkpoints so that a killed run resumes where it was, keeps the best model by
 validation mAP and exports it as a SavedModel for TensorFlow Serving.
 
-Every option is a flag (one per `TrainConfig` field; `--helpfull` lists them). Flags are
-read left to right and the last value wins, so `--flagfile=configs/cub.flags --k=5` overrides the
-file's k. A flagfile may include another with a `--flagfile=...` line; a relative path there is
-looked up next to the including file first, then in the working directory.
+Every option is a flag (one per `TrainConfig` field). Flags are read left to right and the last
+value wins, so `--flagfile=cub --k=5` overrides the config's k. `--flagfile` takes a path or the
+name of a config shipped with the package (demo, cub, coco, openimages, voc, paper_common); a
+flagfile may include another with a `--flagfile=...` line, looked up next to the including file
+first. `--debug` shows Python tracebacks of errors.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 import sys
 from typing import Sequence
 
 from absl import app, flags, logging
 
+from imcl_tf import console, flagfiles
 from imcl_tf.training.config import TrainConfig
-from imcl_tf.training.report import format_summary
-from imcl_tf.training.run_files import RunError
-from imcl_tf.training.trainer import run
 
 FLAGS = flags.FLAGS
 
@@ -58,77 +56,51 @@ def config_from_flags(flag_values: flags.FlagValues = FLAGS) -> TrainConfig:
     return TrainConfig(**values)
 
 
-def expand_flagfiles(argv: Sequence[str], *, _stack: tuple[str, ...] = ()) -> list[str]:
+def expand_flagfiles(argv: Sequence[str]) -> list[str]:
     """argv with every `--flagfile=PATH` replaced, in place, by the flags that file sets.
 
-    Same syntax as absl's flagfiles (one flag per line; blank lines and lines starting with `#` or
-    `//` are skipped) and the same order, so later flags still override earlier ones. A nested
-    `--flagfile` with a relative path is resolved against the including file's folder when it
-    exists there, so configs can include each other whatever the working directory.
+    A flagfile is a path or the name of a shipped config (`--flagfile=demo`); a nested
+    `--flagfile` is looked up next to the including file first (`imcl_tf.flagfiles`).
 
     Raises:
       flags.CantOpenFlagFileError: a file is missing or includes itself (the include chain is
         named).
     """
-    expanded: list[str] = []
-    arguments = list(argv)
-    index = 0
-    while index < len(arguments):
-        argument = arguments[index]
-        path = None
-        if argument in ("--flagfile", "-flagfile"):
-            if index + 1 >= len(arguments):
-                raise flags.CantOpenFlagFileError("--flagfile needs a file name.")
-            path = arguments[index + 1]
-            index += 1
-        elif argument.startswith(("--flagfile=", "-flagfile=")):
-            path = argument.split("=", 1)[1]
-        index += 1
-        if path is None:
-            expanded.append(argument)
-            continue
-        if not path.strip():
-            continue  # absl ignores an empty --flagfile= too
-        path = _resolve_flagfile(os.path.expanduser(path.strip()), _stack)
-        expanded.extend(expand_flagfiles(_flagfile_lines(path), _stack=_stack + (path,)))
-    return expanded
+    return [argument.text for argument in flagfiles.expand_flagfiles(argv)]
 
 
-def _resolve_flagfile(path: str, stack: tuple[str, ...]) -> str:
-    if stack and not os.path.isabs(path):
-        beside = os.path.join(os.path.dirname(stack[-1]), path)
-        if os.path.exists(beside):
-            path = beside
-    path = os.path.abspath(path)
-    chain = " -> ".join(stack + (path,))
-    if path in stack:
-        raise flags.CantOpenFlagFileError(f"flagfile includes itself: {chain}.")
-    if not os.path.isfile(path):
-        raise flags.CantOpenFlagFileError(
-            f"flagfile {path!r} does not exist" + (f" (included by {chain})." if stack else "."))
-    return path
-
-
-def _flagfile_lines(path: str) -> list[str]:
-    with open(path, encoding="utf-8") as f:
-        lines = [line.strip() for line in f]
-    return [line for line in lines if line and not line.startswith(("#", "//"))]
+# Where each flag of the latest parse_flags came from, for error messages (FILE:LINE).
+_last_arguments: list[flagfiles.Argument] = []
 
 
 def parse_flags(argv: Sequence[str], flag_values: flags.FlagValues = FLAGS) -> list[str]:
     """Parses argv (program name first) with flagfiles expanded; returns the positional rest."""
-    return flag_values([argv[0]] + expand_flagfiles(argv[1:]))
+    _last_arguments[:] = flagfiles.expand_flagfiles(argv[1:])
+    return flag_values([argv[0]] + [argument.text for argument in _last_arguments])
+
+
+def flag_origin(name: str) -> str | None:
+    """`FILE:LINE` of the flagfile line that set flag `name` in the latest parse, or None."""
+    return flagfiles.origin_of_flag(_last_arguments, name)
 
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
-        raise app.UsageError(f"Unexpected positional arguments: {argv[1:]}; every option is a "
-                             "--flag (see --helpfull).")
+        raise app.UsageError(f"unexpected positional arguments {argv[1:]}; every option is a "
+                             "--flag.")
     config = config_from_flags()
     try:
+        config.validate_options()  # before TensorFlow is imported: a typo answers at once
+        console.import_tensorflow_quietly()
         config.validate()
     except ValueError as e:
-        raise app.UsageError(str(e)) from e
+        name = str(e).split(":", 1)[0].lstrip("-")
+        origin = flag_origin(name)
+        raise app.UsageError(f"{origin}: {e}" if origin else str(e)) from e
+    from imcl_tf.training.report import format_summary
+    from imcl_tf.training.run_files import RunError
+    from imcl_tf.training.trainer import run
+
     try:
         summary = run(config)
     except RunError as e:  # the folder is in use, or the run diverged: one line, status 1
@@ -139,9 +111,12 @@ def main(argv: list[str]) -> None:
 
 
 def run_cli() -> None:
+    """The `imcl-train` command."""
     define_flags()
     logging.set_verbosity(logging.INFO)
-    app.run(main, flags_parser=parse_flags)
+    console.run_app(main, program="imcl-train", flags_parser=parse_flags,
+                    flag_origins=flag_origin, flag_modules=[__name__],
+                    needs_tensorflow=False)
 
 
 if __name__ == "__main__":

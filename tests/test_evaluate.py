@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from imcl_tf import data, evaluate, models
+from imcl_tf import data, evaluate, metrics, models
 
 CLASS_NAMES = ["cat", "dog", "car", "tree", "sky", "boat"]
 NUM_CLASSES = len(CLASS_NAMES)
@@ -302,6 +302,33 @@ def test_frequency_groups_fewer_classes_than_groups(evaluated, setup):
     assert (groups["num_groups_requested"], groups["num_groups"]) == (10, NUM_CLASSES)
     assert "only 6 classes" in groups["note"]
     _check_groups(evaluated["output_dir"], evaluated, setup, NUM_CLASSES)
+
+
+@pytest.mark.parametrize("methods, names", [
+    (("imcl", "logistic"), ("IMCL", "Logistic")),
+    (("logistic", "logistic"), ("Logistic", "Logistic (control)")),
+    ((None, None), ("model", "baseline")),  # runs written before the method was recorded
+])
+def test_frequency_chart_names_the_real_methods(setup, tmp_path, monkeypatch, methods, names):
+    runs = []
+    for index, method in enumerate(methods):
+        run_dir = str(tmp_path / f"run{index}")
+        _write_run(run_dir, seed=index + 1)
+        if method is not None:
+            info = models.read_model_info(run_dir)
+            models.write_model_info(run_dir, {**info, "method": method})
+        runs.append(run_dir)
+    drawn = []
+    real_plot = metrics.plot_frequency_groups
+
+    def watched_plot(groups, path, method_name, baseline_name):
+        drawn.append((method_name, baseline_name))
+        return real_plot(groups, path, method_name, baseline_name)
+
+    monkeypatch.setattr(metrics, "plot_frequency_groups", watched_plot)
+    evaluate.evaluate_model_dir(runs[0], setup["data_dir"], baseline_model_dir=runs[1],
+                                output_dir=str(tmp_path / "eval"), batch_size=16)
+    assert drawn == [names]
 
 
 @pytest.mark.slow

@@ -303,6 +303,42 @@ def test_label_graph_statistics_match_numpy(rng):
     assert stats["num_parameters"] == support.sum()
 
 
+@pytest.mark.parametrize("kind", ["general", "diagonal", "identity"])
+def test_label_graph_dense_block_is_the_matrix_indexed_by_the_classes(rng, kind):
+    size = 9
+    if kind == "general":
+        graph = normalize_graph(sparse_nonnegative(rng, size))
+    else:
+        graph = np.eye(size, dtype=np.float32)
+    layer = LabelGraph(graph, learnable=kind != "identity")
+    assert layer.structure == kind
+    current = graph.copy()
+    if kind != "identity":
+        support = graph != 0
+        current = np.clip(graph + support * rng.normal(scale=0.3, size=graph.shape), 0, 1)
+        current = current.astype(np.float32)
+        layer.values.assign(current[support])
+    classes = rng.permutation(size)[:5]
+    block = layer.dense_block(classes)
+    assert block.dtype == np.float32 and block.shape == (5, 5)
+    np.testing.assert_array_equal(block, current[np.ix_(classes, classes)])
+    np.testing.assert_array_equal(layer.dense_block(classes, initial=True),
+                                  graph[np.ix_(classes, classes)])
+    np.testing.assert_array_equal(layer.dense_block(), current)
+    for bad in ([0, 0, 1], [size], [-1], [[0, 1]]):
+        with pytest.raises(ValueError, match="distinct label indices"):
+            layer.dense_block(bad)
+
+
+def test_label_graph_dense_block_refuses_a_whole_huge_graph(monkeypatch):
+    import imcl_tf.label_graph as graph_module
+    monkeypatch.setattr(graph_module, "DENSE_BLOCK_LIMIT", 4)
+    layer = LabelGraph(np.eye(5, dtype=np.float32), learnable=False)
+    with pytest.raises(ValueError, match="pass the classes"):
+        layer.dense_block()
+    assert layer.dense_block([4, 1]).tolist() == [[1.0, 0.0], [0.0, 1.0]]
+
+
 def test_label_graph_saves_and_reloads_inside_a_keras_model(tmp_path, rng):
     graph = normalize_graph(sparse_nonnegative(rng, 6))
     inputs = keras.Input((6,))

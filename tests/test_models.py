@@ -363,7 +363,7 @@ def test_refit_on_support_matches_brute_force_and_leaves_invalid_slots_at_zero(r
 def _full_gradient_loss(model, inputs, labels, ids):
     """The loss as first implemented: every atom's state with gradient, then gathered (cached).
 
-    Written out here from the method spec (not with the model's helpers) so the cheaper step that
+    Written out here from docs/method.md (not with the model's helpers) so the cheaper step that
     recomputes only the chosen neighbours can be checked against it.
     """
     from imcl_tf.omp import joint_nonnegative_omp

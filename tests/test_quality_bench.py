@@ -109,3 +109,35 @@ def test_quick_transfer_regime_fixed_features_end_to_end(tmp_path):
         cwd=ROOT, capture_output=True, text=True)
     assert diagnose.returncode == 0, diagnose.stderr[-3000:]
     assert "IMCL reconstruction" in report.read_text()
+    # --baselines_only finds the cached baseline and trains nothing else.
+    again = subprocess.run(command + ["--baselines_only"], cwd=ROOT, capture_output=True,
+                           text=True)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "baseline ready:" in again.stdout and "uniform_30_seed0" in again.stdout
+
+
+def test_transfer_pretrained_weights_must_follow_the_protocol(tmp_path):
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    try:
+        import quality
+    finally:
+        sys.path.pop(0)
+    weights = tmp_path / "w.weights.h5"
+    weights.write_bytes(b"")
+    args = quality.argparse.Namespace(
+        out=str(tmp_path / "out"), num_train=3, num_val=2, num_test=2, mode="finetune",
+        pretrained=str(weights), pretrain=dict(steps=quality.TRANSFER["pretrain_steps"],
+                                               num_items=0))
+    with pytest.raises(SystemExit, match="has no .*json report"):
+        quality._build_transfer_dataset(args, {})
+    report = {"steps": 5, "batch_size": quality.TRANSFER["pretrain_batch_size"],
+              "learning_rate": quality.TRANSFER["pretrain_learning_rate"],
+              "seed": quality.TRANSFER["pretrain_seed"], "train_items": [40000, 49000]}
+    (tmp_path / "w.weights.h5.json").write_text(json.dumps(report))
+    with pytest.raises(SystemExit, match="not pretrained with the protocol's settings"):
+        quality._build_transfer_dataset(args, {})
+    report["steps"] = quality.TRANSFER["pretrain_steps"]
+    (tmp_path / "w.weights.h5.json").write_text(json.dumps(report))
+    base = {}
+    assert quality._build_transfer_dataset(args, base).endswith("full_scenes")
+    assert base["backbone_weights"] == str(weights)

@@ -63,7 +63,7 @@ def test_every_option_is_a_flag_with_the_same_default_and_a_help():
 
 
 def test_architecture_flags_exist():
-    """The flags architecture.md section 6 promises (their names are an interface)."""
+    """The flags docs/architecture.md promises (their names are an interface)."""
     promised = ["data_dir", "model_dir", "method", "backbone", "backbone_weights", "image_size",
                 "batch_size", "train_steps", "epochs", "learning_rate", "optimizer", "k",
                 "lambda_y", "lambda_f", "balance", "dictionary_size", "dictionary_per_class",
@@ -174,10 +174,10 @@ def test_flagfile_errors_name_the_file_and_the_include_chain(tmp_path):
         train.parse_flags(["train", f"--flagfile={loop}"], fresh_flags())
 
 
-# ---- configs/*.flags -----------------------------------------------------------------------------
+# ---- imcl_tf/configs/*.flags ---------------------------------------------------------------------
 
 
-CONFIG_FILES = sorted(glob.glob(os.path.join(REPO_ROOT, "configs", "*.flags")))
+CONFIG_FILES = sorted(glob.glob(os.path.join(REPO_ROOT, "imcl_tf", "configs", "*.flags")))
 DATASET_CONFIGS = ["demo.flags", "cub.flags", "coco.flags", "openimages.flags", "voc.flags"]
 
 
@@ -220,17 +220,18 @@ def test_config_file_sets_only_known_flags_with_valid_values(path):
 
 @pytest.mark.parametrize("name", DATASET_CONFIGS)
 def test_dataset_configs_explain_how_to_build_their_dataset(name):
-    with open(os.path.join(REPO_ROOT, "configs", name), encoding="utf-8") as f:
+    with open(os.path.join(REPO_ROOT, "imcl_tf", "configs", name), encoding="utf-8") as f:
         header = "".join(line for line in f if line.startswith("#"))
-    assert "python -m tfrecords_tools." in header
-    assert "tfrecords_tools.partial" in header or "partial labels" in header.lower()
+    assert "imcl-data " in header
+    assert "imcl-data partial" in header or "partial labels" in header.lower()
 
 
 def test_paper_configs_carry_the_papers_recipe():
-    """Spot checks against imcl-method.md 6.5 (the values with a source in the paper's code)."""
+    """Spot checks against docs/method.md (the values with a source in the paper's code)."""
     def parsed(name):
         flag_values = fresh_flags()
-        train.parse_flags(["train", f"--flagfile={os.path.join(REPO_ROOT, 'configs', name)}"],
+        path = os.path.join(REPO_ROOT, "imcl_tf", "configs", name)
+        train.parse_flags(["train", f"--flagfile={path}"],
                           flag_values)
         return train.config_from_flags(flag_values)
 
@@ -332,6 +333,25 @@ def test_warm_start_must_match_the_data_and_the_backbone(dataset, tmp_path):
             fake_finished_run(str(tmp_path / "resnet"), CLASS_NAMES, backbone="resnet50"))
     config_for(dataset, tmp_path, warm_start=fake_finished_run(
         str(tmp_path / "good"), CLASS_NAMES)).validate()
+
+
+def test_tensorboard_options_are_checked_against_the_data(dataset, tmp_path):
+    def refused(message, **overrides):
+        with pytest.raises(ValueError, match=message):
+            config_for(dataset, tmp_path, **overrides).validate()
+
+    refused(r"--pr_classes: 'purple' is neither a class name \(e.g. 'red', 'green', 'blue'\) nor "
+            r"a class index in \[0, 5\)", pr_classes="red,purple")
+    refused(r"--pr_classes: '5' is neither", pr_classes="5")
+    config_for(dataset, tmp_path, pr_classes="dark, 0,blue").validate()  # fine
+    refused(r"--control_model_dir: '.*empty' is not the model_dir of a finished run",
+            control_model_dir=str(tmp_path / "empty"))
+    refused(r"--control_model_dir: the run in .* has other classes",
+            control_model_dir=fake_finished_run(str(tmp_path / "order"), CLASS_NAMES[::-1]))
+    control = fake_finished_run(str(tmp_path / "control"), CLASS_NAMES, backbone="resnet50")
+    refused(r"--control_model_dir: compares validation APs; it needs --val_split",
+            control_model_dir=control, val_split="")
+    config_for(dataset, tmp_path, control_model_dir=control).validate()  # another backbone: fine
 
 
 def test_a_checkpointed_run_resumes_only_with_compatible_settings(dataset, tmp_path):

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from imcl_tf import data, export, models
+from imcl_tf import data, export, losses, metrics, models
 from imcl_tf.training.config import TrainConfig
 from imcl_tf.training.report import format_summary
 from imcl_tf.training.run_files import CHECKPOINT_DIR, FREQUENCY_CHART, LOGISTIC_STAGE_DIR, LOG_DIR, RUN_CONFIG, SUMMARY_JSON
@@ -33,12 +33,15 @@ def auto_run(tmp_path_factory):
     """The two-stage run, with os.replace watched (atomic writes) and stdout captured."""
     root = tmp_path_factory.mktemp("train_run")
     data_dir = write_dataset(str(root / "data"))
+    control_dir = str(root / "control")  # the fair control TensorBoard compares with
+    run(TrainConfig(data_dir=data_dir, model_dir=control_dir, method="logistic",
+                    train_steps=STEPS, eval_every=STEPS, batch_size=8, seed=4, verbose=0))
     config = TrainConfig(
         data_dir=data_dir, model_dir=str(root / "run"), method="imcl", warm_start="auto",
         train_steps=STEPS, eval_every=EVAL_EVERY, checkpoint_every=2, log_every=2, batch_size=8,
         dictionary_per_class=3, refresh_every=2, label_graph="cooccurrence",
         calibration_batches=2, export_dir=str(root / "export"), export_model_name="tiny",
-        seed=3, verbose=1)
+        control_model_dir=control_dir, seed=3, verbose=1)
     renames = []
     real_replace = os.replace
 
@@ -46,14 +49,23 @@ def auto_run(tmp_path_factory):
         renames.append((str(source), str(target)))
         return real_replace(source, target)
 
+    chart_names = []
+    real_plot = metrics.plot_frequency_groups
+
+    def watched_plot(groups, path, method_name, baseline_name):
+        chart_names.append((os.path.dirname(path), method_name, baseline_name))
+        return real_plot(groups, path, method_name, baseline_name)
+
     stdout = io.StringIO()
     with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(stdout):
         patch.setattr(os, "replace", watched_replace)
+        patch.setattr(metrics, "plot_frequency_groups", watched_plot)
         summary = run(config)
     model_dir = config.model_dir
     return {"config": config, "summary": summary, "renames": renames, "stdout": stdout.getvalue(),
             "data_dir": data_dir, "model_dir": model_dir, "export_dir": str(root / "export"),
-            "stage_dir": os.path.join(model_dir, LOGISTIC_STAGE_DIR)}
+            "stage_dir": os.path.join(model_dir, LOGISTIC_STAGE_DIR), "control_dir": control_dir,
+            "chart_names": chart_names}
 
 
 def read_json(path):
@@ -97,7 +109,7 @@ def test_run_config_records_the_resolved_configuration(auto_run):
     resolved = imcl["resolved"]
     assert resolved["warm_start"] == stage_dir
     assert resolved["dictionary_size"] >= 3
-    # loss_ratio balance (method spec 3.5): lambda = multiplier * L_c / L_term
+    # loss_ratio balance (docs/method.md §1): lambda = multiplier * L_c / L_term
     np.testing.assert_allclose(resolved["lambda_y"], config.lambda_y * resolved["calibration_bce"]
                                / resolved["calibration_loss_y"], rtol=1e-6)
     np.testing.assert_allclose(resolved["lambda_f"], config.lambda_f * resolved["calibration_bce"]
@@ -192,12 +204,30 @@ def test_logged_pr_curve_is_that_of_the_final_model(auto_run):
 IMCL_TRAIN_TAGS = [
     "loss/loss", "loss/bce", "loss/loss_y", "loss/loss_f", "lambda/lambda_y", "lambda/lambda_f",
     "optimizer/learning_rate", "omp/omp_valid_fraction", "omp/residual_y_before",
-    "omp/residual_y_after", "omp/residual_f_before", "omp/residual_f_after",
-    "label_graph/mean_diagonal", "label_graph/mean_offdiagonal_mass",
+    "omp/residual_f_before", "label_graph/mean_diagonal", "label_graph/mean_offdiagonal_mass",
     "label_graph/mean_abs_change", "label_graph/fraction_at_zero",
 ]
+# Scalars Keras logs that repeat another one exactly: never written.
+DUPLICATE_TRAIN_TAGS = ["omp/residual_y_after", "omp/residual_f_after"]
 VALIDATION_TAGS = ["metrics/mAP", "metrics/mAP_all_classes", "metrics/mAP_label_weighted",
-                   "metrics/per_class_ap", f"pr_curve/000_{CLASS_NAMES[0]}/pr_curves"]
+                   "metrics/best_mAP", "metrics/per_class_ap", "metrics/per_class_ap_table",
+                   "loss/bce", "loss/loss_y", "loss/loss_f", "label_graph/heat_map",
+                   "examples/validation_predictions", "metrics/frequency_group_gain",
+                   f"pr_curve/000_{CLASS_NAMES[0]}/pr_curves"]
+
+
+def hparams_session(log_dir):
+    """(experiment, session_start_info) protos of the HParams plugin at a run's log root."""
+    from tensorboard.plugins.hparams import plugin_data_pb2
+    found = {}
+    for path in glob.glob(os.path.join(log_dir, "events.out.tfevents.*")):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            for value in event.summary.value:
+                if value.tag.startswith("_hparams_/"):
+                    found[value.tag] = plugin_data_pb2.HParamsPluginData.FromString(
+                        value.metadata.plugin_data.content)
+    return (found["_hparams_/experiment"].experiment,
+            found["_hparams_/session_start_info"].session_start_info)
 
 
 def test_imcl_tensorboard_has_every_training_and_validation_tag(auto_run):
@@ -205,6 +235,7 @@ def test_imcl_tensorboard_has_every_training_and_validation_tag(auto_run):
     train_events = read_events(os.path.join(logs, "train"))
     missing = [tag for tag in IMCL_TRAIN_TAGS if tag not in train_events]
     assert not missing
+    assert not set(DUPLICATE_TRAIN_TAGS) & set(train_events)
     assert [step for step, _ in train_events["loss/bce"]] == [1, 2, 4, 6]
     resolved = auto_run["summary"]["resolved"]
     for step, value in train_events["lambda/lambda_y"]:
@@ -217,21 +248,73 @@ def test_imcl_tensorboard_has_every_training_and_validation_tag(auto_run):
     assert not [tag for tag in VALIDATION_TAGS if tag not in val_events]
     histogram = val_events["metrics/per_class_ap"][-1][1]  # [buckets, (left, right, count)]
     assert histogram[:, 2].sum() == len(CLASS_NAMES)
-    [(step, image)] = val_events["metrics/frequency_group_gain"][-1:]
-    assert step == STEPS and image.shape[0] == 3  # width, height, PNG bytes
+    for tag in ("metrics/frequency_group_gain", "label_graph/heat_map",
+                "examples/validation_predictions"):
+        assert [step for step, _ in val_events[tag]] == [EVAL_EVERY, STEPS]
+        assert val_events[tag][-1][1].shape == (3,)  # width, height, PNG bytes
     assert os.path.exists(os.path.join(auto_run["model_dir"], FREQUENCY_CHART))
-    run_events = read_events(logs)  # the hparams session lives at the log root
-    assert {"_hparams_/experiment", "_hparams_/session_start_info"} <= set(run_events)
+    # The chart compares with the control, named by the real methods.
+    assert (auto_run["model_dir"], "IMCL", "Logistic") in auto_run["chart_names"]
+    table = val_events["metrics/per_class_ap_table"][-1][1].item().decode()
+    assert all(f"| {name} |" in table for name in CLASS_NAMES) and "control AP" in table
 
 
-def test_logistic_tensorboard_has_no_smoothness_tags_and_no_chart(auto_run):
-    logs = os.path.join(auto_run["stage_dir"], LOG_DIR)
+def test_best_map_is_the_running_maximum_and_the_hparams_metric(auto_run):
+    logs = os.path.join(auto_run["model_dir"], LOG_DIR)
+    val_events = read_events(os.path.join(logs, "validation"))
+    maps = [float(value) for _, value in val_events["metrics/mAP"]]
+    best = [float(value) for _, value in val_events["metrics/best_mAP"]]
+    np.testing.assert_allclose(best, np.maximum.accumulate(maps), rtol=1e-6)
+    np.testing.assert_allclose(best[-1], auto_run["summary"]["best_val_mAP"], rtol=1e-6)
+    experiment, session = hparams_session(logs)
+    assert [(m.name.group, m.name.tag) for m in experiment.metric_infos] == [
+        ("validation", "metrics/best_mAP")]
+    names = set(session.hparams)
+    assert {"method", "learning_rate", "k", "lambda_y", "lambda_f", "label_graph", "batch_size",
+            "known_ratio", "dictionary_size", "seed", "backbone"} <= names
+    assert not {"verbose", "model_dir", "data_dir", "export_dir", "log_every"} & names
+    assert len(names) <= 30
+    assert session.hparams["method"].string_value == "imcl"
+    shown_first = [info.name for info in experiment.hparam_infos if info.differs]
+    assert len(shown_first) == 5 and "method" in shown_first
+
+
+def test_validation_losses_are_those_of_the_model_on_the_validation_split(auto_run):
+    config = auto_run["config"]
+    model = keras.saving.load_model(os.path.join(auto_run["model_dir"], models.LATEST_MODEL),
+                                    compile=False)
+    dataset = data.make_dataset(config.data_dir, config.val_split, batch_size=config.batch_size,
+                                deterministic=True)
+    logits = np.concatenate([model(inputs).numpy() for inputs, _, _ in dataset]).astype(np.float64)
+    labels = np.concatenate([batch_labels.numpy() for _, batch_labels, _ in dataset])
+    known = labels != 0
+    # BCE of every known entry of the split, summed, over their number (plain NumPy)
+    per_entry = np.maximum(logits, 0) - logits * (labels > 0) + np.log1p(np.exp(-np.abs(logits)))
+    expected = per_entry[known].sum() / known.sum()
+    events = read_events(os.path.join(auto_run["model_dir"], LOG_DIR, "validation"))
+    step, logged = events["loss/bce"][-1]
+    assert step == STEPS
+    np.testing.assert_allclose(float(logged), expected, rtol=1e-5)
+    assert float(losses.masked_bce(labels, logits)) == pytest.approx(expected, rel=1e-5)
+    assert all(float(value) > 0 for _, value in events["loss/loss_f"])
+
+
+def test_logistic_tensorboard_has_no_smoothness_tags_and_no_duplicates(auto_run):
+    logs = os.path.join(auto_run["control_dir"], LOG_DIR)
     train_events = read_events(os.path.join(logs, "train"))
-    assert {"loss/loss", "loss/bce", "optimizer/learning_rate"} <= set(train_events)
+    assert {"loss/bce", "optimizer/learning_rate"} <= set(train_events)
+    assert "loss/loss" not in train_events  # = loss/bce without weight decay
     assert not {"loss/loss_y", "lambda/lambda_y", "omp/omp_valid_fraction"} & set(train_events)
     val_events = read_events(os.path.join(logs, "validation"))
-    assert "metrics/mAP" in val_events
-    assert "metrics/frequency_group_gain" not in val_events  # not warm-started: no baseline
+    assert {"metrics/mAP", "loss/bce", "examples/validation_predictions"} <= set(val_events)
+    assert not {"loss/loss_y", "label_graph/heat_map"} & set(val_events)
+    assert "metrics/frequency_group_gain" not in val_events  # no control given
+    stage_events = read_events(os.path.join(auto_run["stage_dir"], LOG_DIR, "validation"))
+    # The warm-start stage is compared with the control too, never named "IMCL".
+    assert "metrics/frequency_group_gain" in stage_events
+    assert (auto_run["stage_dir"], "Logistic", "Logistic (control)") in auto_run["chart_names"]
+    assert all(method != "IMCL" for folder, method, _ in auto_run["chart_names"]
+               if folder == auto_run["stage_dir"])
 
 
 # ---- progress and summary ------------------------------------------------------------------------

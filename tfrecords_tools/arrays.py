@@ -1,6 +1,6 @@
 r"""Precomputed features + label matrix (.npy or CSV) -> a features-mode imcl_tf dataset.
 
-    python -m tfrecords_tools.arrays --features=X.npy --labels=Y.npy --label_format=partial \
+    imcl-data arrays --features=X.npy --labels=Y.npy --label_format=partial \
         --class_names=classes.txt --ids=ids.txt --output_dir=data/feats --split=train
 
 --features is an [N, D] matrix, --labels an [N, L] matrix, row i of both describing example i.
@@ -24,7 +24,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import tensorflow as tf
-from absl import app, flags
+from absl import flags
 
 from imcl_tf import data
 from tfrecords_tools import common
@@ -239,5 +239,6 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    from tfrecords_tools import commands
+
+    commands.run_tool("arrays", define_flags, main)

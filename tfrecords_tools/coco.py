@@ -1,6 +1,6 @@
 r"""MS-COCO instances annotations -> imcl_tf TFRecords (one image-level multi-label row per image).
 
-    python -m tfrecords_tools.coco --annotations=annotations/instances_train2017.json \
+    imcl-data coco --annotations=annotations/instances_train2017.json \
         --images_dir=train2017 --output_dir=data/coco --split=train --num_shards=64
 
 Classes are the json's categories in category-id order (the 80 object categories of COCO 2017),
@@ -16,7 +16,7 @@ import os
 from typing import Any, Sequence
 
 import tensorflow as tf
-from absl import app, flags
+from absl import flags
 
 from imcl_tf import data
 from tfrecords_tools import common
@@ -133,5 +133,6 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    from tfrecords_tools import commands
+
+    commands.run_tool("coco", define_flags, main)

@@ -1,8 +1,8 @@
 r"""MS-COCO captions -> a caption-WORD label dataset (the paper's MS-COCO 1k setting).
 
-    python -m tfrecords_tools.coco_captions --captions=annotations/captions_train2014.json \
+    imcl-data coco_captions --captions=annotations/captions_train2014.json \
         --images_dir=train2014 --output_dir=data/coco_words --split=train --num_shards=64
-    python -m tfrecords_tools.coco_captions --captions=annotations/captions_val2014.json \
+    imcl-data coco_captions --captions=annotations/captions_val2014.json \
         --images_dir=val2014 --output_dir=data/coco_words --split=test --num_shards=32 \
         --vocabulary=data/coco_words --unmentioned=negative
 
@@ -34,7 +34,7 @@ import re
 from typing import Any, Sequence
 
 import tensorflow as tf
-from absl import app, flags
+from absl import flags
 
 from imcl_tf import data
 from tfrecords_tools import common
@@ -241,5 +241,6 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    from tfrecords_tools import commands
+
+    commands.run_tool("coco_captions", define_flags, main)

@@ -1,6 +1,6 @@
-r"""CUB-200-2011 attribute labels -> imcl_tf TFRecords (312 binary attributes, IMCL spec 6.1).
+r"""CUB-200-2011 attribute labels -> imcl_tf TFRecords (312 binary attributes, the paper's CUB).
 
-    python -m tfrecords_tools.cub --cub_root=CUB_200_2011 --split=train,test \
+    imcl-data cub --cub_root=CUB_200_2011 --split=train,test \
         --output_dir=data/cub --num_shards=8
 
 Reads images.txt, train_test_split.txt, image_class_labels.txt, classes.txt, the attribute names
@@ -10,7 +10,7 @@ archive puts it) and attributes/image_attribute_labels.txt, whose lines are
 official file has a few lines with an extra field before the time). Every image gets all attributes
 labelled: +1 if is_present is 1, -1 otherwise; with --not_visible_unknown an attribute whose
 certainty is 1 ("not visible") is unknown instead. `image/class` holds the 0-based species index
-(for the class-label augmentation of spec 6.1); the species names are in dataset.json
+(for the paper's class-label augmentation); the species names are in dataset.json
 labels.image_class_names. --split takes train, test or train,test (the official split).
 """
 
@@ -20,7 +20,7 @@ import os
 from typing import Any, Sequence
 
 import tensorflow as tf
-from absl import app, flags
+from absl import flags
 
 from imcl_tf import data
 from tfrecords_tools import common
@@ -237,5 +237,6 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    from tfrecords_tools import commands
+
+    commands.run_tool("cub", define_flags, main)

@@ -10,7 +10,7 @@ evaluation view (`imcl_tf.data.decode_image`), preprocessed as the training appl
 that backbone, and the backbone runs in inference mode (BatchNorm moving statistics). Every split
 keeps its shard count and record order.
 
-    python -m tfrecords_tools.extract_features --input_dir=data/scenes --output_dir=data/feats \\
+    imcl-data extract_features --input_dir=data/scenes --output_dir=data/feats \\
         --backbone=small_cnn --backbone_weights=pretrained/small_cnn.weights.h5
 """
 
@@ -21,7 +21,7 @@ import sys
 from typing import Sequence
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from imcl_tf import data
 from tfrecords_tools import common
@@ -124,7 +124,7 @@ def extract(input_dir: str, output_dir: str, *, backbone: str = "small_cnn",
             except tf.errors.OpError as error:
                 raise data.DataError(f"{input_dir} split {name!r}: cannot read a record "
                                      f"({error.message.splitlines()[0]}); check it with "
-                                     "python -m tfrecords_tools.inspect.") from error
+                                     "imcl-data inspect.") from error
         progress.close()
         out_splits[name] = writer.split_info
     out = data.DatasetInfo(
@@ -163,5 +163,6 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    from tfrecords_tools import commands
+
+    commands.run_tool("extract_features", define_flags, main)

@@ -9,10 +9,10 @@ demo backbone, with the preprocessing the training application gives it) with th
 heads: the item class (10), the tint (4) and the half of the image holding the item (2), the
 attributes of the item_tint_position label space. The last 1,000 items of the range are held out
 for the accuracies it reports. Only the backbone is saved, as a Keras weights file that
-`python -m imcl_tf.train --backbone=small_cnn --backbone_weights=FILE` loads; a JSON report
+`imcl-train --backbone=small_cnn --backbone_weights=FILE` loads; a JSON report
 (FILE + ".json") records the items, steps and held-out accuracies.
 
-    python -m tfrecords_tools.fashion_pretrain --output=pretrained/small_cnn.weights.h5
+    imcl-data fashion_pretrain --output=pretrained/small_cnn.weights.h5
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import time
 from typing import Sequence
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from imcl_tf import data
 from tfrecords_tools import common, fashion_scenes
@@ -185,5 +185,6 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    from tfrecords_tools import commands
+
+    commands.run_tool("fashion_pretrain", define_flags, main)

@@ -22,7 +22,7 @@ Label spaces (--label_space):
                        co-occur through outfits and colour schemes (the paper's regime: many
                        classes, few known labels for most of them).
 
-    python -m tfrecords_tools.fashion_scenes --output_dir /tmp/fashion_scenes
+    imcl-data fashion_scenes --output_dir /tmp/fashion_scenes
 """
 
 from __future__ import annotations
@@ -36,10 +36,10 @@ import sys
 from typing import Sequence
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 from PIL import Image
 
-from imcl_tf import data
+from imcl_tf import data, fashion_mnist_files
 from tfrecords_tools import common
 from tfrecords_tools.common import Progress
 
@@ -123,8 +123,7 @@ def _check_label_space(label_space: str) -> None:
         raise ValueError(f"label_space must be one of {LABEL_SPACES}. Received: "
                          f"{label_space!r}.")
 
-DEFAULT_FASHION_MNIST_DIR = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "fashion-mnist")
+DEFAULT_FASHION_MNIST_DIR = fashion_mnist_files.default_dir()
 SOURCE_DESCRIPTION = ("Fashion-MNIST (Xiao, Rasul & Vollgraf 2017), "
                       "github.com/zalandoresearch/fashion-mnist; MIT licence, Copyright 2017 "
                       "Zalando SE")
@@ -137,8 +136,9 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
     flags.DEFINE_string("output_dir", None, "Dataset folder to write (shards + dataset.json).",
                         flag_values=flag_values)
     flags.DEFINE_string("fashion_mnist_dir", DEFAULT_FASHION_MNIST_DIR,
-                        "Folder with the four Fashion-MNIST .gz files (defaults to the copy "
-                        "vendored in the repository's data/fashion-mnist).",
+                        "Folder with the four Fashion-MNIST .gz files (default: "
+                        f"${fashion_mnist_files.ENV_VAR}, else the repository's "
+                        "data/fashion-mnist, else ./data/fashion-mnist).",
                         flag_values=flag_values)
     flags.DEFINE_integer("image_size", 64, "Side of the square scenes in pixels.",
                          lower_bound=32, flag_values=flag_values)
@@ -355,9 +355,7 @@ def load_fashion_mnist(directory: str, kind: str) -> tuple[np.ndarray, np.ndarra
     label_path = os.path.join(directory, f"{kind}-labels-idx1-ubyte.gz")
     for path in (image_path, label_path):
         if not os.path.exists(path):
-            raise data.DataError(f"{path} not found: --fashion_mnist_dir must hold the four "
-                                 "Fashion-MNIST .gz files (the repository has them in "
-                                 "data/fashion-mnist).")
+            raise data.DataError(fashion_mnist_files.missing_files_message(directory))
     images = _read_idx(image_path, magic=2051)
     labels = _read_idx(label_path, magic=2049)
     if images.ndim != 3 or images.shape[1:] != (28, 28) or len(images) != len(labels):
@@ -472,5 +470,6 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    from tfrecords_tools import commands
+
+    commands.run_tool("fashion_scenes", define_flags, main)

@@ -1,6 +1,6 @@
 """Inspects a dataset folder: verifies every shard and prints counts and label statistics.
 
-    python -m tfrecords_tools.inspect DIR [--json] [--check_images] [--max_classes 100]
+    imcl-data inspect DIR [--json] [--check_images] [--max_classes 100]
 
 Prints, per split, the image count, shards, known ratio, label cardinality (mean known positives
 per image) and images without a known positive, then per class the known positives and
@@ -14,7 +14,7 @@ import json
 import sys
 from typing import Any, Sequence, TextIO
 
-from absl import app, flags
+from absl import flags
 
 from imcl_tf import data
 
@@ -134,7 +134,7 @@ def run(argv: Sequence[str], stdout: TextIO | None = None, stderr: TextIO | None
 def _inspect_command(rest: Sequence[str], flag_values: flags.FlagValues, stdout: TextIO,
                      stderr: TextIO) -> int:
     if len(rest) != 2:
-        print("usage: python -m tfrecords_tools.inspect DIR [--json] [--check_images] "
+        print("usage: imcl-data inspect DIR [--json] [--check_images] "
               f"[--max_classes N]; got arguments {list(rest[1:])}", file=stderr)
         return 2
     data_dir = rest[1]
@@ -157,5 +157,6 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    from tfrecords_tools import commands
+
+    commands.run_tool("inspect", define_flags, main)

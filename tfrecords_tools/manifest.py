@@ -1,6 +1,6 @@
 r"""A custom image list with partial labels (CSV or JSONL manifest) -> imcl_tf TFRecords.
 
-    python -m tfrecords_tools.manifest --manifest=train.csv --images_dir=photos \
+    imcl-data manifest --manifest=train.csv --images_dir=photos \
         --classes=classes.txt --output_dir=data/mine --split=train
 
 --classes is a text file with one class name per line (blank lines ignored); its order is the
@@ -31,7 +31,7 @@ import re
 from typing import Any, Iterator, Sequence
 
 import tensorflow as tf
-from absl import app, flags
+from absl import flags
 
 from imcl_tf import data
 from tfrecords_tools import common
@@ -226,5 +226,6 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    from tfrecords_tools import commands
+
+    commands.run_tool("manifest", define_flags, main)

@@ -1,6 +1,6 @@
-r"""Open Images human-verified image labels -> imcl_tf TFRecords (partial labels, IMCL spec 6.3).
+r"""Open Images human-verified labels -> imcl_tf TFRecords (partial labels, as in the paper).
 
-    python -m tfrecords_tools.openimages --image_labels=train/annotations-human.csv \
+    imcl-data openimages --image_labels=train/annotations-human.csv \
         --classes=class-descriptions.csv --trainable_classes=classes-trainable.txt \
         --images_dir=train_images --output_dir=data/openimages --split=train --num_shards=256
 
@@ -27,7 +27,7 @@ import sys
 from typing import Any, Sequence
 
 import tensorflow as tf
-from absl import app, flags
+from absl import flags
 
 from imcl_tf import data
 from tfrecords_tools import common
@@ -247,5 +247,6 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    from tfrecords_tools import commands
+
+    commands.run_tool("openimages", define_flags, main)

@@ -2,7 +2,7 @@
 
 Protocols (applied to the entries that are known in the input; unknown entries stay unknown):
   uniform          each known image-class entry stays known with probability R, independently.
-  per_class        the CUB protocol (imcl-method.md 6.1): per class, keep max(floor(R n_pos), 1)
+  per_class        the CUB protocol (docs/method.md): per class, keep max(floor(R n_pos), 1)
                    of its n_pos positive images and max(floor(R n_neg), 1) of its n_neg negative
                    ones, sampled without replacement; a class with no positives (or negatives)
                    keeps none.
@@ -12,7 +12,7 @@ Protocols (applied to the entries that are known in the input; unknown entries s
 Only the named splits are masked (default: train); the others are copied with their labels.
 The protocol, ratio, seed and source dataset go into dataset.json `labels`.
 
-    python -m tfrecords_tools.partial --input_dir full --output_dir p10 --protocol per_class \\
+    imcl-data partial --input_dir full --output_dir p10 --protocol per_class \\
         --known_ratio 0.1 --seed 0 --splits train
 """
 
@@ -25,7 +25,7 @@ from typing import Sequence, TextIO
 
 import numpy as np
 import tensorflow as tf
-from absl import app, flags
+from absl import flags
 
 from imcl_tf import data
 from tfrecords_tools import common
@@ -230,11 +230,11 @@ def _read_labels(paths: list[str], num_examples: int, split: str
     except tf.errors.OpError as e:
         raise data.DataError(f"split {split!r}: cannot read the labels of {paths} "
                              f"({e.message.splitlines()[0]}); check the input with "
-                             "python -m tfrecords_tools.inspect.") from e
+                             "imcl-data inspect.") from e
     if row != num_examples:
         raise data.DataError(f"split {split!r}: the shards hold {row} records but dataset.json "
                              f"says {num_examples}; check the input with "
-                             "python -m tfrecords_tools.inspect.")
+                             "imcl-data inspect.")
     out = []
     for key in spec:
         rows, classes = pairs[key]
@@ -255,7 +255,7 @@ def _mask_split(input_dir: str, output_dir: str, split: str, split_info: data.Sp
     if out_of_range:
         raise data.DataError(f"split {split!r} of {input_dir} has class indices outside "
                              f"[0, {num_classes}); check it with "
-                             "python -m tfrecords_tools.inspect.")
+                             "imcl-data inspect.")
     # Each split has its own stream, so masking another split too does not change this one.
     rng = np.random.default_rng([seed, zlib.crc32(split.encode("utf-8"))])
     keep_positive, keep_negative = mask_labels(
@@ -341,5 +341,6 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    from tfrecords_tools import commands
+
+    commands.run_tool("partial", define_flags, main)

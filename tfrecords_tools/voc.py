@@ -1,6 +1,6 @@
 r"""PASCAL VOC 2007/2012 classification labels -> imcl_tf TFRecords.
 
-    python -m tfrecords_tools.voc --voc_root=VOCdevkit --year=2007 --image_set=trainval \
+    imcl-data voc --voc_root=VOCdevkit --year=2007 --image_set=trainval \
         --output_dir=data/voc2007 --split=train
 
 --voc_root is the VOCdevkit folder (holding VOC<year>/) or the VOC<year> folder itself. The
@@ -17,7 +17,7 @@ import xml.etree.ElementTree as ElementTree
 from typing import Any, Sequence
 
 import tensorflow as tf
-from absl import app, flags
+from absl import flags
 
 from imcl_tf import data
 from tfrecords_tools import common
@@ -138,5 +138,6 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    from tfrecords_tools import commands
+
+    commands.run_tool("voc", define_flags, main)

@@ -1,7 +1,7 @@
 """Datasets of imcl_tf: the TFRecord schema, dataset.json, writing, reading and verifying shards.
 
 A dataset is a folder with `dataset.json` and sharded TFRecord files, one `tf.train.Example` per
-image (architecture.md section 4). The modules, one job each:
+image (docs/dataset-schema.md). The modules, one job each:
 
   errors        DataError, raised for bad input data
   schema        the TFRecord feature keys, make_example, label_row

@@ -127,7 +127,7 @@ def load_dataset_info(data_dir: str) -> DatasetInfo:
     path = os.path.join(data_dir, DATASET_JSON)
     if not tf.io.gfile.exists(path):
         raise DataError(f"{path} not found: --data_dir must be a dataset folder written by "
-                        "tfrecords_tools (python -m tfrecords_tools.<converter> --output_dir ...).")
+                        "tfrecords_tools (imcl-data <tool> --output_dir ...).")
     with tf.io.gfile.GFile(path, "r") as f:
         try:
             obj = json.load(f)

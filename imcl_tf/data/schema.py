@@ -1,7 +1,7 @@
 """The TFRecord schema of imcl_tf (single source of truth): feature keys and building one Example.
 
 A dataset is a folder with `dataset.json` and sharded TFRecord files, one `tf.train.Example` per
-image (architecture.md section 4). Every class index not listed as positive or negative is unknown;
+image (docs/dataset-schema.md). Every class index not listed as positive or negative is unknown;
 in the pipeline a label row is a dense float vector in {+1, -1, 0} of length `num_classes`.
 """
 

@@ -1,24 +1,27 @@
-"""TrainConfig: every training option (each also a flag of `python -m imcl_tf.train`), validated."""
+"""TrainConfig: every training option (each also a flag of `imcl-train`), validated.
+
+Defining the options imports no TensorFlow (the choices come from `imcl_tf.choices`), so
+`imcl-train --help` is fast; `validate` imports what reads datasets and runs.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import re
+from typing import TYPE_CHECKING
 
-import numpy as np
-
-from imcl_tf import data as data_lib
-from imcl_tf import export as export_lib
-from imcl_tf import image_header
-from imcl_tf import label_graph as graph_lib
-from imcl_tf import models
-from imcl_tf.training.distribution import STRATEGIES, cluster_size
+from imcl_tf import choices as option_choices
+from imcl_tf import image_header  # no TensorFlow at import time
 from imcl_tf.training.errors import bad_flag
-from imcl_tf.training.optimizer import LR_SCHEDULES, OPTIMIZERS
 from imcl_tf.training.run_files import CHECKPOINT_DIR, LOGISTIC_STAGE_DIR, RUN_CONFIG, read_json
 
-# The export's folder-name rule, checked before training rather than when the export starts.
-_EXPORT_MODEL_NAME = export_lib._MODEL_NAME
+if TYPE_CHECKING:
+    from imcl_tf import data as data_lib
+
+# The export's folder-name rule (imcl_tf.export._MODEL_NAME, not imported: it loads TensorFlow),
+# checked before training rather than when the export starts.
+_EXPORT_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
 
 def _field(default, help_text, choices=None):
@@ -30,13 +33,14 @@ def _field(default, help_text, choices=None):
 
 @dataclasses.dataclass
 class TrainConfig:
-    """Every training option; each is also a flag of `python -m imcl_tf.train`."""
+    """Every training option; each is also a flag of `imcl-train`."""
     data_dir: str = _field("", "Dataset folder written by tfrecords_tools (has dataset.json).")
     model_dir: str = _field("", "Run folder: checkpoints, TensorBoard logs, best/latest models.")
     method: str = _field("imcl", "imcl (smoothness loss) or logistic (masked BCE baseline).",
-                         models.METHODS)
+                         option_choices.METHODS)
     backbone: str = _field("small_cnn", "Feature extractor (features: a linear adapter over the "
-                                        "dataset's precomputed embeddings).", models.BACKBONES)
+                                        "dataset's precomputed embeddings).",
+                          option_choices.BACKBONES)
     backbone_weights: str = _field("none", "none, imagenet, or a Keras weights file.")
     image_size: int = _field(0, "Square input size; 0 takes dataset.json's image_size hint.")
     batch_size: int = _field(32, "Global batch size (split across replicas).")
@@ -49,23 +53,23 @@ class TrainConfig:
     log_every: int = _field(10, "Write training scalars to TensorBoard every this many steps.")
     learning_rate: float = _field(1e-3, "Base learning rate.")
     optimizer: str = _field("adam", "Optimizer; rmsprop is the paper's RMSProp(rho 0.9, momentum "
-                                    "0.9, epsilon 1.0).", OPTIMIZERS)
+                                    "0.9, epsilon 1.0).", option_choices.OPTIMIZERS)
     lr_schedule: str = _field("constant", "constant, or plateau: the paper's EMA plateau rule "
                                           "(x0.8 when the EMA of validation mAP drops).",
-                              LR_SCHEDULES)
+                              option_choices.LR_SCHEDULES)
     plateau_alpha: float = _field(0.3, "EMA weight of the plateau rule.")
     plateau_patience: int = _field(2, "Evaluations to wait after a decay.")
     plateau_min_lr: float = _field(0.0, "The plateau rule decays only while the learning rate is "
                                         ">= this floor (0: 1e-3 x --learning_rate, the official "
                                         "floor).")
     plateau_start_step: int = _field(0, "No plateau decay before this step (validation mAP "
-                                        "fluctuates early, method spec 5.3).")
+                                        "fluctuates early, docs/method.md §4).")
     k: int = _field(3, "Neighbours per image (OMP sparsity).")
     lambda_y: float = _field(1.0, "Label-side smoothness multiplier (scaled by --balance).")
     lambda_f: float = _field(0.5, "Feature-side smoothness multiplier (scaled by --balance).")
     balance: str = _field("loss_ratio", "loss_ratio: lambda = multiplier * L_c / L_term on "
                                         "calibration batches; none: lambda = multiplier.",
-                          models.BALANCE_MODES)
+                          option_choices.BALANCE_MODES)
     calibration_batches: int = _field(10, "Batches averaged by --balance=loss_ratio.")
     feature_loss: bool = _field(True, "Add lambda_f * L_f to the loss (it always guides the OMP).")
     atom_gradient: bool = _field(True, "The smoothness residuals also train the neighbours' label "
@@ -77,13 +81,13 @@ class TrainConfig:
     refresh_every: int = _field(100, "Re-encode the bank's features every this many steps.")
     neighbour_mode: str = _field("cached", "cached: neighbour features from the bank; forward: "
                                            "neighbours re-run through the backbone.",
-                                 models.NEIGHBOUR_MODES)
+                                 option_choices.NEIGHBOUR_MODES)
     refit_mode: str = _field("reuse_support_refit", "Forward mode's coefficients: "
                                                     "reuse_support_refit re-solves them by NNLS "
                                                     "on the OMP's support with the fresh "
                                                     "neighbour features; reuse_all keeps the "
                                                     "OMP's (from the cached bank).",
-                             models.REFIT_MODES)
+                             option_choices.REFIT_MODES)
     label_graph: str = _field("identity", "identity, cooccurrence (known training positives), or "
                                           "a .npy file of shape [L, L].")
     label_graph_top_k: int = _field(0, "Co-occurrence graph: keep the top k related labels per "
@@ -101,7 +105,7 @@ class TrainConfig:
                                    "validation, the last model is kept as best).")
     strategy: str = _field("default", "tf.distribute strategy: default (one device), mirrored "
                                       "(all local GPUs, else all logical CPUs), multi_worker "
-                                      "(TF_CONFIG).", STRATEGIES)
+                                      "(TF_CONFIG).", option_choices.STRATEGIES)
     mixed_precision: bool = _field(False, "mixed_float16 compute; OMP and losses stay float32.")
     seed: int = _field(0, "Seed of initialisation, data order and bank choice.")
     deterministic: bool = _field(False, "The same --seed gives the same run, bit for bit: "
@@ -113,13 +117,20 @@ class TrainConfig:
     export_diverged: bool = _field(False, "Export even when the training diverged (a loss not "
                                           "finite or over 1000 x its first value stops the run; "
                                           "it is then not exported and ends with status 1).")
+    pr_classes: str = _field("", "Classes with a PR curve in TensorBoard: comma-separated class "
+                                 "names or indices (empty: the 5 most and the 5 least frequent "
+                                 "in training).")
+    control_model_dir: str = _field("", "A finished run to compare with in TensorBoard (a fair "
+                                        "control: e.g. --method=logistic trained with the same "
+                                        "steps): per-class AP differences and the "
+                                        "frequency-group chart.")
     verify_data: bool = _field(True, "Check dataset.json against its shards (and every image's "
                                      "header) before training.")
     max_image_pixels: int = _field(image_header.DEFAULT_MAX_IMAGE_PIXELS,
                                    "Refuse images with more pixels (read from the header before "
                                    "decoding) in verification and the input pipeline.")
-    verbose: int = _field(1, "Keras progress: 0 silent, 1 progress bar with ETA (one line per "
-                             "interval when stdout is not a terminal), 2 one line per interval.")
+    verbose: int = _field(1, "Progress: 0 only log lines, 1 one line per evaluation interval "
+                             "and a live bar on a terminal, 2 one line per interval.")
 
     def validate_options(self) -> None:
         """Checks the options on their own (no file is read); raises ValueError naming the flag."""
@@ -170,7 +181,8 @@ class TrainConfig:
                                          f"{self.max_image_pixels!r}.")
         if self.verbose not in (0, 1, 2):
             bad_flag("verbose", f"must be 0, 1 or 2, received {self.verbose}.")
-        if self.label_graph not in graph_lib.GRAPH_KINDS and not self.label_graph.endswith(".npy"):
+        if (self.label_graph not in option_choices.GRAPH_KINDS
+                and not self.label_graph.endswith(".npy")):
             bad_flag("label_graph", f"must be identity, cooccurrence or a .npy file, received "
                                     f"{self.label_graph!r}.")
         if self.backbone_weights == "imagenet" and self.backbone in ("small_cnn", "features"):
@@ -192,10 +204,15 @@ class TrainConfig:
 
         Raises ValueError naming the first bad flag, the value received and what to do.
         """
+        import numpy as np
+
+        from imcl_tf import data as data_lib
+        from imcl_tf.training.distribution import cluster_size
+
         self.validate_options()
         if not os.path.exists(os.path.join(self.data_dir, data_lib.DATASET_JSON)):
             bad_flag("data_dir", f"{self.data_dir!r} has no {data_lib.DATASET_JSON}; build the "
-                                 "dataset with python -m tfrecords_tools.<converter> first.")
+                                 "dataset with imcl-data <tool> first.")
         info = data_lib.load_dataset_info(self.data_dir)
         if "train" not in info.splits:
             bad_flag("data_dir", "the dataset has no 'train' split (it has "
@@ -233,6 +250,16 @@ class TrainConfig:
                                         f"[{info.num_classes}, {info.num_classes}].")
         if self.warm_start not in ("", "auto"):
             self._validate_warm_start(info)
+        if self.pr_classes:
+            from imcl_tf.training.class_choice import parse_class_list
+
+            try:
+                parse_class_list(self.pr_classes, info.class_names)
+            except ValueError as error:
+                bad_flag("pr_classes", f"{error} Give class names or indices of {self.data_dir!r}"
+                                       ", separated by commas.")
+        if self.control_model_dir:
+            self._validate_control(info)
         if self.strategy == "multi_worker":
             workers = cluster_size()
             shards = len(info.split("train").shards)
@@ -243,6 +270,8 @@ class TrainConfig:
         self._validate_resume()
 
     def _validate_warm_start(self, info: data_lib.DatasetInfo) -> None:
+        from imcl_tf import models
+
         if not os.path.exists(os.path.join(self.warm_start, models.MODEL_CONFIG_JSON)):
             bad_flag("warm_start", f"{self.warm_start!r} is not the model_dir of a finished run "
                                    f"(no {models.MODEL_CONFIG_JSON}).")
@@ -259,6 +288,24 @@ class TrainConfig:
         if source.get("backbone") != self.backbone:
             bad_flag("warm_start", f"the run in {self.warm_start!r} used backbone "
                                    f"{source.get('backbone')!r}, this one {self.backbone!r}.")
+
+    def _validate_control(self, info: data_lib.DatasetInfo) -> None:
+        from imcl_tf import models
+
+        if not self.val_split:
+            bad_flag("control_model_dir", "compares validation APs; it needs --val_split.")
+        if not os.path.exists(os.path.join(self.control_model_dir, models.MODEL_CONFIG_JSON)):
+            bad_flag("control_model_dir", f"{self.control_model_dir!r} is not the model_dir of a "
+                                          f"finished run (no {models.MODEL_CONFIG_JSON}).")
+        control = models.read_model_info(self.control_model_dir)
+        if list(control.get("class_names", [])) != list(info.class_names):
+            bad_flag("control_model_dir", f"the run in {self.control_model_dir!r} has other "
+                                          f"classes (or another order) than {self.data_dir!r}; "
+                                          "compare with a run trained on the same dataset.")
+        if control.get("input_mode", "image") != info.mode:
+            bad_flag("control_model_dir", f"the run in {self.control_model_dir!r} takes "
+                                          f"{control.get('input_mode')!r} inputs, the dataset is "
+                                          f"of mode {info.mode!r}.")
 
     def _validate_resume(self) -> None:
         """A model_dir with a checkpoint must be resumed with the settings it was written with."""
@@ -312,5 +359,6 @@ def _same_path(before: str, now: str, before_model_dir: str, model_dir: str) -> 
 RESUMABLE_CHANGES = frozenset({
     "data_dir", "train_steps", "epochs", "eval_every", "checkpoint_every", "log_every",
     "warm_start_steps", "strategy", "export_dir", "export_model_name", "verify_data", "verbose",
-    "max_image_pixels", "export_diverged", "deterministic",
+    "pr_classes", "control_model_dir", "max_image_pixels", "export_diverged",
+    "deterministic",
 })

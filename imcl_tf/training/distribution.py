@@ -10,9 +10,8 @@ from typing import Any
 import keras
 import tensorflow as tf
 
+from imcl_tf.choices import STRATEGIES
 from imcl_tf.training.errors import bad_flag
-
-STRATEGIES = ("default", "mirrored", "multi_worker")
 
 
 # One strategy object per process: MultiWorkerMirroredStrategy configures the collective runtime
@@ -131,7 +130,7 @@ def _is_chief_task() -> bool:
 
 
 def is_chief(strategy) -> bool:
-    """Only the chief writes logs, checkpoints and exports (architecture.md section 8)."""
+    """Only the chief writes logs, checkpoints and exports (docs/architecture.md)."""
     if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
         return True
     return _is_chief_task()

@@ -6,14 +6,14 @@ import keras
 import tensorflow as tf
 from absl import logging
 
-OPTIMIZERS = ("adam", "adamw", "rmsprop", "sgd")
-LR_SCHEDULES = ("constant", "plateau")
+from imcl_tf.choices import LR_SCHEDULES, OPTIMIZERS
+
 PLATEAU_FACTOR = 0.8  # the official code's LearningRate helper always multiplies by 0.8
 
 
 def make_optimizer(name: str, learning_rate: float) -> keras.optimizers.Optimizer:
     """The optimizer named by --optimizer."""
-    if name == "rmsprop":  # the recipe of the paper's runs (method spec 5.3)
+    if name == "rmsprop":  # the recipe of the paper's runs (docs/method.md §4)
         return keras.optimizers.RMSprop(learning_rate, rho=0.9, momentum=0.9, epsilon=1.0)
     if name == "adamw":
         return keras.optimizers.AdamW(learning_rate)
@@ -25,7 +25,7 @@ def make_optimizer(name: str, learning_rate: float) -> keras.optimizers.Optimize
 
 
 class PlateauState(tf.Module):
-    """State of the paper's EMA-plateau learning-rate rule (method spec 5.3), checkpointed."""
+    """State of the paper's EMA-plateau learning-rate rule (docs/method.md §4), checkpointed."""
 
     def __init__(self):
         super().__init__()

@@ -1,10 +1,16 @@
-"""The progress display of a run: speed and ETA (Clock) and the Keras verbosity to use."""
+"""The progress display of a run: one line per evaluation interval (speed and ETA from Clock)
+and, on a terminal, one live bar for the whole run (LiveBar, fed by LiveBarCallback).
+
+Keras' own progress bar is off (it restarted at every interval and repeated the numbers).
+"""
 
 from __future__ import annotations
 
 import math
 import sys
 import time
+
+import keras
 
 from imcl_tf.training.report import format_duration
 
@@ -46,8 +52,79 @@ class Clock:
                 f"ETA {format_duration(eta)}")
 
 
-def keras_verbose(verbose: int) -> int:
-    """A progress bar on a terminal; in a log file its carriage returns pile up, so one line."""
-    if verbose == 1 and not (hasattr(sys.stdout, "isatty") and sys.stdout.isatty()):
-        return 2
-    return verbose
+def shows_live_bar(verbose: int, stream=None) -> bool:
+    """--verbose=1 on a terminal: a live bar between the interval lines (in a log file the
+    carriage returns would pile up, so there only the lines)."""
+    stream = sys.stdout if stream is None else stream
+    return verbose == 1 and hasattr(stream, "isatty") and stream.isatty()
+
+
+class LiveBar:
+    """One progress bar for the whole run, redrawn in place on a terminal (Keras-style):
+
+        step 140/300 [=========>..........] 47% | loss 0.4321 | val mAP 0.6123 | ETA 0:00:38
+
+    It continues across evaluation intervals (no restart at 0), shows the latest validation mAP,
+    and is wiped before an interval line is printed. Redraws at most every `min_seconds`.
+    """
+
+    def __init__(self, total_steps: int, stream=None, width: int = 24, min_seconds: float = 0.25):
+        self.total_steps = max(total_steps, 1)
+        self.stream = sys.stdout if stream is None else stream
+        self.width = width
+        self.min_seconds = min_seconds
+        self.val_map: float | None = None
+        self._drawn = 0
+        self._last_draw = 0.0
+        self._rate_mark: tuple[int, float] | None = None
+
+    def start_interval(self, step: int) -> None:
+        self._rate_mark = (step, time.time())
+
+    def update(self, step: int, loss: float | None = None) -> None:
+        now = time.time()
+        if now - self._last_draw < self.min_seconds and step < self.total_steps:
+            return
+        self._last_draw = now
+        self.draw(self.text(step, loss, now))
+
+    def text(self, step: int, loss: float | None, now: float) -> str:
+        done = min(step / self.total_steps, 1.0)
+        filled = int(done * self.width)
+        bar = "=" * filled + (">" if filled < self.width else "") + "." * max(
+            self.width - filled - 1, 0)
+        text = f"step {step}/{self.total_steps} [{bar}] {done:.0%}"
+        if loss is not None and math.isfinite(loss):
+            text += f" | loss {loss:.4f}"
+        if self.val_map is not None:
+            text += f" | val mAP {self.val_map:.4f}"
+        if self._rate_mark and step > self._rate_mark[0]:
+            per_step = (now - self._rate_mark[1]) / (step - self._rate_mark[0])
+            text += f" | ETA {format_duration(per_step * (self.total_steps - step))}"
+        return text
+
+    def draw(self, text: str) -> None:
+        padding = " " * max(self._drawn - len(text), 0)
+        self.stream.write("\r" + text + padding)
+        self.stream.flush()
+        self._drawn = len(text)
+
+    def clear(self) -> None:
+        """Wipes the bar so that a normal line can be printed in its place."""
+        if self._drawn:
+            self.stream.write("\r" + " " * self._drawn + "\r")
+            self.stream.flush()
+            self._drawn = 0
+
+
+class LiveBarCallback(keras.callbacks.Callback):
+    """Feeds a LiveBar with the optimizer step and the loss after every batch."""
+
+    def __init__(self, bar: LiveBar):
+        super().__init__()
+        self.bar = bar
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        self.bar.update(int(self.model.optimizer.iterations.numpy()),
+                        None if loss is None else float(loss))

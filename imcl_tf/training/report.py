@@ -1,4 +1,4 @@
-"""The end-of-run report printed by `python -m imcl_tf.train`, and its number formats."""
+"""The end-of-run report printed by `imcl-train`, and its number formats."""
 
 from __future__ import annotations
 

@@ -7,8 +7,11 @@ A run folder holds:
   best.keras        the model with the best validation mAP so far, latest.keras the final one
   model_config.json what evaluate/export need (class names, input mode, image size)
   logs/             TensorBoard: train/ (losses, lambdas, learning rate, OMP and label-graph
-                    statistics), validation/ (mAP, per-class AP, PR curves, frequency groups),
-                    and the hparams session
+                    statistics), validation/ (mAP and best mAP, validation losses, per-class AP
+                    table and histogram, PR curves, label-graph heat map, images with predicted
+                    labels, frequency groups against --control_model_dir), and the hparams
+                    session
+  frequency_groups_val.png  with --control_model_dir: the latest frequency-group chart
   summary.json      the run's summary (also printed at the end)
   export.json       the export version written for the final step (not exported twice)
   run.lock          held (fcntl.flock) by the training that uses the folder: a second training

@@ -1,4 +1,4 @@
-"""Reading parts of a split for training: all label rows, or the records at given indices."""
+"""Reading parts of a split for training: all label rows, per-class counts, or given records."""
 
 from __future__ import annotations
 
@@ -20,6 +20,24 @@ def read_split_labels(data_dir: str, split: str) -> tuple[np.ndarray, np.ndarray
         labels.append(batch_labels.numpy())
         ids.append(batch_ids.numpy())
     return np.concatenate(labels), np.concatenate(ids)
+
+
+def count_split_labels(data_dir: str, split: str) -> tuple[np.ndarray, np.ndarray, int]:
+    """Known positives [L] and known entries [L] per class of a split, and its record count.
+
+    Streams the label rows (no [N, L] matrix is kept), so it suits splits of millions of images.
+    """
+    info = data_lib.load_dataset_info(data_dir)
+    dataset = _records(data_dir, split, info).map(lambda parsed: parsed["labels"])
+    positives = np.zeros(info.num_classes, np.int64)
+    known = np.zeros(info.num_classes, np.int64)
+    count = 0
+    for batch in dataset.batch(4096):
+        rows = batch.numpy()  # [b, L]
+        positives += (rows > 0).sum(0)
+        known += (rows != 0).sum(0)
+        count += rows.shape[0]
+    return positives, known, count
 
 
 def read_split_subset(data_dir: str, split: str, indices: np.ndarray, image_size: int | None,

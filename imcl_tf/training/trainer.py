@@ -1,4 +1,4 @@
-"""The training run behind `python -m imcl_tf.train`: `run(config)` and the trainer it drives.
+"""The training run behind `imcl-train`: `run(config)` and the trainer it drives.
 
 `run(TrainConfig(...))` does everything the CLI does and returns a summary dict, so tests, the
 demo driver and the benchmarks drive training without going through absl flags. The run folder
@@ -29,14 +29,15 @@ from imcl_tf.training.distribution import (is_chief, is_chief_process, local_byt
                                            make_strategy, prepare_multi_worker_fit, task_id)
 from imcl_tf.training.errors import bad_flag
 from imcl_tf.training.optimizer import PlateauState, make_optimizer
-from imcl_tf.training.progress import Clock, keras_verbose
+from imcl_tf.training.progress import Clock, LiveBar, LiveBarCallback, shows_live_bar
 from imcl_tf.training.report import format_number
 from imcl_tf.training.run_files import (CHECKPOINT_DIR, EXPORT_RECORD, LOG_DIR,
                                         LOGISTIC_STAGE_DIR, RUN_CONFIG,
                                         SUMMARY_JSON, RunError, hold_run_lock, read_json,
                                         write_json)
-from imcl_tf.training.scoring import predict_scores
 from imcl_tf.training.split_reading import read_split_labels, read_split_subset
+from imcl_tf.training.summaries import PREDICTION_GRID_IMAGES
+from imcl_tf.training.validation import ValidationPass
 
 
 def run(config: TrainConfig) -> dict[str, Any]:
@@ -200,9 +201,9 @@ class _Trainer:
                                               schedule=self.schedule)
         self.manager = tf.train.CheckpointManager(
             self.checkpoint, os.path.join(self.work_dir, CHECKPOINT_DIR), max_to_keep=2)
-        # One traced prediction function for every validation (a new one per call retraces).
-        self._predict = tf.function(lambda x: tf.sigmoid(model(x, training=False)),
-                                    reduce_retracing=True)
+        # One traced validation step for every validation (a new one per call retraces).
+        self._validation = ValidationPass(
+            model, num_images=PREDICTION_GRID_IMAGES if self.info.mode == "image" else 0)
 
     def _initialise_new_run(self) -> dict[str, Any]:
         """Warm start, bank filling and lambda calibration: only for a run that is not resuming."""
@@ -295,6 +296,11 @@ class _Trainer:
         config, model = self.config, self.model
         step = int(model.optimizer.iterations.numpy())
         self.clock = Clock(step, self.train_steps)
+        # One display per run: an interval line after each validation and, with --verbose=1 on a
+        # terminal, a live bar between them (Keras' own bar is off: verbose=0 below).
+        bar = LiveBar(self.train_steps) if self.is_chief and shows_live_bar(config.verbose) \
+            else None
+        callbacks = self.callbacks + ([LiveBarCallback(bar)] if bar else [])
         while step < self.train_steps:
             interval_start = step // self.eval_every * self.eval_every
             interval_end = min(interval_start + self.eval_every, self.train_steps)
@@ -304,9 +310,10 @@ class _Trainer:
             dataset = self._train_dataset(seed=config.seed + interval_start,
                                           skip=step - interval_start)
             self.clock.start_interval()
+            if bar:
+                bar.start_interval(step)
             model.fit(dataset, epochs=1, steps_per_epoch=interval_end - step,
-                      callbacks=self.callbacks, verbose=keras_verbose(config.verbose),
-                      shuffle=False)
+                      callbacks=callbacks, verbose=0, shuffle=False)
             step = int(model.optimizer.iterations.numpy())
             if self.divergence is not None:
                 # No evaluation, no checkpoint: the last checkpoint stays the last sound state.
@@ -316,6 +323,9 @@ class _Trainer:
             self.clock.end_training(step)
             self._end_of_interval(step)
             self.clock.end_interval()
+            if bar:
+                bar.clear()
+                bar.val_map = None if self.last_val is None else float(self.last_val["mAP"])
             if self.is_chief:
                 if config.verbose:
                     print(self._progress_line(step), flush=True)
@@ -382,13 +392,12 @@ class _Trainer:
         self.manager.save(checkpoint_number=step)
 
     def validate(self) -> dict[str, Any]:
-        scores, labels = predict_scores(self.model, self._dataset(self.config.val_split,
-                                                                  training=False),
-                                        self._predict)
+        passed = self._validation(self._dataset(self.config.val_split, training=False))
+        scores, labels = passed["scores"], passed["labels"]
         per_class = metrics.per_class_ap(scores, labels)
         result = metrics.map_metrics(scores, labels, per_class)
         result["per_class_ap"] = per_class
-        result["scores"], result["labels"] = scores, labels
+        result.update(passed)
         return result
 
     # -- end --

@@ -1,0 +1,16 @@
+"""The names an option may take (backbones, methods, modes, optimizers, strategies, graphs).
+
+One place for them, free of TensorFlow, so that flag definitions and `--help` need no TensorFlow
+import; the modules that implement each option re-export its names (e.g. `models.BACKBONES`).
+"""
+
+BACKBONES = ("small_cnn", "mobilenet_v2", "resnet50", "resnet101", "features")
+METHODS = ("imcl", "logistic")
+NEIGHBOUR_MODES = ("cached", "forward")
+# How forward mode gets the coefficients of the re-encoded neighbours (docs/method.md).
+REFIT_MODES = ("reuse_support_refit", "reuse_all")
+BALANCE_MODES = ("loss_ratio", "none")
+GRAPH_KINDS = ("identity", "cooccurrence")
+OPTIMIZERS = ("adam", "adamw", "rmsprop", "sgd")
+LR_SCHEDULES = ("constant", "plateau")
+STRATEGIES = ("default", "mirrored", "multi_worker")
