@@ -15,7 +15,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECTIONS = ("quality", "transfer_protocol", "demo", "omp", "step", "scale", "input", "serving",
-            "fault_serving")
+            "faults", "fault_serving")
 
 
 def assemble(root: str = ROOT) -> str:

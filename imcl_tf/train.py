@@ -98,9 +98,14 @@ def main(argv: list[str]) -> None:
         origin = flag_origin(name)
         raise app.UsageError(f"{origin}: {e}" if origin else str(e)) from e
     from imcl_tf.training.report import format_summary
+    from imcl_tf.training.run_files import RunError
     from imcl_tf.training.trainer import run
 
-    summary = run(config)
+    try:
+        summary = run(config)
+    except RunError as e:  # the folder is in use, or the run diverged: one line, status 1
+        print(f"imcl_tf.train: error: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
     if summary.get("is_chief", True):
         print(format_summary(summary), flush=True)
 

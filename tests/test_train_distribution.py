@@ -79,9 +79,9 @@ def test_multi_worker_strategy_with_two_local_workers(tmp_path):
     # Only the chief wrote into model_dir: one event file per log folder, nothing else.
     for folder in ("logs/train", "logs/validation"):
         assert len(glob.glob(str(model_dir / folder / "events.out.tfevents.*"))) == 1
-    assert sorted(os.listdir(model_dir)) == ["best.keras", "checkpoints", "latest.keras", "logs",
-                                             "model_config.json", "run_config.json",
-                                             "summary.json"]
+    assert sorted(os.listdir(model_dir)) == ["best.keras", "checkpoints", "export.json",
+                                             "latest.keras", "logs", "model_config.json",
+                                             "run.lock", "run_config.json", "summary.json"]
     assert os.listdir(export_dir / "mw") == ["1"]  # one export, by the chief
     # The non-chief's private checkpoint folder was removed; the chief never made one.
     assert os.listdir(tmp_path / "tmp1") == [] and os.listdir(tmp_path / "tmp0") == []

@@ -5,7 +5,8 @@ positive and negative class indices) and hands them to `convert_split`, which re
 the images in parallel, writes atomic shards with `imcl_tf.data.SplitWriter` and merges the split
 into the output folder's dataset.json with its provenance.
 
-Only image problems (missing, unreadable, truncated, undecodable, not JPEG/PNG) can be skipped
+Only image problems (missing, unreadable, truncated, undecodable, not JPEG/PNG, over
+--max_image_pixels) can be skipped
 with --skip_corrupt; annotation problems (unknown class, class both positive and negative,
 duplicate ids, index out of range) always stop the conversion, because skipping them would
 silently hide a mismatched class list or a bug in the annotations.
@@ -27,7 +28,7 @@ import numpy as np
 import tensorflow as tf
 from absl import app, flags
 
-from imcl_tf import data
+from imcl_tf import data, image_header
 
 DEFAULT_NUM_WORKERS = 8  # threads reading and decode-checking images (I/O bound, GIL released)
 MAX_SKIPPED_LISTED = 1000  # skipped inputs listed one by one in dataset.json; all are counted
@@ -58,7 +59,8 @@ class Record:
 
 
 class ImageError(data.DataError):
-    """A bad image; `kind` is one of missing, unreadable, truncated, undecodable, unsupported.
+    """A bad image; `kind` is one of missing, unreadable, truncated, undecodable, unsupported,
+    too_large.
 
     `detail` is the problem alone (for the skip report); the message adds where and what to do.
     """
@@ -86,6 +88,7 @@ def convert_split(records: Iterable[Record], *,
                   seed: int = 0,
                   shuffle: bool = True,
                   skip_corrupt: bool = False,
+                  max_image_pixels: int = image_header.DEFAULT_MAX_IMAGE_PIXELS,
                   inputs: dict[str, Any] | None = None,
                   label_source: str | None = None,
                   label_info: dict[str, Any] | None = None,
@@ -99,13 +102,17 @@ def convert_split(records: Iterable[Record], *,
     Args:
       records: the split's Records. Labels and ids are all checked before any image is read, so
         annotation errors stop the run in seconds.
-      output_dir, split, num_shards: where and how to write (`<split>-0000i-of-0000n.tfrecord`).
+      output_dir, split, num_shards: where and how to write (`<split>-0000i-of-0000n.tfrecord`,
+        or `<split>-g<k>-0000i-of-0000n.tfrecord` when a rebuild in place must not overwrite the
+        published shards; dataset.json lists the names).
       class_names: the L class names; must equal those of splits already in dataset.json.
       converter: the converter's module name, recorded as provenance.
       num_workers: threads reading and decode-checking images; the output is identical for any
         value (records are written in order).
       seed, shuffle: the record order is a seeded permutation (shuffle=True) or the given order.
       skip_corrupt: skip bad images (counted, printed, listed in dataset.json) instead of raising.
+      max_image_pixels: images with more pixels (read from the header, before decoding) are bad
+        images of kind too_large: a decompression bomb of a few KB never gets decoded.
       inputs: the converter's own inputs (annotation paths, options) recorded in the provenance.
       label_source: how the labels were obtained, recorded in dataset.json `labels.source`.
       label_info: more dataset-wide entries for dataset.json `labels` (e.g. Open Images MIDs).
@@ -123,6 +130,10 @@ def convert_split(records: Iterable[Record], *,
     """
     stream = stream if stream is not None else sys.stderr
     _check_options(output_dir, split, num_shards, num_workers, mode, class_names)
+    try:
+        image_header.check_max_image_pixels(max_image_pixels)
+    except ValueError as e:
+        raise data.DataError(str(e)) from e
     records = list(records)
     existing = _load_existing(output_dir, class_names, mode, split)
     embedding_dim = _check_records(records, len(class_names), split, mode)
@@ -140,7 +151,8 @@ def convert_split(records: Iterable[Record], *,
     num_positive = num_negative = 0
     # closing(): on an error the reader stops at once (pending reads cancelled, threads joined).
     with data.SplitWriter(output_dir, split, num_shards) as writer, \
-            contextlib.closing(_read_in_order(records, num_workers)) as checked_images:
+            contextlib.closing(_read_in_order(records, num_workers, max_image_pixels)) \
+            as checked_images:
         for record, future in checked_images:
             try:
                 encoded = future.result()
@@ -185,7 +197,8 @@ def convert_split(records: Iterable[Record], *,
         "date": data.utc_now(),
         "flags": {**(inputs or {}), "output_dir": output_dir, "split": split,
                   "num_shards": num_shards, "num_workers": num_workers, "seed": seed,
-                  "shuffle": shuffle, "skip_corrupt": skip_corrupt},
+                  "shuffle": shuffle, "skip_corrupt": skip_corrupt,
+                  "max_image_pixels": max_image_pixels},
         "num_skipped": num_skipped,
         "skipped_by_kind": dict(sorted(skipped_by_kind.items())),
     }
@@ -260,7 +273,8 @@ def _check_records(records: list[Record], num_classes: int, split: str, mode: st
     return embedding_dim
 
 
-def _read_in_order(records: Sequence[Record], num_workers: int
+def _read_in_order(records: Sequence[Record], num_workers: int,
+                   max_image_pixels: int = image_header.DEFAULT_MAX_IMAGE_PIXELS
                    ) -> Iterator[tuple[Record, concurrent.futures.Future]]:
     """Yields (record, future of its checked image bytes or None) in record order.
 
@@ -271,7 +285,8 @@ def _read_in_order(records: Sequence[Record], num_workers: int
         pending: collections.deque = collections.deque()
         try:
             for record in records:
-                pending.append((record, pool.submit(_load_checked_image, record)))
+                pending.append((record, pool.submit(_load_checked_image, record,
+                                                    max_image_pixels)))
                 if len(pending) >= max_in_flight:
                     yield pending.popleft()
             while pending:
@@ -281,12 +296,13 @@ def _read_in_order(records: Sequence[Record], num_workers: int
                 future.cancel()
 
 
-def _load_checked_image(record: Record) -> bytes | None:
+def _load_checked_image(record: Record, max_image_pixels: int) -> bytes | None:
     if record.image_path is not None:
         encoded = read_image(record.image_path, record.where())
-        return check_image(encoded, f"image file {record.image_path} ({record.where()})")[0]
+        return check_image(encoded, f"image file {record.image_path} ({record.where()})",
+                           max_image_pixels)[0]
     if record.image_bytes is not None:
-        return check_image(record.image_bytes, record.where())[0]
+        return check_image(record.image_bytes, record.where(), max_image_pixels)[0]
     return None
 
 
@@ -314,13 +330,6 @@ def _merge_dataset_info(output_dir: str, existing: data.DatasetInfo | None, spli
                         label_source: str | None, label_info: dict[str, Any] | None,
                         stats: dict[str, Any], run: dict[str, Any]) -> None:
     info = existing or data.DatasetInfo(class_names=list(class_names), splits={}, mode=mode)
-    previous = info.splits.get(split)
-    if previous is not None:
-        # A rewritten split may have fewer shards: remove the old shard files no longer listed.
-        for name in set(previous.shards) - set(split_info.shards):
-            path = os.path.join(output_dir, name)
-            if tf.io.gfile.exists(path):
-                tf.io.gfile.remove(path)
     info.splits[split] = split_info
     if mode == "features":
         info.embedding_dim = embedding_dim
@@ -333,7 +342,9 @@ def _merge_dataset_info(output_dir: str, existing: data.DatasetInfo | None, spli
     info.provenance["converter"] = run["converter"]
     info.provenance["date"] = run["date"]
     info.provenance.setdefault("splits", {})[split] = run
-    data.save_dataset_info(output_dir, info)
+    # The commit point: the old shards of this split (and leftovers of killed builds) are removed
+    # only once the new dataset.json is in place.
+    data.replace_dataset_info(output_dir, info, splits=[split])
 
 
 
@@ -358,12 +369,16 @@ def read_image(path: str, source: str = "") -> bytes:
                          "check its permissions") from e
 
 
-def check_image(encoded: bytes, source: str) -> tuple[bytes, str]:
+def check_image(encoded: bytes, source: str,
+                max_image_pixels: int = image_header.DEFAULT_MAX_IMAGE_PIXELS
+                ) -> tuple[bytes, str]:
     """Decode-checks JPEG or PNG bytes with TensorFlow's decoder (the one training uses).
 
+    The size is read from the header first: an image of more than `max_image_pixels` pixels is
+    refused before anything is decoded (a 48 KB PNG can decode to 20000 x 20000 pixels).
     Returns (the same bytes, "jpeg" | "png"); the bytes are stored as they are, never re-encoded.
-    Raises ImageError naming `source` when the bytes are empty, not JPEG/PNG, truncated or
-    undecodable.
+    Raises ImageError naming `source` when the bytes are empty, not JPEG/PNG, too large,
+    truncated or undecodable.
     """
     if not encoded:
         raise ImageError(source, "empty image (0 bytes)", "truncated", "re-download it")
@@ -374,6 +389,19 @@ def check_image(encoded: bytes, source: str) -> tuple[bytes, str]:
     else:
         raise ImageError(source, f"not a JPEG or PNG file (starts with {encoded[:8]!r})",
                          "unsupported", "convert it to JPEG or PNG")
+    try:
+        size = image_header.read_image_size(encoded, source)
+    except image_header.ImageHeaderError as e:
+        kind = "truncated" if "truncated" in str(e) else "undecodable"
+        raise ImageError(source, f"{kind} {image_format.upper()} image ({len(encoded)} bytes: "
+                         f"{str(e).split(': ', 1)[-1]})", kind, "re-download or re-export it") \
+            from e
+    if size.pixels > max_image_pixels:
+        flag = image_header.MAX_IMAGE_PIXELS_FLAG
+        raise ImageError(source, f"{size.format} image of {size.width} x {size.height} pixels "
+                         f"({size.pixels:,} pixels) is over the limit of {max_image_pixels:,} "
+                         f"pixels ({flag}={max_image_pixels}), checked before decoding",
+                         "too_large", f"resize it, or raise {flag} if such images are expected")
     try:
         tf.io.decode_image(encoded, channels=3, expand_animations=False)
     except tf.errors.OpError as e:
@@ -481,8 +509,13 @@ def define_common_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                 "Shuffle the record order (seeded) so shards mix classes; --noshuffle keeps the "
                 "order of the annotation file.", flag_values)
     define_flag(flags.DEFINE_boolean, "skip_corrupt", False,
-                "Skip missing, truncated or undecodable images instead of stopping; they are "
-                "counted, printed at the end and listed in dataset.json.", flag_values)
+                "Skip missing, truncated, undecodable or too large images instead of stopping; "
+                "they are counted, printed at the end and listed in dataset.json.", flag_values)
+    define_flag(flags.DEFINE_integer, image_header.MAX_IMAGE_PIXELS_FLAG.lstrip("-"),
+                image_header.DEFAULT_MAX_IMAGE_PIXELS,
+                "Refuse images with more pixels (width x height, read from the file header "
+                "before decoding: decompression bombs never get decoded).", flag_values,
+                lower_bound=1)
 
 
 def define_flag(define: Callable[..., Any], name: str, default: Any, help_text: str,
@@ -511,7 +544,7 @@ def write_options(flag_values: flags.FlagValues) -> dict[str, Any]:
     """The common flags' values as keyword arguments of `convert_split`."""
     return {name: flag_values[name].value
             for name in ("output_dir", "split", "num_shards", "num_workers", "seed", "shuffle",
-                         "skip_corrupt")}
+                         "skip_corrupt", "max_image_pixels")}
 
 
 def parse_flags(define_flags: Callable[[flags.FlagValues], None],

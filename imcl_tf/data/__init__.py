@@ -5,8 +5,9 @@ image (docs/dataset-schema.md). The modules, one job each:
 
   errors        DataError, raised for bad input data
   schema        the TFRecord feature keys, make_example, label_row
-  dataset_info  dataset.json: DatasetInfo, SplitInfo, load/save/replace_dataset_info
-  shards        writing a split's shards: shard_names, SplitWriter
+  dataset_info  dataset.json: DatasetInfo, SplitInfo, load/save/replace_dataset_info (the commit
+                point of a rebuild), check_shard_name, remove_stale_temporaries
+  shards        writing a split's shards: shard_names, fresh_shard_names, SplitWriter
   decoding      reading one record: parse_example, decode_image, id_hash (and augmentation)
   pipeline      tf.data pipelines: make_dataset, load_split_arrays
   verify        verify_dataset and its statistics (SplitStats, DatasetReport)
@@ -15,7 +16,8 @@ Everything public is importable from `imcl_tf.data` itself, e.g. `from imcl_tf.d
 make_dataset`.
 """
 
-from imcl_tf.data.dataset_info import (DatasetInfo, SplitInfo, load_dataset_info,
+from imcl_tf.data.dataset_info import (DatasetInfo, SplitInfo, check_shard_name,
+                                       load_dataset_info, remove_stale_temporaries,
                                        replace_dataset_info, save_dataset_info, utc_now)
 from imcl_tf.data.decoding import decode_image, id_hash, parse_example
 from imcl_tf.data.errors import DataError
@@ -23,17 +25,17 @@ from imcl_tf.data.pipeline import load_split_arrays, make_dataset
 from imcl_tf.data.schema import (DATASET_JSON, EMBEDDING_KEY, IMAGE_CLASS_KEY, IMAGE_ENCODED_KEY,
                                  IMAGE_ID_KEY, NEGATIVE_KEY, POSITIVE_KEY, SCHEMA_VERSION,
                                  label_row, make_example)
-from imcl_tf.data.shards import SplitWriter, shard_names
+from imcl_tf.data.shards import SplitWriter, fresh_shard_names, shard_names
 from imcl_tf.data.verify import DatasetReport, SplitStats, verify_dataset
 
 __all__ = [
     "DATASET_JSON", "EMBEDDING_KEY", "IMAGE_CLASS_KEY", "IMAGE_ENCODED_KEY", "IMAGE_ID_KEY",
     "NEGATIVE_KEY", "POSITIVE_KEY", "SCHEMA_VERSION",
     "DataError",
-    "DatasetInfo", "SplitInfo", "load_dataset_info", "replace_dataset_info", "save_dataset_info",
-    "utc_now",
+    "DatasetInfo", "SplitInfo", "check_shard_name", "load_dataset_info",
+    "remove_stale_temporaries", "replace_dataset_info", "save_dataset_info", "utc_now",
     "DatasetReport", "SplitStats", "verify_dataset",
-    "SplitWriter", "shard_names",
+    "SplitWriter", "fresh_shard_names", "shard_names",
     "decode_image", "id_hash", "parse_example",
     "label_row", "make_example",
     "load_split_arrays", "make_dataset",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from imcl_tf import image_header
 from imcl_tf.data.schema import (EMBEDDING_KEY, IMAGE_CLASS_KEY, IMAGE_ENCODED_KEY, IMAGE_ID_KEY,
                                  NEGATIVE_KEY, POSITIVE_KEY)
 
@@ -88,8 +89,8 @@ def parse_example(serialized: tf.Tensor,
 _SUMMARIZE = 50  # list entries quoted in a parse error (tf.debugging.Assert shows 3 by default)
 
 
-def decode_image(encoded: tf.Tensor, image_size: int, image_id: tf.Tensor | str | None = None
-                 ) -> tf.Tensor:
+def decode_image(encoded: tf.Tensor, image_size: int, image_id: tf.Tensor | str | None = None,
+                 max_image_pixels: int | None = None) -> tf.Tensor:
     """Decodes JPEG or PNG bytes into a float32 [S, S, 3] image in 0..255 (the evaluation view).
 
     Grayscale and RGBA become RGB; the short side is resized to S keeping the aspect ratio and the
@@ -100,12 +101,14 @@ def decode_image(encoded: tf.Tensor, image_size: int, image_id: tf.Tensor | str 
       encoded: tf.string scalar with the image file bytes.
       image_size: S, the side of the output square.
       image_id: the record's id, quoted in the error when the bytes cannot be decoded.
+      max_image_pixels: when set, an image with more pixels (read from its header) is refused
+        before it is decoded (imcl_tf.image_header).
 
     Raises:
       InvalidArgumentError (at run time) naming `image_id` when the bytes are empty, not an image,
-      or a truncated JPEG/PNG.
+      a truncated JPEG/PNG, or over `max_image_pixels`.
     """
-    image = _decode_rgb(encoded, image_id)  # uint8 [H, W, 3]
+    image = _decode_rgb(encoded, image_id, max_image_pixels)  # uint8 [H, W, 3]
     return _central_square(image, image_size)
 
 
@@ -156,7 +159,8 @@ _JPEG_MAGIC = b"\xff\xd8"
 _JPEG_END = b"\xff\xd9"  # the end-of-image marker
 
 
-def _decode_rgb(encoded: tf.Tensor, image_id: tf.Tensor | str | None) -> tf.Tensor:
+def _decode_rgb(encoded: tf.Tensor, image_id: tf.Tensor | str | None,
+                max_image_pixels: int | None = None) -> tf.Tensor:
     """Checked decode to uint8 [H, W, 3]; a bad image fails with an error that quotes its id.
 
     The decoder's own error does not say which record failed, so the common failures (empty
@@ -183,6 +187,11 @@ def _decode_rgb(encoded: tf.Tensor, image_id: tf.Tensor | str | None) -> tf.Tens
             "image", image_id, ": truncated PNG (no IEND chunk,", length,
             "bytes); the file was cut short."]),
     ]
+    if max_image_pixels is not None:
+        with tf.control_dependencies(checks):
+            where = tf.strings.join(["image ", tf.strings.as_string(image_id)]) \
+                if isinstance(image_id, tf.Tensor) else f"image {image_id}"
+            checks = [image_header.check_image_pixels_op(encoded, max_image_pixels, where)]
     with tf.control_dependencies(checks):
         image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
     image.set_shape([None, None, 3])
@@ -225,13 +234,13 @@ def _resize_square(image: tf.Tensor, image_size: int) -> tf.Tensor:
 
 
 def _augmented_image(encoded: tf.Tensor, image_size: int, image_id: tf.Tensor,
-                     seed: tf.Tensor) -> tf.Tensor:
+                     seed: tf.Tensor, max_image_pixels: int | None = None) -> tf.Tensor:
     """Light training augmentation: random resized crop (>= half the area) and horizontal flip.
 
     The crop keeps at least half of the image because a multi-label image loses its positives
     when the crop misses them; the label row is not changed.
     """
-    image = _decode_rgb(encoded, image_id)  # uint8 [H, W, 3]
+    image = _decode_rgb(encoded, image_id, max_image_pixels)  # uint8 [H, W, 3]
     crop_seed = tf.stack([seed, tf.constant(0, tf.int64)])
     flip_seed = tf.stack([seed, tf.constant(1, tf.int64)])
     begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(

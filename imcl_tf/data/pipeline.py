@@ -12,6 +12,7 @@ from imcl_tf.data.decoding import (_augmented_image, decode_image, id_hash, pars
                                    with_image_class)
 from imcl_tf.data.errors import DataError
 from imcl_tf.data.schema import DATASET_JSON
+from imcl_tf.image_header import DEFAULT_MAX_IMAGE_PIXELS
 
 
 def make_dataset(data_dir: str,
@@ -26,6 +27,7 @@ def make_dataset(data_dir: str,
                  repeat: bool = False,
                  drop_remainder: bool = False,
                  deterministic: bool = False,
+                 max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
                  input_context: tf.distribute.InputContext | None = None,
                  image_classes: int = 0) -> tf.data.Dataset:
     """The input pipeline of one split: batches of (inputs, labels, ids).
@@ -53,6 +55,8 @@ def make_dataset(data_dir: str,
       deterministic: keep the element order a function of `seed` alone (slower; for tests and
         exact reproduction; seed None then means 0). Without it parallel reads may reorder
         elements.
+      max_image_pixels: images with more pixels (width x height from the header) fail before
+        they are decoded, naming the record (a decompression bomb in a shard); None: no limit.
       input_context: from `strategy.distribute_datasets_from_function`; with several input
         pipelines each reads a disjoint subset of the shard FILES (so there must be at least as
         many shards as pipelines).
@@ -97,7 +101,8 @@ def make_dataset(data_dir: str,
 
         def to_element(serialized, element_seed):
             parsed = parse_example(serialized, num_classes, mode, embedding_dim)
-            image = _augmented_image(parsed["image"], image_size, parsed["id"], element_seed)
+            image = _augmented_image(parsed["image"], image_size, parsed["id"], element_seed,
+                                     max_image_pixels)
             labels = parsed["labels"]
             if image_classes:
                 labels = with_image_class(labels, parsed["image_class"], image_classes,
@@ -109,7 +114,7 @@ def make_dataset(data_dir: str,
         def to_element(serialized):
             inputs, labels, image_id = _evaluation_element(serialized, num_classes, mode,
                                                            embedding_dim, image_size,
-                                                           image_classes)
+                                                           max_image_pixels, image_classes)
             return inputs, labels, id_hash(image_id)
 
     elements = elements.map(to_element, num_parallel_calls=tf.data.AUTOTUNE)
@@ -128,7 +133,9 @@ def load_split_arrays(data_dir: str,
                       image_size: int | None = None,
                       limit: int | None = None,
                       *,
-                      string_ids: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                      string_ids: bool = False,
+                      max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A small split in memory: (inputs, labels, ids) as NumPy arrays, in a fixed order.
 
     The order interleaves the shards record by record, which is the write order of a SplitWriter
@@ -152,7 +159,7 @@ def load_split_arrays(data_dir: str,
     num_classes, mode, embedding_dim = info.num_classes, info.mode, info.embedding_dim
     elements = records.map(
         lambda serialized: _evaluation_element(serialized, num_classes, mode, embedding_dim,
-                                               image_size),
+                                               image_size, max_image_pixels),
         num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     inputs, labels, ids = [], [], []
     for batch_inputs, batch_labels, batch_ids in elements.batch(256).prefetch(2):
@@ -173,11 +180,13 @@ def load_split_arrays(data_dir: str,
 
 def _evaluation_element(serialized: tf.Tensor, num_classes: int, mode: str,
                         embedding_dim: int | None, image_size: int | None,
+                        max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
                         image_classes: int = 0) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
     """One record without augmentation: (inputs, labels [L] (+ C, see make_dataset), id string)."""
     parsed = parse_example(serialized, num_classes, mode, embedding_dim)
     if mode == "image":
-        inputs = decode_image(parsed["image"], image_size, parsed["id"])  # [S, S, 3]
+        inputs = decode_image(parsed["image"], image_size, parsed["id"],
+                              max_image_pixels)  # [S, S, 3]
     else:
         inputs = parsed["embedding"]  # [D]
     labels = parsed["labels"]

@@ -7,23 +7,41 @@ from typing import Any
 
 import tensorflow as tf
 
-from imcl_tf.data.dataset_info import SplitInfo
+from imcl_tf.data.dataset_info import SplitInfo, remove_stale_temporaries
 from imcl_tf.data.errors import DataError
 from imcl_tf.data.schema import IMAGE_ID_KEY
 
 
-def shard_names(split: str, num_shards: int) -> list[str]:
-    """File names of a split's shards, e.g. train-00000-of-00004.tfrecord."""
+def shard_names(split: str, num_shards: int, generation: int = 0) -> list[str]:
+    """File names of a split's shards, e.g. train-00000-of-00004.tfrecord.
+
+    A `generation` > 0 gives the names of a rebuild in place, train-g1-00000-of-00004.tfrecord,
+    so that a new build never overwrites the shards the published dataset.json lists.
+    """
     if num_shards < 1:
         raise DataError(f"num_shards must be >= 1, got {num_shards}.")
-    return [f"{split}-{i:05d}-of-{num_shards:05d}.tfrecord" for i in range(num_shards)]
+    tag = f"g{generation}-" if generation else ""
+    return [f"{split}-{tag}{i:05d}-of-{num_shards:05d}.tfrecord" for i in range(num_shards)]
+
+
+def fresh_shard_names(output_dir: str, split: str, num_shards: int) -> list[str]:
+    """shard_names of the lowest generation of which no file exists yet in `output_dir`."""
+    existing = set(tf.io.gfile.listdir(output_dir)) if tf.io.gfile.isdir(output_dir) else set()
+    generation = 0
+    while True:
+        names = shard_names(split, num_shards, generation)
+        if not existing.intersection(names):
+            return names
+        generation += 1
 
 
 class SplitWriter:
     """Writes one split's Examples round-robin into `num_shards` shards, atomically.
 
-    Shards are written under temporary names and renamed into place by `close()`, so a reader
-    never sees a half-written shard; ids are checked for duplicates.
+    Shards are written under temporary names and renamed by `close()` to names no file in the
+    folder has yet (`fresh_shard_names`): a rebuild in place never touches the shards of the
+    published dataset, which stays whole until `replace_dataset_info` publishes the new one.
+    Temporaries left by killed writers are removed first; ids are checked for duplicates.
 
         with SplitWriter(out_dir, "train", num_shards=4) as writer:
             writer.write(example)
@@ -32,9 +50,10 @@ class SplitWriter:
 
     def __init__(self, output_dir: str, split: str, num_shards: int):
         tf.io.gfile.makedirs(output_dir)
+        remove_stale_temporaries(output_dir)
         self.output_dir = output_dir
         self.split = split
-        self.names = shard_names(split, num_shards)
+        self.names = fresh_shard_names(output_dir, split, num_shards)
         self._tmp = [os.path.join(output_dir, f".{n}.tmp-{os.getpid()}") for n in self.names]
         self._writers = [tf.io.TFRecordWriter(p) for p in self._tmp]
         self._shard_sizes = [0] * num_shards
@@ -61,8 +80,12 @@ class SplitWriter:
     def close(self) -> SplitInfo:
         for writer in self._writers:
             writer.close()
-        for tmp, name in zip(self._tmp, self.names):
-            tf.io.gfile.rename(tmp, os.path.join(self.output_dir, name), overwrite=True)
+        try:
+            for tmp, name in zip(self._tmp, self.names):
+                tf.io.gfile.rename(tmp, os.path.join(self.output_dir, name), overwrite=False)
+        except BaseException:
+            self.abort()  # the temporaries not renamed yet; renamed ones are unlisted leftovers
+            raise
         self.split_info = SplitInfo(shards=list(self.names), num_examples=self.num_examples,
                                     skipped=list(self.skipped), shard_sizes=list(self._shard_sizes))
         return self.split_info

@@ -9,6 +9,7 @@ from typing import Sequence
 import numpy as np
 import tensorflow as tf
 
+from imcl_tf import image_header
 from imcl_tf.data.dataset_info import DatasetInfo, SplitInfo, load_dataset_info
 from imcl_tf.data.decoding import _decode_rgb, id_hash, parse_example
 from imcl_tf.data.errors import DataError
@@ -44,14 +45,17 @@ class DatasetReport:
 
 
 def verify_dataset(data_dir: str, splits: Sequence[str] | None = None, *,
-                   check_images: bool = False) -> DatasetReport:
+                   check_images: bool = False,
+                   max_image_pixels: int | None = None) -> DatasetReport:
     """Checks dataset.json against its shards, record by record; returns per-split statistics.
 
     Checks: every listed shard exists and reads to its end (a truncated or corrupt shard is named);
     record counts equal dataset.json's (per shard when recorded, per split always); every record
     parses with the schema (id present, image bytes present or embedding of the stated length,
     class indices in [0, L), not repeated, not both positive and negative); ids are unique within a
-    split. With `check_images` every image is also decoded (slower).
+    split. With `check_images` every image is also decoded (slower). With `max_image_pixels`
+    every image's header is read (cheap: nothing is decoded): bytes that are not an image, and
+    images with more pixels than the limit, are named before anything trains on them.
 
     Raises:
       DataError naming the file and the record index of the first problem found.
@@ -60,11 +64,13 @@ def verify_dataset(data_dir: str, splits: Sequence[str] | None = None, *,
     names = list(info.splits) if splits is None else list(splits)
     report = DatasetReport(info=info, splits={})
     for split in names:
-        report.splits[split] = _verify_split(data_dir, info, split, check_images)
+        report.splits[split] = _verify_split(data_dir, info, split, check_images,
+                                             max_image_pixels)
     return report
 
 
-def _verify_split(data_dir: str, info: DatasetInfo, split: str, check_images: bool) -> SplitStats:
+def _verify_split(data_dir: str, info: DatasetInfo, split: str, check_images: bool,
+                  max_image_pixels: int | None = None) -> SplitStats:
     split_info = info.split(split)
     num_classes = info.num_classes
     if info.mode == "features" and not info.embedding_dim:
@@ -82,9 +88,10 @@ def _verify_split(data_dir: str, info: DatasetInfo, split: str, check_images: bo
     images_without_positive = 0
     counts = np.zeros([len(paths)], np.int64)  # records read per shard
     hashes, where = [], []  # id hashes and (shard, record) of every record, for the duplicate check
-    for shard_index, start, batch in _split_batches(paths, info, check_images):
+    for shard_index, start, batch in _split_batches(paths, info, check_images,
+                                                     max_image_pixels):
         size = len(batch["hash"])
-        stats = _check_batch(paths[shard_index], start, batch, info)
+        stats = _check_batch(paths[shard_index], start, batch, info, max_image_pixels)
         positives += stats[0]
         negatives += stats[1]
         images_without_positive += stats[2]
@@ -110,7 +117,8 @@ def _verify_split(data_dir: str, info: DatasetInfo, split: str, check_images: bo
 _VERIFY_BATCH = 1024
 
 
-def _split_batches(paths: list[str], info: DatasetInfo, check_images: bool):
+def _split_batches(paths: list[str], info: DatasetInfo, check_images: bool,
+                   max_image_pixels: int | None = None):
     """Yields (shard index, index of the batch's first record in its shard, dict of NumPy arrays)
     for every batch of every shard, shards in order, records in file order.
 
@@ -142,6 +150,10 @@ def _split_batches(paths: list[str], info: DatasetInfo, check_images: bool):
         }
         if mode == "image":
             out["encoded_length"] = tf.strings.length(parsed[IMAGE_ENCODED_KEY])
+            if max_image_pixels is not None:  # header only; the limit is checked in _check_batch
+                out["image_shape"] = tf.map_fn(
+                    image_header.image_shape, parsed[IMAGE_ENCODED_KEY],
+                    fn_output_signature=tf.TensorSpec([2], tf.int64))
             if check_images:
                 out["decoded"] = tf.map_fn(
                     lambda args: tf.shape(_decode_rgb(args[0], args[1]))[0] > 0,
@@ -170,7 +182,7 @@ def _split_batches(paths: list[str], info: DatasetInfo, check_images: bool):
                             "dataset.") from e
         except tf.errors.InvalidArgumentError as e:
             for path in paths[last_shard:]:
-                _raise_first_bad_record(path, info, check_images)
+                _raise_first_bad_record(path, info, check_images, max_image_pixels)
             raise DataError(f"a batch of records of {paths} failed to parse but no single record "
                             f"does ({_tf_message(e)}); the shards may be corrupt, rebuild them.") \
                 from e
@@ -190,8 +202,8 @@ def _raise_first_damaged_shard(paths: list[str], error: tf.errors.OpError) -> No
                             f"({_tf_message(e)}); rebuild the dataset.") from error
 
 
-def _check_batch(path: str, start: int, batch: dict[str, np.ndarray], info: DatasetInfo
-                 ) -> tuple[np.ndarray, np.ndarray, int]:
+def _check_batch(path: str, start: int, batch: dict[str, np.ndarray], info: DatasetInfo,
+                 max_image_pixels: int | None = None) -> tuple[np.ndarray, np.ndarray, int]:
     """Vectorised record checks of one batch; returns (positive counts [L], negative counts [L],
     images without a positive)."""
     num_classes = info.num_classes
@@ -226,6 +238,16 @@ def _check_batch(path: str, start: int, batch: dict[str, np.ndarray], info: Data
         missing = np.flatnonzero(batch["encoded_length"] == 0)
         if len(missing):
             fail(int(missing[0]), f"no {IMAGE_ENCODED_KEY} bytes in an image-mode dataset.")
+        if max_image_pixels is not None and len(ids):
+            height, width = batch["image_shape"][:, 0], batch["image_shape"][:, 1]
+            over = np.flatnonzero(height * width > max_image_pixels)
+            if len(over):
+                row = int(over[0])
+                flag = image_header.MAX_IMAGE_PIXELS_FLAG
+                fail(row, f"image of {width[row]} x {height[row]} pixels "
+                          f"({int(width[row]) * int(height[row]):,} pixels) is over the limit of "
+                          f"{max_image_pixels:,} pixels ({flag}={max_image_pixels}); rebuild the "
+                          f"dataset without it (converters refuse it), or raise {flag}.")
     else:
         lengths = batch["embedding_lengths"]
         wrong = np.flatnonzero(lengths != info.embedding_dim)
@@ -263,16 +285,22 @@ def _read_record_id(path: str, index: int) -> str:
     return example.features.feature[IMAGE_ID_KEY].bytes_list.value[0].decode("utf-8", "replace")
 
 
-def _raise_first_bad_record(path: str, info: DatasetInfo, check_images: bool) -> None:
+def _raise_first_bad_record(path: str, info: DatasetInfo, check_images: bool,
+                            max_image_pixels: int | None = None) -> None:
     """Re-reads a shard one record at a time; DataError at its first bad record, if any."""
     for index, record in enumerate(tf.data.TFRecordDataset(path)):
         try:
             parsed = parse_example(record, info.num_classes, info.mode, info.embedding_dim)
+            if max_image_pixels is not None and info.mode == "image":
+                image_header.read_image_size(parsed["image"].numpy(), "the image")
             if check_images and info.mode == "image":
                 _decode_rgb(parsed["image"], parsed["id"])
         except tf.errors.InvalidArgumentError as e:
             raise DataError(f"{path}: record {index} ({_record_id_or_unknown(record)}) does not "
                             f"parse: {_tf_message(e)}") from e
+        except image_header.ImageHeaderError as e:
+            raise DataError(f"{path}: record {index} ({_record_id_or_unknown(record)}): {e} "
+                            "Rebuild the dataset (converters refuse such images).") from e
 
 
 def _record_id_or_unknown(record: tf.Tensor) -> str:

@@ -97,7 +97,7 @@ class TrainingMonitor(keras.callbacks.Callback):
         step = int(self.model.optimizer.iterations.numpy())
         logs = {key: float(value) for key, value in (logs or {}).items()}
         self.last_logs = logs
-        if step % trainer.config.checkpoint_every == 0:
+        if step % trainer.config.checkpoint_every == 0 and trainer.divergence is None:
             trainer.manager.save(checkpoint_number=step)
         first = step == trainer.start_step + 1
         if step % trainer.config.log_every and not first:

@@ -8,14 +8,20 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from typing import TYPE_CHECKING
 
 from imcl_tf import choices as option_choices
+from imcl_tf import image_header  # no TensorFlow at import time
 from imcl_tf.training.errors import bad_flag
 from imcl_tf.training.run_files import CHECKPOINT_DIR, LOGISTIC_STAGE_DIR, RUN_CONFIG, read_json
 
 if TYPE_CHECKING:
     from imcl_tf import data as data_lib
+
+# The export's folder-name rule (imcl_tf.export._MODEL_NAME, not imported: it loads TensorFlow),
+# checked before training rather than when the export starts.
+_EXPORT_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
 
 def _field(default, help_text, choices=None):
@@ -144,9 +150,15 @@ class TrainConfig:
                                       "(TF_CONFIG).", option_choices.STRATEGIES)
     mixed_precision: bool = _field(False, "mixed_float16 compute; OMP and losses stay float32.")
     seed: int = _field(0, "Seed of initialisation, data order and bank choice.")
+    deterministic: bool = _field(False, "The same --seed gives the same run, bit for bit: "
+                                        "deterministic TensorFlow ops and tf.data element order "
+                                        "(slower input pipeline; stays on for the process).")
     export_dir: str = _field("", "Export base for TensorFlow Serving (<export_dir>/<model_name>/"
                                  "<version>); empty: no export.")
     export_model_name: str = _field("imcl", "Model name inside --export_dir.")
+    export_diverged: bool = _field(False, "Export even when the training diverged (a loss not "
+                                          "finite or over 1000 x its first value stops the run; "
+                                          "it is then not exported and ends with status 1).")
     pr_classes: str = _field("", "Classes with a PR curve in TensorBoard: comma-separated class "
                                  "names or indices (empty: the 5 most and the 5 least frequent "
                                  "in training).")
@@ -154,7 +166,11 @@ class TrainConfig:
                                         "control: e.g. --method=logistic trained with the same "
                                         "steps): per-class AP differences and the "
                                         "frequency-group chart.")
-    verify_data: bool = _field(True, "Check dataset.json against its shards before training.")
+    verify_data: bool = _field(True, "Check dataset.json against its shards (and every image's "
+                                     "header) before training.")
+    max_image_pixels: int = _field(image_header.DEFAULT_MAX_IMAGE_PIXELS,
+                                   "Refuse images with more pixels (read from the header before "
+                                   "decoding) in verification and the input pipeline.")
     verbose: int = _field(1, "Progress: 0 only log lines, 1 one line per evaluation interval "
                              "and a live bar on a terminal, 2 one line per interval.")
 
@@ -214,6 +230,10 @@ class TrainConfig:
             bad_flag("head_weight_decay", f"must be >= 0, received {self.head_weight_decay}.")
         if not 0 < self.plateau_alpha <= 1:
             bad_flag("plateau_alpha", f"must be in (0, 1], received {self.plateau_alpha}.")
+        if isinstance(self.max_image_pixels, bool) or not isinstance(
+                self.max_image_pixels, int) or self.max_image_pixels < 1:
+            bad_flag("max_image_pixels", f"must be a positive integer, received "
+                                         f"{self.max_image_pixels!r}.")
         if self.verbose not in (0, 1, 2):
             bad_flag("verbose", f"must be 0, 1 or 2, received {self.verbose}.")
         if (self.label_graph not in option_choices.GRAPH_KINDS
@@ -228,6 +248,11 @@ class TrainConfig:
                                    "--method=imcl.")
         if self.export_dir and not self.export_model_name:
             bad_flag("export_model_name", "is required with --export_dir.")
+        if self.export_dir and not _EXPORT_MODEL_NAME.match(self.export_model_name):
+            # Checked here, not after hours of training when the export starts.
+            bad_flag("export_model_name", f"must be a folder name of letters, digits, '_', '.', "
+                                          f"'-' (starting with a letter or digit); received "
+                                          f"{self.export_model_name!r}.")
 
     def validate(self) -> None:
         """Checks the options against the dataset, the warm start and an existing run folder.
@@ -253,6 +278,10 @@ class TrainConfig:
             bad_flag("val_split", f"{self.val_split!r} is not a split of {self.data_dir!r} (it has "
                                   f"{sorted(info.splits)}); pick one of those, or --val_split= to "
                                   "train without validation.")
+        if self.val_split and info.split(self.val_split).num_examples < 1:
+            bad_flag("val_split", f"the {self.val_split!r} split of {self.data_dir!r} is empty: "
+                                  "validation needs images. Rebuild the split, or pass "
+                                  "--val_split= to train without validation.")
         if (self.backbone == "features") != (info.mode == "features"):
             bad_flag("backbone", f"{self.backbone!r} does not fit a dataset of mode "
                                  f"{info.mode!r}: use --backbone=features exactly for "
@@ -348,8 +377,11 @@ class TrainConfig:
         now = dataclasses.asdict(self)
         if now["warm_start"] == "auto":  # the stage-2 run records where the baseline went
             now["warm_start"] = os.path.join(self.model_dir, LOGISTIC_STAGE_DIR)
+        before_dir = before.get("model_dir", self.model_dir)
         changed = [name for name in now if name not in RESUMABLE_CHANGES and name in before
-                   and before[name] != now[name]]
+                   and before[name] != now[name]
+                   and not (name in PATH_OPTIONS and _same_path(before[name], now[name],
+                                                                before_dir, self.model_dir))]
         if changed:
             details = ", ".join(f"--{name}={before[name]!r} (now {now[name]!r})"
                                 for name in changed)
@@ -371,10 +403,35 @@ def image_class_count(info: data_lib.DatasetInfo) -> int:
     return 0
 
 
+# Options that name files: a resumed run may name them by another path (the run folder was moved
+# or copied, a relative path became absolute) as long as it is the same file.
+PATH_OPTIONS = frozenset({"model_dir", "warm_start", "label_graph", "backbone_weights"})
+
+
+def _same_path(before: str, now: str, before_model_dir: str, model_dir: str) -> bool:
+    """Whether two spellings of a path option name the same thing.
+
+    The same file (os.path.samefile), or the same place relative to the run folder (a moved or
+    copied folder: its model_dir, and the logistic stage inside it). The run folder itself is
+    always the same: its run_config.json is the one being read.
+    """
+    if before == model_dir or os.path.realpath(before) == os.path.realpath(before_model_dir):
+        return os.path.realpath(now) == os.path.realpath(model_dir)
+    try:
+        if os.path.samefile(before, now):
+            return True
+    except OSError:
+        pass  # one of them does not exist (here): compare them inside the run folder
+    inside = os.path.relpath(os.path.realpath(before), os.path.realpath(before_model_dir))
+    return not inside.startswith("..") and os.path.realpath(
+        os.path.join(model_dir, inside)) == os.path.realpath(now)
+
+
 # Options that may change when a checkpointed run is resumed: how long and how it is watched,
 # where the data and exports are, and how it is distributed (checkpoints are strategy-agnostic).
 RESUMABLE_CHANGES = frozenset({
     "data_dir", "train_steps", "epochs", "eval_every", "checkpoint_every", "log_every",
     "warm_start_steps", "strategy", "export_dir", "export_model_name", "verify_data", "verbose",
-    "pr_classes", "control_model_dir",
+    "pr_classes", "control_model_dir", "max_image_pixels", "export_diverged",
+    "deterministic",
 })

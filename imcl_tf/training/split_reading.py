@@ -42,17 +42,20 @@ def count_split_labels(data_dir: str, split: str) -> tuple[np.ndarray, np.ndarra
 
 
 def read_split_subset(data_dir: str, split: str, indices: np.ndarray, image_size: int | None,
-                      image_classes: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                      image_classes: int = 0, max_image_pixels: int | None = None
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Inputs, label rows and id hashes of the records at `indices` (shard order) of a split.
 
     image_classes > 0 extends the label rows by the image/class one-hot, as make_dataset does.
     """
-    parts = list(zip(*iter_split_subset(data_dir, split, indices, image_size, image_classes)))
+    parts = list(zip(*iter_split_subset(data_dir, split, indices, image_size, image_classes,
+                                        max_image_pixels)))
     return tuple(np.concatenate(part) for part in parts)
 
 
 def iter_split_subset(data_dir: str, split: str, indices: np.ndarray, image_size: int | None,
-                      image_classes: int = 0, chunk_size: int = 256):
+                      image_classes: int = 0, max_image_pixels: int | None = None,
+                      chunk_size: int = 256):
     """`read_split_subset` in chunks of `chunk_size` records: (inputs, labels, ids) arrays."""
     info = data_lib.load_dataset_info(data_dir)
     wanted = np.zeros(info.split(split).num_examples, bool)
@@ -63,7 +66,8 @@ def iter_split_subset(data_dir: str, split: str, indices: np.ndarray, image_size
 
     def prepare(index, parsed):
         if info.mode == "image":
-            inputs = data_lib.decode_image(parsed["image"], image_size, parsed["id"])
+            inputs = data_lib.decode_image(parsed["image"], image_size, parsed["id"],
+                                           max_image_pixels)
         else:
             inputs = parsed["embedding"]
         labels = parsed["labels"]

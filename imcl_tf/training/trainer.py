@@ -25,14 +25,17 @@ from imcl_tf import label_graph as graph_lib
 from imcl_tf import memory, metrics, models
 from imcl_tf.training.callbacks import BankRefresh, TrainingMonitor
 from imcl_tf.training.config import TrainConfig, image_class_count
+from imcl_tf.training.divergence import RUN_CONFIG_KEY, DivergenceGuard
 from imcl_tf.training.distribution import (is_chief, is_chief_process, local_byte_variables,
                                            make_strategy, prepare_multi_worker_fit, task_id)
 from imcl_tf.training.errors import bad_flag
 from imcl_tf.training.optimizer import PlateauState, make_part_optimizers, part_learning_rates
 from imcl_tf.training.progress import Clock, LiveBar, LiveBarCallback, shows_live_bar
 from imcl_tf.training.report import format_number
-from imcl_tf.training.run_files import (CHECKPOINT_DIR, LOG_DIR, LOGISTIC_STAGE_DIR, RUN_CONFIG,
-                                        SUMMARY_JSON, read_json, write_json)
+from imcl_tf.training.run_files import (CHECKPOINT_DIR, EXPORT_RECORD, LOG_DIR,
+                                        LOGISTIC_STAGE_DIR, RUN_CONFIG,
+                                        SUMMARY_JSON, RunError, hold_run_lock, read_json,
+                                        write_json)
 from imcl_tf.training.split_reading import iter_split_subset, read_split_labels
 from imcl_tf.training.summaries import PREDICTION_GRID_IMAGES
 from imcl_tf.training.validation import ValidationPass
@@ -46,6 +49,13 @@ def run(config: TrainConfig) -> dict[str, Any]:
     """
     started = time.time()
     config.validate()
+    if not is_chief_process(config.strategy):
+        return _run(config, started)
+    with hold_run_lock(config.model_dir):  # one training per folder (RunError otherwise)
+        return _run(config, started)
+
+
+def _run(config: TrainConfig, started: float) -> dict[str, Any]:
     if config.warm_start == "auto":
         stage_dir = os.path.join(config.model_dir, LOGISTIC_STAGE_DIR)
         logistic = dataclasses.replace(
@@ -121,7 +131,9 @@ class _Trainer:
         config = self.config
         os.makedirs(self.work_dir, exist_ok=True)
         if config.verify_data and self.is_chief:
-            data_lib.verify_dataset(config.data_dir)
+            # Headers too: a record that is not an image, or a decompression bomb, is named
+            # (file and record) before training starts instead of stopping it midway.
+            data_lib.verify_dataset(config.data_dir, max_image_pixels=config.max_image_pixels)
         self._build()
         latest = tf.train.latest_checkpoint(self.chief_checkpoints)
         previous = read_json(os.path.join(config.model_dir, RUN_CONFIG)) or {}
@@ -133,19 +145,26 @@ class _Trainer:
             if config.method == "imcl":  # the bank's inputs are not in checkpoints: re-read them
                 self.model.restore_bank_inputs(iter_split_subset(
                     config.data_dir, "train", self.bank_indices, self.image_size,
-                    self.image_classes))
+                    self.image_classes, config.max_image_pixels))
             logging.info("Resumed from %s at step %d of %d", latest, self.start_step,
                          self.train_steps)
         else:
             self.resolved = self._initialise_new_run()
         self._write_run_config(previous)
         self.monitor = TrainingMonitor(self)
-        self.callbacks = [self.monitor]
+        reference = previous.get(RUN_CONFIG_KEY) if self.resumed_from else None
+        self.guard = DivergenceGuard(reference, on_reference=self._keep_divergence_reference)
+        # The guard runs first: the monitor saves no checkpoint of a diverged step.
+        self.callbacks = [self.guard, self.monitor]
         if config.method == "imcl":
             self.callbacks.insert(0, BankRefresh(config.refresh_every))
 
     def _build(self):
         config = self.config
+        if config.deterministic:
+            # Op kernels with a deterministic variant use it (process-wide, cannot be undone);
+            # the training pipeline keeps its order below, and every seed comes from --seed.
+            tf.config.experimental.enable_op_determinism()
         keras.utils.set_random_seed(config.seed)
         keras.mixed_precision.set_global_policy("mixed_float16" if config.mixed_precision
                                                 else "float32")
@@ -238,13 +257,29 @@ class _Trainer:
             resolved["warm_start"] = config.warm_start
         if config.method == "imcl":
             model.fill_bank(iter_split_subset(config.data_dir, "train", self.bank_indices,
-                                              self.image_size, self.image_classes))
+                                              self.image_size, self.image_classes,
+                                              config.max_image_pixels))
             resolved["dictionary_size"] = int(len(self.bank_indices))
             resolved.update(model.calibrate_lambdas(
                 self._dataset("train", training=True, seed=config.seed + 7919),
                 config.calibration_batches))
             logging.info("Resolved smoothness weights: %s", resolved)
         return resolved
+
+    @property
+    def divergence(self) -> dict[str, Any] | None:
+        """The DivergenceGuard's record of the diverged step, or None."""
+        guard = getattr(self, "guard", None)
+        return guard.divergence if guard is not None else None
+
+    def _keep_divergence_reference(self, loss: float) -> None:
+        """Records the first step's loss in run_config.json, for the guard of a resumed run."""
+        if not self.is_chief:
+            return
+        path = os.path.join(self.work_dir, RUN_CONFIG)
+        run_config = read_json(path) or {}
+        run_config[RUN_CONFIG_KEY] = loss
+        write_json(path, run_config)
 
     def _write_run_config(self, previous: dict[str, Any]) -> None:
         run_config = {
@@ -259,6 +294,8 @@ class _Trainer:
             else data_lib.utc_now(),
             "resumed": list(previous.get("resumed", [])) if self.resumed_from else [],
         }
+        if self.resumed_from and RUN_CONFIG_KEY in previous:
+            run_config[RUN_CONFIG_KEY] = previous[RUN_CONFIG_KEY]
         if self.resumed_from:
             run_config["resumed"].append({"at_step": self.start_step, "time": data_lib.utc_now()})
         if self.is_chief:
@@ -275,21 +312,24 @@ class _Trainer:
             self.config.data_dir, split, batch_size=self.config.batch_size,
             image_size=self.image_size, training=training, augment=training and self.config.augment,
             seed=self.config.seed if seed is None else seed, repeat=training,
-            drop_remainder=training, deterministic=not training,
+            drop_remainder=training, deterministic=not training or self.config.deterministic,
+            max_image_pixels=self.config.max_image_pixels,
             image_classes=self.image_classes if training else 0)
 
-    def _train_dataset(self, seed):
-        """The training pipeline; under a strategy each worker reads its own shard FILES."""
+    def _train_dataset(self, seed, skip=0):
+        """The training pipeline, `skip` batches in; under a strategy each worker reads its own
+        shard FILES."""
         if not self.distributed:
-            return self._dataset("train", training=True, seed=seed)
+            return self._dataset("train", training=True, seed=seed).skip(skip)
         config = self.config
 
         def per_worker(input_context):
             return data_lib.make_dataset(
                 config.data_dir, "train", batch_size=config.batch_size,
                 image_size=self.image_size, training=True, augment=config.augment, seed=seed,
-                repeat=True, drop_remainder=True, input_context=input_context,
-                image_classes=self.image_classes)
+                repeat=True, drop_remainder=True, deterministic=config.deterministic,
+                max_image_pixels=config.max_image_pixels, input_context=input_context,
+                image_classes=self.image_classes).skip(skip)
 
         return self.strategy.distribute_datasets_from_function(per_worker)
 
@@ -306,15 +346,24 @@ class _Trainer:
             else None
         callbacks = self.callbacks + ([LiveBarCallback(bar)] if bar else [])
         while step < self.train_steps:
-            interval_end = min((step // self.eval_every + 1) * self.eval_every, self.train_steps)
-            # A seed per interval start: a resumed run continues with the order it would have had.
-            dataset = self._train_dataset(seed=config.seed + step)
+            interval_start = step // self.eval_every * self.eval_every
+            interval_end = min(interval_start + self.eval_every, self.train_steps)
+            # A seed per interval start, and the batches this interval already trained on
+            # skipped: a run resumed inside an interval continues with the same input order
+            # (exactly so with --deterministic).
+            dataset = self._train_dataset(seed=config.seed + interval_start,
+                                          skip=step - interval_start)
             self.clock.start_interval()
             if bar:
                 bar.start_interval(step)
             model.fit(dataset, epochs=1, steps_per_epoch=interval_end - step,
                       callbacks=callbacks, verbose=0, shuffle=False)
             step = int(model.optimizer.iterations.numpy())
+            if self.divergence is not None:
+                # No evaluation, no checkpoint: the last checkpoint stays the last sound state.
+                logging.warning("%s", self.guard.message(config.learning_rate,
+                                                         self._last_checkpoint_step()))
+                break
             self.clock.end_training(step)
             self._end_of_interval(step)
             self.clock.end_interval()
@@ -326,6 +375,37 @@ class _Trainer:
                     print(self._progress_line(step), flush=True)
                 else:
                     logging.info("%s", self._progress_line(step))
+
+    def _export(self, final_step: int, trained: bool, previous: dict[str, Any]) -> str:
+        """Exports the best model once per trained state; returns the version folder.
+
+        The version about to be written is recorded in export.json first: a run killed after
+        the export's final rename, before summary.json, finds it there when it is restarted and
+        does not export the same model again as a new version.
+        """
+        from imcl_tf import export
+        config = self.config
+        record_path = os.path.join(self.work_dir, EXPORT_RECORD)
+        record = read_json(record_path) or {}
+        model_base = os.path.join(config.export_dir, config.export_model_name)
+        if (record.get("step") == final_step and not trained
+                and os.path.realpath(record.get("model_base", "")) == os.path.realpath(model_base)
+                and os.path.isdir(record.get("version_dir", ""))):
+            return record["version_dir"]  # exported before the kill: the same model
+        earlier = (previous.get("files") or {}).get("export")
+        if not trained and earlier and os.path.isdir(earlier):
+            return earlier  # a finished run that was only re-opened
+        version = export.next_version(model_base)
+        version_dir = os.path.join(model_base, str(version))
+        write_json(record_path, {"step": final_step, "model_base": model_base,
+                                 "version_dir": version_dir})
+        return export.export_from_model_dir(self.work_dir, config.export_dir,
+                                            config.export_model_name, checkpoint="best",
+                                            version=version)
+
+    def _last_checkpoint_step(self) -> int | None:
+        latest = tf.train.latest_checkpoint(os.path.join(self.work_dir, CHECKPOINT_DIR))
+        return int(latest.rsplit("-", 1)[1]) if latest else None
 
     def _progress_line(self, step: int) -> str:
         line = f"step {step}/{self.train_steps} ({step / self.train_steps:.0%})"
@@ -389,6 +469,15 @@ class _Trainer:
             "final_train_logs": self.monitor.last_logs or previous.get("final_train_logs", {}),
             "summary_file": os.path.join(config.model_dir, SUMMARY_JSON),
         }
+        if self.divergence is not None:
+            message = self.guard.message(config.learning_rate, self._last_checkpoint_step())
+            summary["diverged"] = {**self.divergence, "message": message}
+            if not config.export_diverged:
+                self.monitor.close()
+                if self.is_chief:
+                    write_json(summary["summary_file"], summary)
+                raise RunError(message)
+            logging.warning("--export_diverged: exporting a diverged run.")
         if not self.is_chief:
             return summary  # the chief writes every file
         if trained:
@@ -408,13 +497,7 @@ class _Trainer:
                  "run_config": os.path.join(config.model_dir, RUN_CONFIG),
                  "tensorboard": os.path.join(config.model_dir, LOG_DIR)}
         if config.export_dir:
-            earlier = (previous.get("files") or {}).get("export")
-            if not trained and earlier and os.path.isdir(earlier):
-                files["export"] = earlier  # a finished run that was only re-opened
-            else:
-                from imcl_tf import export
-                files["export"] = export.export_from_model_dir(
-                    self.work_dir, config.export_dir, config.export_model_name, checkpoint="best")
+            files["export"] = self._export(final_step, trained, previous)
         summary["files"] = files
         summary["best_model"], summary["tensorboard"] = best_path, files["tensorboard"]
         summary["export"] = files.get("export")
