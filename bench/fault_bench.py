@@ -1,4 +1,4 @@
-"""The hostile-input and fault battery of issue 13, in one run: every case is injected for real
+"""The hostile-input and fault battery, in one run: every case is injected for real
 and its outcome checked, then the totals are printed.
 
     python bench/fault_bench.py [--quick] [--out bench/results/faults.md]
@@ -564,7 +564,7 @@ def write_results(path: str, outcomes: list[Outcome], figures: dict[str, int], c
                   serving_run: bool) -> None:
     load = os.getloadavg()
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    lines = ["# Fault battery (issue 13)", "", f"Command: `{command}`", "",
+    lines = ["# Fault battery: data, training and serving", "", f"Command: `{command}`", "",
              f"Machine: {os.cpu_count()}-core CPU, no GPU, shared with other jobs (load average "
              f"{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} at the end); Python "
              f"{platform.python_version()}, TensorFlow {tf.__version__}. Date: {now}.", "",
