@@ -304,16 +304,20 @@ def draw_classes(rng: np.random.Generator) -> list[int]:
     num_classes = len(CLASS_NAMES)
     if rng.random() < TEMPLATE_PROBABILITY:
         classes = list(OUTFIT_TEMPLATES[rng.integers(len(OUTFIT_TEMPLATES))])
-        if rng.random() < REMOVE_PROBABILITY and len(classes) > 1:
-            classes.pop(int(rng.integers(len(classes))))
-        if rng.random() < ADD_PROBABILITY and len(classes) < MAX_ITEMS:
-            others = [c for c in range(num_classes) if c not in classes]
-            classes.append(int(rng.choice(others)))
+        _perturb_template(classes, num_classes, rng)
     else:
         size = int(rng.integers(1, MAX_ITEMS + 1))
         classes = [int(c) for c in rng.choice(num_classes, size=size, replace=False)]
     rng.shuffle(classes)  # drawing order = depth order
     return classes
+
+def _perturb_template(classes: list[int], num_classes: int, rng: np.random.Generator) -> None:
+    """Drops one item of an outfit template or adds a random other one, in place (as drawn)."""
+    if rng.random() < REMOVE_PROBABILITY and len(classes) > 1:
+        classes.pop(int(rng.integers(len(classes))))
+    if rng.random() < ADD_PROBABILITY and len(classes) < MAX_ITEMS:
+        others = [c for c in range(num_classes) if c not in classes]
+        classes.append(int(rng.choice(others)))
 
 
 def draw_longtail_classes(rng: np.random.Generator) -> tuple[list[int], list[int]]:
@@ -327,11 +331,7 @@ def draw_longtail_classes(rng: np.random.Generator) -> tuple[list[int], list[int
     if rng.random() < TEMPLATE_PROBABILITY:
         weights = np.asarray(TEMPLATE_WEIGHTS) / sum(TEMPLATE_WEIGHTS)
         classes = list(OUTFIT_TEMPLATES[rng.choice(len(OUTFIT_TEMPLATES), p=weights)])
-        if rng.random() < REMOVE_PROBABILITY and len(classes) > 1:
-            classes.pop(int(rng.integers(len(classes))))
-        if rng.random() < ADD_PROBABILITY and len(classes) < MAX_ITEMS:
-            others = [c for c in range(num_classes) if c not in classes]
-            classes.append(int(rng.choice(others)))
+        _perturb_template(classes, num_classes, rng)
     else:
         size = int(rng.integers(1, MAX_ITEMS + 1))
         weights = np.asarray(ITEM_WEIGHTS) / sum(ITEM_WEIGHTS)
