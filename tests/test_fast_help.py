@@ -53,11 +53,28 @@ def data_tools():
     return list(commands.TOOLS)
 
 
-@pytest.mark.parametrize("command", sorted(set(ENTRY_POINTS) - {"imcl-data"}))
+@pytest.mark.parametrize("command", sorted(ENTRY_POINTS))
 def test_help_imports_no_tensorflow(command):
     text, probe = help_of(command)
     assert probe == "PROBE status=0 tensorflow=False", (command, probe)
     assert "usage" in text.lower() or "flags" in text.lower(), text
+
+
+@pytest.mark.parametrize("tool", data_tools())
+def test_data_tool_help_imports_no_tensorflow(tool):
+    text, probe = help_of("imcl-data", tool)
+    assert probe == "PROBE status=0 tensorflow=False", (tool, probe)
+    assert "\n  --" in text and "Try --helpfull" in text, text  # the tool's flags are listed
+
+
+def test_asks_for_help():
+    from tfrecords_tools.commands import asks_for_help
+
+    for arguments in (["--help"], ["--input_dir=x", "-help"], ["--helpfull"], ["-?"],
+                      ["--helpshort", "--output_dir=y"]):
+        assert asks_for_help(arguments), arguments
+    for arguments in ([], ["--input_dir=help"], ["--", "--help"], ["--helper=1"], ["help"]):
+        assert not asks_for_help(arguments), arguments
 
 
 def test_serving_help_lists_the_options():

@@ -25,7 +25,6 @@ import time
 from typing import Any, Callable, Iterable, Iterator, Sequence, TextIO
 
 import numpy as np
-import tensorflow as tf
 from absl import app, flags
 
 from imcl_tf import data, image_header
@@ -308,6 +307,8 @@ def _load_checked_image(record: Record, max_image_pixels: int) -> bytes | None:
 
 def _load_existing(output_dir: str, class_names: Sequence[str], mode: str,
                    split: str) -> data.DatasetInfo | None:
+    import tensorflow as tf
+
     if not tf.io.gfile.exists(os.path.join(output_dir, data.DATASET_JSON)):
         return None
     info = data.load_dataset_info(output_dir)
@@ -357,6 +358,8 @@ _PNG_END = b"IEND\xaeB`\x82"
 
 def read_image(path: str, source: str = "") -> bytes:
     """Returns the bytes of an image file (local or any tf.io.gfile path); ImageError if missing."""
+    import tensorflow as tf
+
     where = f"image file {path}" + (f" ({source})" if source else "")
     try:
         with tf.io.gfile.GFile(path, "rb") as f:
@@ -380,6 +383,8 @@ def check_image(encoded: bytes, source: str,
     Raises ImageError naming `source` when the bytes are empty, not JPEG/PNG, too large,
     truncated or undecodable.
     """
+    import tensorflow as tf
+
     if not encoded:
         raise ImageError(source, "empty image (0 bytes)", "truncated", "re-download it")
     if encoded.startswith(_JPEG_MAGIC):
