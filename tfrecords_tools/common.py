@@ -5,8 +5,8 @@ positive and negative class indices) and hands them to `convert_split`, which re
 the images in parallel, writes atomic shards with `imcl_tf.data.SplitWriter` and merges the split
 into the output folder's dataset.json with its provenance.
 
-Only image problems (missing, unreadable, truncated, undecodable, not JPEG/PNG, over
---max_image_pixels) can be skipped
+Only image problems (missing, unreadable, truncated, undecodable, corrupt JPEG data, not
+JPEG/PNG, over --max_image_pixels) can be skipped
 with --skip_corrupt; annotation problems (unknown class, class both positive and negative,
 duplicate ids, index out of range) always stop the conversion, because skipping them would
 silently hide a mismatched class list or a bug in the annotations.
@@ -28,6 +28,7 @@ import numpy as np
 from absl import app, flags
 
 from imcl_tf import data, image_header
+from tfrecords_tools import jpeg_check
 
 DEFAULT_NUM_WORKERS = 8  # threads reading and decode-checking images (I/O bound, GIL released)
 MAX_SKIPPED_LISTED = 1000  # skipped inputs listed one by one in dataset.json; all are counted
@@ -58,8 +59,8 @@ class Record:
 
 
 class ImageError(data.DataError):
-    """A bad image; `kind` is one of missing, unreadable, truncated, undecodable, unsupported,
-    too_large.
+    """A bad image; `kind` is one of missing, unreadable, truncated, undecodable, corrupt
+    (decodable, but libjpeg reported damaged data), unsupported, too_large.
 
     `detail` is the problem alone (for the skip report); the message adds where and what to do.
     """
@@ -381,7 +382,8 @@ def check_image(encoded: bytes, source: str,
     refused before anything is decoded (a 48 KB PNG can decode to 20000 x 20000 pixels).
     Returns (the same bytes, "jpeg" | "png"); the bytes are stored as they are, never re-encoded.
     Raises ImageError naming `source` when the bytes are empty, not JPEG/PNG, too large,
-    truncated or undecodable.
+    truncated or undecodable, or when libjpeg warns of corrupt data it decoded around
+    (`jpeg_check`).
     """
     import tensorflow as tf
 
@@ -408,11 +410,20 @@ def check_image(encoded: bytes, source: str,
                          f"pixels ({flag}={max_image_pixels}), checked before decoding",
                          "too_large", f"resize it, or raise {flag} if such images are expected")
     try:
-        tf.io.decode_image(encoded, channels=3, expand_animations=False)
+        if image_format == "jpeg":
+            warnings = jpeg_check.decode_jpeg_warnings(encoded)
+        else:
+            tf.io.decode_image(encoded, channels=3, expand_animations=False)
+            warnings = []
     except tf.errors.OpError as e:
         kind = "truncated" if _looks_truncated(encoded, image_format) else "undecodable"
         raise ImageError(source, f"{kind} {image_format.upper()} image ({len(encoded)} bytes: "
                          f"{_op_message(e)})", kind, "re-download or re-export it") from e
+    if warnings:
+        # libjpeg decoded it anyway, with grey or shifted blocks where the data is damaged.
+        kind = "truncated" if "Premature end of JPEG file" in warnings else "corrupt"
+        raise ImageError(source, f"{kind} JPEG image ({len(encoded)} bytes: libjpeg: "
+                         f"{'; '.join(warnings)})", kind, "re-download or re-export it")
     return encoded, image_format
 
 
@@ -514,7 +525,8 @@ def define_common_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                 "Shuffle the record order (seeded) so shards mix classes; --noshuffle keeps the "
                 "order of the annotation file.", flag_values)
     define_flag(flags.DEFINE_boolean, "skip_corrupt", False,
-                "Skip missing, truncated, undecodable or too large images instead of stopping; "
+                "Skip missing, truncated, undecodable, corrupt (libjpeg warnings) or too large "
+                "images instead of stopping; "
                 "they are counted, printed at the end and listed in dataset.json.", flag_values)
     define_flag(flags.DEFINE_integer, image_header.MAX_IMAGE_PIXELS_FLAG.lstrip("-"),
                 image_header.DEFAULT_MAX_IMAGE_PIXELS,

@@ -189,7 +189,7 @@ class _Trainer:
         graph = graph_lib.build_label_graph(config.label_graph, self.info.num_classes,
                                             graph_rows, config.label_graph_top_k or None)
         rates = part_learning_rates(config)
-        # BatchNorm frozen when fine-tuning trained weights (docs/method.md §5 row 22): then the
+        # BatchNorm frozen when fine-tuning trained weights (docs/method.md §5): then the
         # query's features (training mode) and the bank's (inference mode) are the same function
         # of the image and the smoothness terms compare like with like.
         self.freeze_batchnorm = config.freeze_batchnorm and (
