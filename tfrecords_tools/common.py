@@ -28,7 +28,6 @@ import numpy as np
 from absl import app, flags
 
 from imcl_tf import data, image_header
-from tfrecords_tools import jpeg_check
 
 DEFAULT_NUM_WORKERS = 8  # threads reading and decode-checking images (I/O bound, GIL released)
 MAX_SKIPPED_LISTED = 1000  # skipped inputs listed one by one in dataset.json; all are counted
@@ -386,6 +385,8 @@ def check_image(encoded: bytes, source: str,
     (`jpeg_check`).
     """
     import tensorflow as tf
+
+    from tfrecords_tools import jpeg_check  # imports TensorFlow
 
     if not encoded:
         raise ImageError(source, "empty image (0 bytes)", "truncated", "re-download it")
