@@ -15,7 +15,6 @@ Python API:
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from typing import Any, Sequence
@@ -29,7 +28,7 @@ from tensorflow_serving.apis import (classification_pb2, get_model_metadata_pb2,
                                      predict_pb2, prediction_service_pb2_grpc)
 
 from imcl_tf import data, export
-from serving import tensors
+from serving import arguments, tensors
 
 Predictions = list[list[tuple[str, float]]]  # per image: (class name, probability), best first
 
@@ -243,20 +242,7 @@ def decode_images(encoded: Sequence[bytes], image_size: int) -> np.ndarray:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m serving.client",
-                                     description="Top labels per image from a served imcl_tf "
-                                                 "model (TF Serving gRPC).")
-    parser.add_argument("--server", default="localhost:8500", help="host:port of the gRPC server")
-    parser.add_argument("--model_name", required=True)
-    parser.add_argument("--version", type=int, default=None, help="default: the newest")
-    parser.add_argument("--signature", default=export.SERVING_DEFAULT,
-                        choices=[export.SERVING_DEFAULT, export.PREDICT_IMAGES],
-                        help="serving_default sends the file bytes; predict_images decodes "
-                             "and resizes here and sends float arrays")
-    parser.add_argument("--top_k", type=int, default=5)
-    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    parser.add_argument("--timeout", type=float, default=30.0, help="seconds per request")
-    parser.add_argument("images", nargs="+", help="JPEG or PNG files")
+    parser = arguments.client_parser()
     args = parser.parse_args(argv)
 
     try:

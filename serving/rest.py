@@ -38,10 +38,10 @@ from tensorflow_serving.apis import (classification_pb2, get_model_metadata_pb2,
                                      get_model_status_pb2, model_pb2, predict_pb2)
 
 from imcl_tf import export
-from serving import tensors
+from serving import arguments, tensors
 from serving.errors import RequestError
 
-DEFAULT_REST_PORT = 8501  # TF Serving's REST port
+DEFAULT_REST_PORT = arguments.DEFAULT_REST_PORT  # TF Serving's REST port
 READ_TIMEOUT_SECONDS = 30  # a client that stops sending mid-request loses its connection
 MAX_JSON_DEPTH = 32  # nesting of one input value; real tensors have rank 1-4
 

@@ -22,7 +22,6 @@ and exit 0.
 
 from __future__ import annotations
 
-import argparse
 import collections
 import concurrent.futures
 import contextlib
@@ -49,16 +48,16 @@ from tensorflow_serving.apis import (classification_pb2, get_model_metadata_pb2,
                                      prediction_log_pb2, prediction_service_pb2_grpc)
 
 from imcl_tf import data, export, image_header
-from serving import rest, tensors
+from serving import arguments, rest, tensors
 from serving.errors import RequestError
 
-DEFAULT_PORT = 8500  # TF Serving's gRPC port
-DEFAULT_HOST = "127.0.0.1"  # loopback: exposing the server is an explicit choice
+DEFAULT_PORT = arguments.DEFAULT_PORT  # TF Serving's gRPC port
+DEFAULT_HOST = arguments.DEFAULT_HOST
 SIGNATURE_DEF_FIELD = "signature_def"  # the one metadata field TF Serving knows
 MAX_WARMUP_RECORDS = 1000  # TF Serving's limit on warm-up records
 _State = get_model_status_pb2.ModelVersionStatus.State
 _LOG = logging.getLogger("serving.server")
-DEFAULT_MAX_MESSAGE_MB = 64
+DEFAULT_MAX_MESSAGE_MB = arguments.DEFAULT_MAX_MESSAGE_MB
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1129,47 +1128,7 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m serving.server", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model_base_path", required=True,
-                        help="<export_base>/<model_name>: the folder holding version folders")
-    parser.add_argument("--model_name", required=True, help="name clients put in model_spec.name")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="gRPC port (0: any free)")
-    parser.add_argument("--rest_api_port", type=int, default=rest.DEFAULT_REST_PORT,
-                        help="REST port, TF Serving's JSON API (0: no REST, as in TF Serving)")
-    parser.add_argument("--host", default=DEFAULT_HOST,
-                        help="address to listen on; 0.0.0.0 exposes the server to the network")
-    parser.add_argument("--max_batch_size", type=int, default=64,
-                        help="largest batch one request may carry")
-    parser.add_argument("--max_message_mb", type=int, default=DEFAULT_MAX_MESSAGE_MB,
-                        help="largest request or response message (gRPC) or body (REST), in "
-                             "MiB; no request may expand to more elements than a dense float32 "
-                             "message of this size")
-    parser.add_argument("--max_image_pixels", type=int,
-                        default=image_header.DEFAULT_MAX_IMAGE_PIXELS,
-                        help="images whose header declares more pixels are refused before "
-                             "decoding (decompression bombs)")
-    parser.add_argument("--max_concurrent_rpcs", type=int, default=0,
-                        help="requests in flight beyond this get RESOURCE_EXHAUSTED / HTTP 429 "
-                             "(0: no limit)")
-    parser.add_argument("--ssl_cert", help="PEM certificate chain: serve gRPC and REST over TLS")
-    parser.add_argument("--ssl_key", help="PEM private key of --ssl_cert")
-    parser.add_argument("--access_log",
-                        help="file that gets one line per request ('-': stderr); default: none")
-    parser.add_argument("--poll_seconds", type=float, default=1.0,
-                        help="how often to look for new versions")
-    parser.add_argument("--num_versions", type=int, default=2,
-                        help="how many of the newest versions stay loaded")
-    parser.add_argument("--num_threads", type=int, default=16, help="request worker threads")
-    parser.add_argument("--enable_batching", action="store_true",
-                        help="merge concurrent requests into one model call (as TF Serving's "
-                             "--enable_batching); batches hold at most --max_batch_size rows")
-    parser.add_argument("--num_batch_threads", type=int, default=2,
-                        help="with batching: model calls running at once")
-    parser.add_argument("--batch_timeout_micros", type=int, default=0,
-                        help="with batching: how long a partial batch may wait for more requests")
-    parser.add_argument("--shutdown_grace_seconds", type=float, default=30.0,
-                        help="how long in-flight requests may run after SIGTERM/SIGINT")
+    parser = arguments.server_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -23,7 +23,6 @@ import os
 from typing import Any, Sequence
 
 import numpy as np
-import tensorflow as tf
 from absl import flags
 
 from imcl_tf import data
@@ -97,6 +96,8 @@ def read_records(features: str, labels: str, label_format: str | None = None,
 
 def load_matrix(path: str, flag: str) -> tuple[np.ndarray, list[str] | None]:
     """Loads a 2-D numeric matrix from .npy (memory-mapped) or CSV; returns (matrix, CSV header)."""
+    import tensorflow as tf
+
     if not tf.io.gfile.exists(path):
         raise data.DataError(f"{flag} {path} not found.")
     if path.lower().endswith(".npy"):
@@ -122,6 +123,8 @@ def load_matrix(path: str, flag: str) -> tuple[np.ndarray, list[str] | None]:
 
 
 def _load_csv(path: str, flag: str) -> tuple[np.ndarray, list[str] | None]:
+    import tensorflow as tf
+
     with tf.io.gfile.GFile(path, "r") as f:
         reader = csv.reader(io.StringIO(f.read()))
         rows = [(reader.line_num, row) for row in reader if any(c.strip() for c in row)]
@@ -190,6 +193,8 @@ def _check_labels(matrix: np.ndarray, path: str, label_format: str | None) -> st
 
 
 def _read_lines(path: str, flag: str) -> list[str]:
+    import tensorflow as tf
+
     if not tf.io.gfile.exists(path):
         raise data.DataError(f"{flag} {path} not found.")
     with tf.io.gfile.GFile(path, "r") as f:

@@ -15,7 +15,6 @@ import json
 import os
 from typing import Any, Sequence
 
-import tensorflow as tf
 from absl import flags
 
 from imcl_tf import data
@@ -86,6 +85,8 @@ def read_records(annotations: str, images_dir: str) -> tuple[list[str], list[com
 
 
 def _load_json(path: str) -> dict[str, Any]:
+    import tensorflow as tf
+
     if not tf.io.gfile.exists(path):
         raise data.DataError(f"--annotations {path} not found.")
     with tf.io.gfile.GFile(path, "r") as f:

@@ -33,7 +33,6 @@ import os
 import re
 from typing import Any, Sequence
 
-import tensorflow as tf
 from absl import flags
 
 from imcl_tf import data
@@ -165,6 +164,8 @@ def read_records(captions: str, images_dir: str, *, vocabulary: str | None = Non
 
 def read_vocabulary(path: str) -> list[str]:
     """The words of a vocabulary file (first field of every non-empty line) or dataset folder."""
+    import tensorflow as tf
+
     if tf.io.gfile.isdir(path):
         if not tf.io.gfile.exists(os.path.join(path, data.DATASET_JSON)):
             raise data.DataError(f"--vocabulary {path} is a folder without {data.DATASET_JSON}; "

@@ -4,8 +4,9 @@
     imcl-data voc --help           a tool's flags
     imcl-data partial --input_dir=... --output_dir=... --known_ratio=0.3
 
-`python -m tfrecords_tools.<tool>` runs the same code. The list of tools and a usage mistake
-answer without importing TensorFlow; a tool itself imports it (quietly) before it starts.
+`python -m tfrecords_tools.<tool>` runs the same code. The list of tools, a usage mistake and a
+tool's --help answer without importing TensorFlow (the tools define their flags without it); a
+tool itself imports it (quietly) before it starts.
 """
 
 from __future__ import annotations
@@ -51,6 +52,19 @@ def usage() -> str:
     return "\n".join(lines)
 
 
+_HELP_FLAGS = ("help", "helpshort", "helpfull", "helpxml", "?")
+
+
+def asks_for_help(arguments: Sequence[str]) -> bool:
+    """Whether absl will print a help page and exit for these arguments (no TensorFlow needed)."""
+    for argument in arguments:
+        if argument == "--":
+            break
+        if argument.startswith("-") and argument.lstrip("-").split("=")[0] in _HELP_FLAGS:
+            return True
+    return False
+
+
 def run_tool(name: str, define_flags: Callable[[], None],
              main: Callable[[Sequence[str]], None]) -> None:
     """Runs a tool's absl `main` as the console commands run theirs (`imcl_tf.console`)."""
@@ -73,7 +87,8 @@ def run_cli(argv: Sequence[str] | None = None) -> None:
                                                      if close else "") + "; the tools are "
                      f"{', '.join(TOOLS)}.", console.USAGE_EXIT)
     console.quiet_tensorflow()
-    console.import_tensorflow_quietly()
+    if not asks_for_help(argv[2:]):
+        console.import_tensorflow_quietly()
     module = importlib.import_module(TOOLS[name][0])
     sys.argv = [f"{PROGRAM} {name}"] + argv[2:]
     main_module = sys.modules.get("__main__")

@@ -25,11 +25,9 @@ import time
 from typing import Any, Callable, Iterable, Iterator, Sequence, TextIO
 
 import numpy as np
-import tensorflow as tf
 from absl import app, flags
 
 from imcl_tf import data, image_header
-from tfrecords_tools import jpeg_check
 
 DEFAULT_NUM_WORKERS = 8  # threads reading and decode-checking images (I/O bound, GIL released)
 MAX_SKIPPED_LISTED = 1000  # skipped inputs listed one by one in dataset.json; all are counted
@@ -309,6 +307,8 @@ def _load_checked_image(record: Record, max_image_pixels: int) -> bytes | None:
 
 def _load_existing(output_dir: str, class_names: Sequence[str], mode: str,
                    split: str) -> data.DatasetInfo | None:
+    import tensorflow as tf
+
     if not tf.io.gfile.exists(os.path.join(output_dir, data.DATASET_JSON)):
         return None
     info = data.load_dataset_info(output_dir)
@@ -358,6 +358,8 @@ _PNG_END = b"IEND\xaeB`\x82"
 
 def read_image(path: str, source: str = "") -> bytes:
     """Returns the bytes of an image file (local or any tf.io.gfile path); ImageError if missing."""
+    import tensorflow as tf
+
     where = f"image file {path}" + (f" ({source})" if source else "")
     try:
         with tf.io.gfile.GFile(path, "rb") as f:
@@ -382,6 +384,10 @@ def check_image(encoded: bytes, source: str,
     truncated or undecodable, or when libjpeg warns of corrupt data it decoded around
     (`jpeg_check`).
     """
+    import tensorflow as tf
+
+    from tfrecords_tools import jpeg_check  # imports TensorFlow
+
     if not encoded:
         raise ImageError(source, "empty image (0 bytes)", "truncated", "re-download it")
     if encoded.startswith(_JPEG_MAGIC):

@@ -19,7 +19,6 @@ from __future__ import annotations
 import os
 from typing import Any, Sequence
 
-import tensorflow as tf
 from absl import flags
 
 from imcl_tf import data
@@ -135,6 +134,8 @@ def read_dataset(cub_root: str, not_visible_unknown: bool = False) -> CubDataset
 
 
 def _attributes_names_path(cub_root: str) -> str:
+    import tensorflow as tf
+
     candidates = [os.path.join(cub_root, "attributes", "attributes.txt"),
                   os.path.join(cub_root, "attributes.txt"),
                   os.path.join(os.path.dirname(os.path.normpath(cub_root)), "attributes.txt")]
@@ -147,6 +148,8 @@ def _attributes_names_path(cub_root: str) -> str:
 
 
 def _read_rows(path: str) -> list[tuple[int, list[str]]]:
+    import tensorflow as tf
+
     if not tf.io.gfile.exists(path):
         raise data.DataError(f"{path} not found; is --cub_root the CUB_200_2011 folder?")
     with tf.io.gfile.GFile(path, "r") as f:

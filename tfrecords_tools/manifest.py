@@ -30,7 +30,6 @@ import os
 import re
 from typing import Any, Iterator, Sequence
 
-import tensorflow as tf
 from absl import flags
 
 from imcl_tf import data
@@ -56,6 +55,8 @@ def convert(manifest: str, images_dir: str, classes: str, *, output_dir: str,
 
 def read_class_names(path: str) -> list[str]:
     """Class names, one per line; DataError on a repeated name or a name with ';' or '|'."""
+    import tensorflow as tf
+
     if not tf.io.gfile.exists(path):
         raise data.DataError(f"--classes {path} not found.")
     with tf.io.gfile.GFile(path, "r") as f:
@@ -82,6 +83,8 @@ def read_class_names(path: str) -> list[str]:
 def read_records(manifest: str, images_dir: str, class_names: Sequence[str],
                  manifest_format: str | None = None) -> list[common.Record]:
     """One Record per manifest row, in file order; DataError naming the line for any bad row."""
+    import tensorflow as tf
+
     manifest_format = manifest_format or _format_from_extension(manifest)
     if manifest_format not in FORMATS:
         raise data.DataError(f"--manifest_format must be one of {FORMATS}, got "

@@ -26,7 +26,6 @@ import os
 import sys
 from typing import Any, Sequence
 
-import tensorflow as tf
 from absl import flags
 
 from imcl_tf import data
@@ -106,6 +105,8 @@ def read_records(image_labels: str, class_ids: Sequence[str], images_dir: str,
     `restrict_to_classes`: labels of MIDs outside `class_ids` are ignored and counted (a trainable
     subset); otherwise such a MID is an error (the class descriptions do not match the labels).
     """
+    import tensorflow as tf
+
     class_index = {mid: i for i, mid in enumerate(class_ids)}
     counts = LabelCounts()
     # image id -> class index -> (value, line number of the first row giving it)
@@ -179,6 +180,8 @@ def _confidence(text: str, where: str) -> int:
 
 def _read_class_descriptions(path: str) -> dict[str, str]:
     """MID -> DisplayName from a LabelName,DisplayName CSV (with or without that header)."""
+    import tensorflow as tf
+
     if not tf.io.gfile.exists(path):
         raise data.DataError(f"--classes {path} not found.")
     display: dict[str, str] = {}
@@ -204,6 +207,8 @@ def _read_class_descriptions(path: str) -> dict[str, str]:
 
 
 def _read_lines(path: str) -> list[tuple[int, str]]:
+    import tensorflow as tf
+
     if not tf.io.gfile.exists(path):
         raise data.DataError(f"{path} not found.")
     with tf.io.gfile.GFile(path, "r") as f:

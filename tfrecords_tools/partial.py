@@ -24,7 +24,6 @@ import zlib
 from typing import Sequence, TextIO
 
 import numpy as np
-import tensorflow as tf
 from absl import flags
 
 from imcl_tf import data
@@ -74,6 +73,8 @@ def simulate(input_dir: str,
       ValueError on a bad protocol/ratio combination; DataError on a bad input dataset, an unknown
       split, or an existing output without `overwrite`.
     """
+    import tensorflow as tf
+
     stream = stream if stream is not None else sys.stderr
     known_ratio = _check_options(input_dir, output_dir, protocol, known_ratio, overwrite)
     source = data.load_dataset_info(input_dir)
@@ -173,6 +174,8 @@ def _keep_per_class(classes: np.ndarray, num_classes: int, known_ratio: float,
 
 def _check_options(input_dir: str, output_dir: str, protocol: str, known_ratio: float | None,
                    overwrite: bool) -> float | None:
+    import tensorflow as tf
+
     if protocol not in PROTOCOLS:
         raise ValueError(f"--protocol must be one of {PROTOCOLS}. Received: {protocol!r}.")
     if protocol == "single_positive":
@@ -213,6 +216,8 @@ def read_label_rows(data_dir: str, split: str) -> np.ndarray:
 def _read_labels(paths: list[str], num_examples: int, split: str
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Flat (row, class) pairs of the known positives and negatives, rows in file order."""
+    import tensorflow as tf
+
     spec = {data.POSITIVE_KEY: tf.io.RaggedFeature(tf.int64),
             data.NEGATIVE_KEY: tf.io.RaggedFeature(tf.int64)}
     batches = tf.data.TFRecordDataset(paths).batch(4096).map(
@@ -246,6 +251,8 @@ def _read_labels(paths: list[str], num_examples: int, split: str
 def _mask_split(input_dir: str, output_dir: str, split: str, split_info: data.SplitInfo,
                 num_classes: int, protocol: str, known_ratio: float | None, seed: int,
                 stream: TextIO, progress_interval: float) -> tuple[data.SplitInfo, dict]:
+    import tensorflow as tf
+
     paths = _split_paths(input_dir, split_info)
     num_images = split_info.num_examples
     positive_rows, positive_classes, negative_rows, negative_classes = _read_labels(
@@ -306,6 +313,8 @@ def _per_row(rows: np.ndarray, classes: np.ndarray, num_images: int) -> list[lis
 
 def _copy_split(input_dir: str, output_dir: str, split_info: data.SplitInfo) -> data.SplitInfo:
     """Copies a split's shards unchanged (same names, same counts)."""
+    import tensorflow as tf
+
     for name in split_info.shards:
         tf.io.gfile.copy(os.path.join(input_dir, name), os.path.join(output_dir, name),
                          overwrite=True)

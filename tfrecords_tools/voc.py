@@ -16,7 +16,6 @@ import os
 import xml.etree.ElementTree as ElementTree
 from typing import Any, Sequence
 
-import tensorflow as tf
 from absl import flags
 
 from imcl_tf import data
@@ -46,6 +45,8 @@ def convert(voc_root: str, year: str, image_set: str, *, output_dir: str,
 
 def read_records(voc_root: str, year: str, image_set: str) -> list[common.Record]:
     """One Record per id of ImageSets/Main/<image_set>.txt, in file order."""
+    import tensorflow as tf
+
     year = str(year)
     if year not in YEARS:
         raise data.DataError(f"--year must be one of {YEARS}, got {year!r}.")
@@ -78,6 +79,8 @@ def read_records(voc_root: str, year: str, image_set: str) -> list[common.Record
 
 def year_folder(voc_root: str, year: str) -> str:
     """The VOC<year> folder: `voc_root` itself when it holds ImageSets/, else voc_root/VOC<year>."""
+    import tensorflow as tf
+
     if tf.io.gfile.isdir(os.path.join(voc_root, "ImageSets")):
         return voc_root
     return os.path.join(voc_root, f"VOC{year}")
@@ -85,6 +88,8 @@ def year_folder(voc_root: str, year: str) -> str:
 
 def parse_annotation(xml_path: str) -> tuple[set[int], set[int]]:
     """Returns (positive class indices, unknown class indices: only difficult objects)."""
+    import tensorflow as tf
+
     if not tf.io.gfile.exists(xml_path):
         raise data.DataError(f"annotation {xml_path} not found (the VOC2012 test set has no public "
                              "annotations; use train, val or trainval).")

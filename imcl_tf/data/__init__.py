@@ -16,17 +16,24 @@ Everything public is importable from `imcl_tf.data` itself, e.g. `from imcl_tf.d
 make_dataset`.
 """
 
-from imcl_tf.data.dataset_info import (DatasetInfo, SplitInfo, check_shard_name,
-                                       load_dataset_info, remove_stale_temporaries,
-                                       replace_dataset_info, save_dataset_info, utc_now)
-from imcl_tf.data.decoding import decode_image, id_hash, parse_example
-from imcl_tf.data.errors import DataError
-from imcl_tf.data.pipeline import load_split_arrays, make_dataset
-from imcl_tf.data.schema import (DATASET_JSON, EMBEDDING_KEY, IMAGE_CLASS_KEY, IMAGE_ENCODED_KEY,
-                                 IMAGE_ID_KEY, NEGATIVE_KEY, POSITIVE_KEY, SCHEMA_VERSION,
-                                 label_row, make_example)
-from imcl_tf.data.shards import SplitWriter, fresh_shard_names, shard_names
-from imcl_tf.data.verify import DatasetReport, SplitStats, verify_dataset
+import importlib
+
+# Imported on first use (PEP 562): `data.DataError` and the flag definitions of the dataset tools
+# need no TensorFlow (their --help answers at once); the other names import it.
+_EXPORTS = {
+    "imcl_tf.data.dataset_info": ("DatasetInfo", "SplitInfo", "check_shard_name",
+                                  "load_dataset_info", "remove_stale_temporaries",
+                                  "replace_dataset_info", "save_dataset_info", "utc_now"),
+    "imcl_tf.data.decoding": ("decode_image", "id_hash", "parse_example"),
+    "imcl_tf.data.errors": ("DataError",),
+    "imcl_tf.data.pipeline": ("load_split_arrays", "make_dataset"),
+    "imcl_tf.data.schema": ("DATASET_JSON", "EMBEDDING_KEY", "IMAGE_CLASS_KEY",
+                            "IMAGE_ENCODED_KEY", "IMAGE_ID_KEY", "NEGATIVE_KEY", "POSITIVE_KEY",
+                            "SCHEMA_VERSION", "label_row", "make_example"),
+    "imcl_tf.data.shards": ("SplitWriter", "fresh_shard_names", "shard_names"),
+    "imcl_tf.data.verify": ("DatasetReport", "SplitStats", "verify_dataset"),
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 
 __all__ = [
     "DATASET_JSON", "EMBEDDING_KEY", "IMAGE_CLASS_KEY", "IMAGE_ENCODED_KEY", "IMAGE_ID_KEY",
@@ -40,3 +47,15 @@ __all__ = [
     "label_row", "make_example",
     "load_split_arrays", "make_dataset",
 ]
+
+
+def __getattr__(name):
+    if name in _MODULE_OF:
+        value = getattr(importlib.import_module(_MODULE_OF[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_MODULE_OF))
