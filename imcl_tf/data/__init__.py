@@ -16,7 +16,7 @@ Everything public is importable from `imcl_tf.data` itself, e.g. `from imcl_tf.d
 make_dataset`.
 """
 
-import importlib
+from imcl_tf import lazy_exports
 
 # Imported on first use (PEP 562): `data.DataError` and the flag definitions of the dataset tools
 # need no TensorFlow (their --help answers at once); the other names import it.
@@ -49,13 +49,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name):
-    if name in _MODULE_OF:
-        value = getattr(importlib.import_module(_MODULE_OF[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(list(globals()) + list(_MODULE_OF))
+__getattr__, __dir__ = lazy_exports.attach(globals(), _MODULE_OF)

@@ -21,7 +21,7 @@
     summary = run(TrainConfig(data_dir="data/demo", model_dir="runs/demo", train_steps=200))
 """
 
-import importlib
+from imcl_tf import lazy_exports
 
 # Imported on first use (PEP 562), so that `from imcl_tf.training.config import TrainConfig`
 # (the flags of imcl-train) does not import the trainer and TensorFlow.
@@ -31,13 +31,4 @@ _EXPORTS = {"TrainConfig": "imcl_tf.training.config", "format_summary": "imcl_tf
 __all__ = ["TrainConfig", "format_summary", "run"]
 
 
-def __getattr__(name):
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(list(globals()) + list(_EXPORTS))
+__getattr__, __dir__ = lazy_exports.attach(globals(), _EXPORTS)
