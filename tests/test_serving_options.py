@@ -87,6 +87,15 @@ def test_tls_on_grpc_and_rest(base, tmp_path):
         serving_server.start_server(base, "feat", ssl_cert=str(cert), ssl_key=str(cert))
 
 
+def start_while_busy(request, calls):
+    """Starts `request` in a thread and returns it once the (slowed) model is running it."""
+    thread = threading.Thread(target=request)
+    thread.start()
+    while not calls:
+        time.sleep(0.01)
+    return thread
+
+
 def test_max_concurrent_rpcs_refuses_the_excess_on_both_apis(base):
     server, port = serving_server.start_server(base, "feat", rest_api_port=0,
                                                max_concurrent_rpcs=1)
@@ -95,20 +104,14 @@ def test_max_concurrent_rpcs_refuses_the_excess_on_both_apis(base):
     try:
         stub = prediction_service_pb2_grpc.PredictionServiceStub(
             grpc.insecure_channel(f"127.0.0.1:{port}"))
-        first = threading.Thread(target=lambda: stub.Predict(features_request(), timeout=60))
-        first.start()
-        while not calls:
-            time.sleep(0.01)
+        first = start_while_busy(lambda: stub.Predict(features_request(), timeout=60), calls)
         with pytest.raises(grpc.RpcError) as caught:
             stub.Predict(features_request(), timeout=60)
         assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         first.join()
         url = f"http://127.0.0.1:{server.rest_port}"
         calls.clear()
-        first = threading.Thread(target=rest_predict, args=(url,))
-        first.start()
-        while not calls:
-            time.sleep(0.01)
+        first = start_while_busy(lambda: rest_predict(url), calls)
         status, answer = rest_predict(url)
         assert status == 429 and "--max_concurrent_rpcs" in answer["error"]
         first.join()
@@ -124,10 +127,7 @@ def test_a_request_whose_deadline_passed_while_queued_does_not_run_the_model(bas
     try:
         stub = prediction_service_pb2_grpc.PredictionServiceStub(
             grpc.insecure_channel(f"127.0.0.1:{port}"))
-        first = threading.Thread(target=lambda: stub.Predict(features_request(), timeout=60))
-        first.start()
-        while not calls:
-            time.sleep(0.01)
+        first = start_while_busy(lambda: stub.Predict(features_request(), timeout=60), calls)
         with pytest.raises(grpc.RpcError) as caught:  # waits behind the first in the one thread
             stub.Predict(features_request(), timeout=0.3)
         assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
