@@ -1,0 +1,15 @@
+"""The training methods of imcl_tf, one module each; `registry` names them.
+
+  registry   the methods' names, modules and options (no TensorFlow)
+  base       the Method interface the model and the training application use
+  logistic   masked BCE on the known labels (the baseline)
+  imcl       IMCL: BCE plus the OMP smoothness loss over a dictionary bank
+
+    from imcl_tf import methods
+    methods.get("lsep")        # the Method class (imports TensorFlow)
+    methods.names()            # every registered name
+"""
+
+from imcl_tf.methods.registry import get, names, options
+
+__all__ = ["get", "names", "options"]
