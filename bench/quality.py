@@ -230,10 +230,15 @@ def _build_transfer_dataset(args, base) -> str:
     return features_dir
 
 
+def cell_tag(protocol, ratio, seed) -> str:
+    """The folder name of a (protocol, ratio, seed) cell under <out>/data and <out>/runs."""
+    return f"{protocol}_{int(round(ratio * 100))}_seed{seed}"
+
+
 def _partial_dir(args, full_dir, protocol, ratio, seed) -> str:
     from imcl_tf import data as data_lib
     from tfrecords_tools import partial
-    out = os.path.join(args.out, "data", f"{protocol}_{int(round(ratio * 100))}_seed{seed}")
+    out = os.path.join(args.out, "data", cell_tag(protocol, ratio, seed))
     if not os.path.exists(os.path.join(out, data_lib.DATASET_JSON)):
         partial.simulate(full_dir, out, protocol=protocol, known_ratio=ratio, seed=seed)
     return out
@@ -244,7 +249,7 @@ def _train_baseline(args, full_dir, protocol, ratio, seed, base) -> str:
     from imcl_tf.training.config import TrainConfig
     from imcl_tf.training.trainer import run
     data_dir = _partial_dir(args, full_dir, protocol, ratio, seed)
-    tag = f"{protocol}_{int(round(ratio * 100))}_seed{seed}"
+    tag = cell_tag(protocol, ratio, seed)
     logistic_dir = os.path.join(args.out, "runs", tag, "logistic")
     if not _completed_or_cleared(logistic_dir):
         run(TrainConfig(
@@ -265,7 +270,7 @@ def _run_pair(args, full_dir, results, variant, ratio, seed, base, imcl_only):
     imcl_only = dict(imcl_only)
     protocol = imcl_only.pop("_protocol", "uniform")
     data_dir = _partial_dir(args, full_dir, protocol, ratio, seed)
-    tag = f"{protocol}_{int(round(ratio * 100))}_seed{seed}"
+    tag = cell_tag(protocol, ratio, seed)
     logistic_dir = _train_baseline(args, full_dir, protocol, ratio, seed, base)
     # Control: the baseline trained for as many extra steps as IMCL gets, so that a gain cannot
     # come from the extra steps alone.
