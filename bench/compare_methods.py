@@ -181,14 +181,13 @@ def _run_cell(args, full_dir, base, results, ratio, seed) -> int:
     quality._train_baseline(args, full_dir, PROTOCOL, ratio, seed, base)
     _record(results, args.out, STAGE, stage_dir, ratio, seed)
     for method in args.methods:
-        options = _method_options(method, args.out, data_dir)
         model_dir = os.path.join(args.out, "runs", tag, "extra_" + method)
         if not quality._completed_or_cleared(model_dir):
             print(f"training {method} at {ratio:.0%} known, seed {seed}", flush=True)
             run(TrainConfig(
                 data_dir=data_dir, model_dir=model_dir, method=method, seed=seed,
                 warm_start=stage_dir, train_steps=args.extra_steps, eval_every=args.eval_every,
-                **base, **({"method_options": options} if options else {})))
+                method_options=_method_options(method, args.out, data_dir), **base))
             trained += 1
         _record(results, args.out, method, model_dir, ratio, seed)
     return trained
@@ -220,15 +219,12 @@ def _record(results, out, method, model_dir, ratio, seed) -> None:
     with open(os.path.join(model_dir, "run_config.json")) as f:
         config = TrainConfig(**json.load(f)["config"])
     model, info = models.load_model_dir(model_dir, "best")
-    # model.method is the Method layer (imcl_tf.methods.base); before the registry was wired
-    # into the model it was the method's name, and every model had one output.
-    outputs = getattr(model.method, "OUTPUTS", ("scores",))
     image_size = info.get("image_size") if info.get("input_mode") == "image" else None
-    for output in outputs:
-        scoring = _output_scoring(model, output, outputs[0])
+    for output in model.method.OUTPUTS:
+        model.with_output(output)  # what calling the model returns from now on
         measured = {}
         for split in (config.val_split, "test"):
-            scores, labels, _ = evaluate.predict_split(scoring, config.data_dir, split,
+            scores, labels, _ = evaluate.predict_split(model, config.data_dir, split,
                                                        image_size=image_size)
             measured[split] = evaluate.compute_metrics(scores, labels)
         results[f"{method}|{output}|{ratio}|{seed}"] = {
@@ -244,17 +240,6 @@ def _record(results, out, method, model_dir, ratio, seed) -> None:
     quality._save_results(out, results)
 
 
-def _output_scoring(model, output, first_output):
-    """A callable inputs -> logits [B, L] of one named output of the model's method."""
-    if output == first_output:
-        return model  # calling the model returns the first output (imcl_tf.methods.base)
-
-    def logits(inputs, training=False):
-        features = model.extract_features(inputs, training=training)
-        return model.method.logits(model, features, training, output)
-    return logits
-
-
 def train_command(config: TrainConfig) -> str:
     """The `imcl-train` command line that repeats a run: the method and every option that is not
     the default."""
@@ -263,7 +248,7 @@ def train_command(config: TrainConfig) -> str:
     for field in dataclasses.fields(config):
         value = getattr(config, field.name)
         if field.name == "method_options":
-            parts.extend(_flag(name, v) for name, v in (value or {}).items())
+            parts.extend(_flag(name, v) for name, v in value.items())
         elif value != getattr(defaults, field.name) or field.name == "method":
             parts.append(_flag(field.name, value))
     return shlex.join(parts)
