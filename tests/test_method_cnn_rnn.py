@@ -11,6 +11,8 @@ import tensorflow as tf
 
 from imcl_tf.methods import cnn_rnn
 from imcl_tf.methods.base import Batch
+from method_integration import (bare_model, fit_save_reload, fit_under_mixed_precision,
+                                run_resume_export)
 
 
 def log_softmax(x):
@@ -278,7 +280,7 @@ def attached(rng, num_classes=4, max_length=2, beam_width=5, label_order=None):
     method = cnn_rnn.CnnRnn(num_classes, cnn_rnn_embedding_dim=5, cnn_rnn_lstm_units=7,
                             cnn_rnn_max_length=max_length, cnn_rnn_beam_width=beam_width,
                             label_order=label_order)
-    method.attach(types.SimpleNamespace(feature_dim=6))
+    method.attach(bare_model(6))
     # peaked, varied distributions (the default initialisation is nearly uniform)
     method.label_embeddings.assign(rng.normal(scale=1.5, size=method.label_embeddings.shape))
     return method
@@ -346,3 +348,48 @@ def test_config_keeps_the_order_and_bad_options_are_refused():
         cnn_rnn.CnnRnn(3, label_order=[0, 0, 1])
     with pytest.raises(ValueError, match="--cnn_rnn_beam_width: must be an integer >= 1"):
         cnn_rnn.CnnRnn(3, cnn_rnn_beam_width=0)
+
+
+# ---- in the model and the training application -------------------------------------------------
+
+SMALL = {"cnn_rnn_embedding_dim": 4, "cnn_rnn_lstm_units": 8, "cnn_rnn_max_length": 3,
+         "cnn_rnn_beam_width": 2}
+
+
+def test_model_fits_saves_and_reloads_with_its_label_order(tmp_path, rng):
+    model, reloaded, features = fit_save_reload(
+        tmp_path, rng, "cnn_rnn", {**SMALL, "label_order": [3, 1, 4, 0, 2]}, "sequence_ce")
+    assert reloaded.method.label_order == [3, 1, 4, 0, 2]
+    assert not model.head.trainable and not reloaded.head.trainable
+    # calling the model is the beam search's per-class score rule
+    expected = cnn_rnn.clipped_logits(model.method.decode(
+        model.extract_features(features)).class_log_probs).numpy()
+    np.testing.assert_allclose(model.predict(features, verbose=0), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_mixed_precision_keeps_the_scores_float32(rng):
+    fit_under_mixed_precision(rng, "cnn_rnn", SMALL, "sequence_ce")
+
+
+def test_from_run_orders_by_the_training_split(tmp_path):
+    from imcl_tf.methods.base import RunContext
+    from imcl_tf.training.config import TrainConfig
+
+    train = np.array([[0, 1, 0, 0, 1], [0, 1, 1, 0, -1], [1, 1, 0, -1, 0]], np.int8)
+    config = TrainConfig(data_dir="d", model_dir="m", method="cnn_rnn",
+                         method_options={"cnn_rnn_beam_width": 4})
+    info = types.SimpleNamespace(num_classes=5)
+    context = RunContext(config, info, None, None, dataset=None, read_train_subset=None,
+                         read_train_labels=lambda: (train, np.arange(3)))
+    method = cnn_rnn.CnnRnn.from_run(context)
+    assert method.label_order == [1, 0, 2, 4, 3] and method.beam_width == 4
+    assert method.max_length == 10  # the declared default
+
+
+@pytest.mark.slow
+def test_run_logs_its_term_resumes_and_exports(tmp_path, rng):
+    model = run_resume_export(tmp_path, rng, "cnn_rnn", SMALL, "sequence_ce")
+    # the order the run computed from its training split is the saved model's
+    from imcl_tf import data
+    _, labels, _ = data.load_split_arrays(str(tmp_path / "data"), "train")
+    assert model.method.label_order == cnn_rnn.frequency_order(labels)

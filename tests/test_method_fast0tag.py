@@ -1,14 +1,17 @@
 """Fast0Tag (imcl_tf/methods/fast0tag.py): the ranking loss against a NumPy loop, the embedding
 file's checks, the scores, and the method in the model, saved, trained and exported."""
 
-import types
-
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from imcl_tf.methods import fast0tag
 from imcl_tf.methods.base import Batch
+from method_integration import (bare_model, fit_save_reload, fit_under_mixed_precision,
+                                run_resume_export)
+from test_cli_mistakes import assert_one_line_error, cli
+from test_train_common import write_features_dataset
 
 
 def reference_loss(labels, scores):
@@ -145,7 +148,7 @@ def attached(tmp_path, rng, num_classes=5, dim=3, feature_dim=6, normalize=True)
     vectors = rng.normal(size=(num_classes, dim))
     method = fast0tag.Fast0Tag(num_classes, fast0tag_embeddings=save(tmp_path, vectors),
                                fast0tag_hidden_units=4, fast0tag_normalize=normalize)
-    method.attach(types.SimpleNamespace(feature_dim=feature_dim))
+    method.attach(bare_model(feature_dim))
     return method, vectors
 
 
@@ -184,5 +187,49 @@ def test_config_rebuilds_without_the_file(tmp_path, rng):
     assert "fast0tag_embeddings" not in config and config["embedding_dim"] == 3
     (tmp_path / "e.npy").unlink()  # a saved model must not need it
     rebuilt = fast0tag.Fast0Tag(**config)
-    rebuilt.attach(types.SimpleNamespace(feature_dim=6))
+    rebuilt.attach(bare_model(6))
     assert rebuilt.label_embeddings.shape == (5, 3)
+
+
+# ---- in the model and the training application -------------------------------------------------
+
+
+def test_model_fits_saves_and_reloads_without_the_file(tmp_path, rng):
+    path = save(tmp_path, rng.normal(size=(5, 4)))
+    model, reloaded, _ = fit_save_reload(tmp_path, rng, "fast0tag",
+                                         {"fast0tag_embeddings": path,
+                                          "fast0tag_hidden_units": 8}, "rank")
+    (tmp_path / "e.npy").unlink()  # the vectors travel in the model, not by the file
+    again = keras.saving.load_model(str(tmp_path / "model.keras"), compile=False)
+    np.testing.assert_array_equal(again.method.label_embeddings.numpy(),
+                                  model.method.label_embeddings.numpy())
+    np.testing.assert_allclose(np.linalg.norm(again.method.label_embeddings.numpy(), axis=1), 1.0,
+                               rtol=1e-6)
+    assert "fast0tag_embeddings" not in reloaded.get_config()["method_options"]
+
+
+def test_mixed_precision_keeps_the_scores_float32(tmp_path, rng):
+    fit_under_mixed_precision(rng, "fast0tag", {"fast0tag_embeddings": save(
+        tmp_path, rng.normal(size=(5, 4))), "fast0tag_hidden_units": 8}, "rank")
+
+
+@pytest.mark.slow
+def test_run_logs_its_term_resumes_and_exports(tmp_path, rng):
+    path = save(tmp_path, rng.normal(size=(5, 4)))
+    model = run_resume_export(tmp_path, rng, "fast0tag", {"fast0tag_embeddings": path,
+                                                          "fast0tag_hidden_units": 8}, "rank")
+    assert model.method.hidden_units == 8
+
+
+@pytest.mark.slow
+def test_cli_without_the_embeddings_is_one_line(tmp_path):
+    data_dir = write_features_dataset(str(tmp_path / "data"), num_train=8)
+    done = cli("imcl-train", "--method=fast0tag", "--backbone=features", f"--data_dir={data_dir}",
+               f"--model_dir={tmp_path / 'run'}", "--val_split=", "--train_steps=1",
+               cwd=str(tmp_path))
+    assert_one_line_error(done, "imcl-train", "--fast0tag_embeddings is required",
+                          "[L, d]", "dataset.json's class order")
+    done = cli("imcl-train", "--method=fast0tag", "--backbone=features", f"--data_dir={data_dir}",
+               f"--model_dir={tmp_path / 'run'}", "--val_split=", "--train_steps=1",
+               f"--fast0tag_embeddings={tmp_path / 'none.npy'}", cwd=str(tmp_path))
+    assert_one_line_error(done, "imcl-train", "--fast0tag_embeddings=", "no such file", "[5, d]")

@@ -47,7 +47,7 @@ Choices where the paper is silent:
     (float32 probabilities would tie every class below 1e-38).
 Left out: the paper's alternating schedule (CNN fixed while the RNN trains, then jointly) and its
 fine-tuned VGG; any backbone of the model serves and trains with the decoder. The model's
-classifier head is unused.
+classifier head is unused (frozen).
 """
 
 from __future__ import annotations
@@ -274,13 +274,17 @@ class CnnRnn(Method):
                    **{o.name: run.option(o.name) for o in registry.options(cls.NAME)})
 
     def attach(self, model) -> None:
+        # The scores are the method's own: the classifier head is frozen, so the optimizer keeps
+        # no slots for it and reports no missing gradients.
+        model.head.trainable = False
         self.image_projection.build((None, int(model.feature_dim)))
         self.recurrent_projection.build((None, self.lstm_units))
         self.cell.build((None, self.embedding_dim))
-        # Rows: the L labels, END (an output too), START (an input only).
+        # Rows: the L labels, END (an output too), START (an input only). Read in float32 under
+        # mixed precision too: the scores and the softmax stay float32.
         self.label_embeddings = self.add_weight(
             name="label_embeddings", shape=(self.num_classes + 2, self.embedding_dim),
-            initializer="uniform", dtype="float32")
+            initializer="uniform", dtype="float32", autocast=False)
         self.built = True
 
     # ---- the decoder ---------------------------------------------------------------------------

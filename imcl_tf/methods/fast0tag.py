@@ -36,7 +36,7 @@ Choices where the paper is silent or that differ from it:
     thresholded metrics (CP/CR/CF1 at 0.5) mean little for this method; mAP is its measure.
 Left out: the zero-shot part (scoring tags unseen in training needs only their vectors, but the
 model's classes are those of dataset.json), the paper's linear-mapping variant, and its VGG-19
-fc7 input (any backbone of the model serves). The model's classifier head is unused.
+fc7 input (any backbone of the model serves). The model's classifier head is unused (frozen).
 """
 
 from __future__ import annotations
@@ -187,12 +187,16 @@ class Fast0Tag(Method):
         self.direction = keras.layers.Dense(self.embedding_dim, name="fast0tag_direction")
 
     def attach(self, model) -> None:
+        # The scores are the method's own: the classifier head is frozen, so the optimizer keeps
+        # no slots for it and reports no missing gradients.
+        model.head.trainable = False
         self.hidden.build((None, int(model.feature_dim)))
         self.direction.build((None, self.hidden_units))
-        # Fixed word vectors: a weight (saved, checkpointed, exported), never trained.
+        # Fixed word vectors: a weight (saved, checkpointed, exported), never trained; read in
+        # float32 under mixed precision too (the scores are float32).
         self.label_embeddings = self.add_weight(
             name="label_embeddings", shape=(self.num_classes, self.embedding_dim),
-            initializer="zeros", trainable=False, dtype="float32")
+            initializer="zeros", trainable=False, dtype="float32", autocast=False)
         if self._initial_embeddings is not None:
             self.label_embeddings.assign(self._initial_embeddings)
             self._initial_embeddings = None
