@@ -4,6 +4,8 @@
   base       the Method interface the model and the training application use
   logistic   masked BCE on the known labels (the baseline)
   imcl       IMCL: BCE plus the OMP smoothness loss over a dictionary bank
+  fast0tag   Fast0Tag: fixed label word vectors ranked along a learned per-image direction
+  cnn_rnn    CNN-RNN: an LSTM decoder of label sequences conditioned on the image
 
     from imcl_tf import methods
     methods.get("lsep")        # the Method class (imports TensorFlow)

@@ -43,6 +43,14 @@ METHODS: dict[str, MethodEntry] = {
         "imcl_tf.methods.imcl", "BCE plus the smoothness loss: labels and features rebuilt "
         "from a few similar bank images (Joint Nonnegative OMP) through a learnable label "
         "graph.", "Huynh & Elhamifar, CVPR 2020"),
+    "fast0tag": MethodEntry(
+        "imcl_tf.methods.fast0tag", "Fixed label word vectors ranked along a direction an MLP "
+        "predicts per image (pairwise ranking loss on the known labels); needs "
+        "--fast0tag_embeddings.", "Fast0Tag: Zhang, Gong & Shah, CVPR 2016"),
+    "cnn_rnn": MethodEntry(
+        "imcl_tf.methods.cnn_rnn", "An LSTM emits each image's known positives, most frequent "
+        "first, conditioned on the image; beam search decodes.",
+        "CNN-RNN: Wang et al., CVPR 2016"),
 }
 
 
