@@ -4,6 +4,9 @@
   base       the Method interface the model and the training application use
   logistic   masked BCE on the known labels (the baseline)
   imcl       IMCL: BCE plus the OMP smoothness loss over a dictionary bank
+  lsep       LSEP: log-sum-exp pairwise ranking of known positives above known negatives
+  wsabie     WSABIE: the WARP rank-weighted hinge ranking loss
+  ranking    what the ranking methods share (known positive and negative sets)
 
     from imcl_tf import methods
     methods.get("lsep")        # the Method class (imports TensorFlow)

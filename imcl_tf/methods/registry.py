@@ -43,6 +43,14 @@ METHODS: dict[str, MethodEntry] = {
         "imcl_tf.methods.imcl", "BCE plus the smoothness loss: labels and features rebuilt "
         "from a few similar bank images (Joint Nonnegative OMP) through a learnable label "
         "graph.", "Huynh & Elhamifar, CVPR 2020"),
+    "lsep": MethodEntry(
+        "imcl_tf.methods.lsep", "Log-sum-exp pairwise ranking of known positives above known "
+        "negatives: a smooth ranking baseline, when the ranking (mAP) matters more than "
+        "calibrated probabilities.", "Li, Song & Luo, CVPR 2017"),
+    "wsabie": MethodEntry(
+        "imcl_tf.methods.wsabie", "WARP: a margin ranking loss weighted by the estimated rank of "
+        "each known positive among the known negatives: a baseline that favours the top of the "
+        "ranking.", "Weston, Bengio & Usunier, IJCAI 2011"),
 }
 
 
