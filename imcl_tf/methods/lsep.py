@@ -171,6 +171,7 @@ class LSEP(Method):
 
     NAME = "lsep"
     TERMS = ("lsep",)
+    HPARAMS = ("lsep_max_pairs",)
 
     def __init__(self, num_classes: int, lsep_max_pairs: int = 0, **kwargs):
         super().__init__(num_classes, **kwargs)
