@@ -10,6 +10,7 @@ import tensorflow as tf
 from imcl_tf import methods
 from imcl_tf.methods.base import Batch
 from imcl_tf.methods.lsep import LSEP, lsep_loss, sample_lsep_pairs
+import method_checks
 
 
 def partial_rows(rng, batch, num_classes):
@@ -269,3 +270,19 @@ def test_loss_terms_are_the_loss_on_the_head_logits(rng):
     logits = head(features).numpy()
     assert float(terms["loss"]) == pytest.approx(reference_lsep(logits, labels), abs=1e-5)
     assert float(terms["lsep"]) == float(terms["loss"])
+
+
+# ---- in the model and in a run ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("max_pairs", [0, 3])
+def test_the_model_trains_saves_and_reloads_with_lsep(tmp_path, max_pairs):
+    history, _, reloaded, _ = method_checks.fit_save_and_reload(tmp_path, "lsep",
+                                                               lsep_max_pairs=max_pairs)
+    assert reloaded.method.lsep_max_pairs == max_pairs
+    assert history["lsep"][-1] < history["lsep"][0]
+
+
+def test_a_run_warm_starts_logs_its_terms_and_resumes(tmp_path):
+    first, _ = method_checks.run_warm_started_and_resumed(tmp_path, "lsep", lsep_max_pairs=4)
+    assert first["final_train_logs"]["lsep"] == pytest.approx(first["final_train_logs"]["loss"])

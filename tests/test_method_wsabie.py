@@ -11,6 +11,7 @@ import tensorflow as tf
 from imcl_tf import methods
 from imcl_tf.methods.base import Batch
 from imcl_tf.methods.wsabie import WSABIE, warp_loss
+import method_checks
 
 
 def partial_rows(rng, batch, num_classes):
@@ -231,3 +232,16 @@ def test_loss_terms_are_the_loss_on_the_head_logits(rng):
     tf.random.set_seed(1)
     assert float(terms["loss"]) == pytest.approx(float(warp_loss(head(features), labels)),
                                                  abs=1e-6)
+
+
+# ---- in the model and in a run ------------------------------------------------------------------
+
+
+def test_the_model_trains_saves_and_reloads_with_wsabie(tmp_path):
+    history, _, _, _ = method_checks.fit_save_and_reload(tmp_path, "wsabie")
+    assert history["warp"][-1] < history["warp"][0]
+
+
+def test_a_run_warm_starts_logs_its_terms_and_resumes(tmp_path):
+    first, _ = method_checks.run_warm_started_and_resumed(tmp_path, "wsabie")
+    assert first["final_train_logs"]["warp"] == pytest.approx(first["final_train_logs"]["loss"])
