@@ -6,6 +6,9 @@
   imcl       IMCL: BCE plus the OMP smoothness loss over a dictionary bank
   fast0tag   Fast0Tag: fixed label word vectors ranked along a learned per-image direction
   cnn_rnn    CNN-RNN: an LSTM decoder of label sequences conditioned on the image
+  lsep       LSEP: log-sum-exp pairwise ranking of known positives above known negatives
+  wsabie     WSABIE: the WARP rank-weighted hinge ranking loss
+  ranking    what the ranking methods share (known positive and negative sets)
 
     from imcl_tf import methods
     methods.get("lsep")        # the Method class (imports TensorFlow)

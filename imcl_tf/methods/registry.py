@@ -51,6 +51,14 @@ METHODS: dict[str, MethodEntry] = {
         "imcl_tf.methods.cnn_rnn", "An LSTM emits each image's known positives, most frequent "
         "first, conditioned on the image; beam search decodes.",
         "CNN-RNN: Wang et al., CVPR 2016"),
+    "lsep": MethodEntry(
+        "imcl_tf.methods.lsep", "Log-sum-exp pairwise ranking of known positives above known "
+        "negatives: a smooth ranking baseline, when the ranking (mAP) matters more than "
+        "calibrated probabilities.", "Li, Song & Luo, CVPR 2017"),
+    "wsabie": MethodEntry(
+        "imcl_tf.methods.wsabie", "WARP: a margin ranking loss weighted by the estimated rank of "
+        "each known positive among the known negatives: a baseline that favours the top of the "
+        "ranking.", "Weston, Bengio & Usunier, IJCAI 2011"),
 }
 
 
