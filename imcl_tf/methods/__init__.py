@@ -4,6 +4,8 @@
   base       the Method interface the model and the training application use
   logistic   masked BCE on the known labels (the baseline)
   imcl       IMCL: BCE plus the OMP smoothness loss over a dictionary bank
+  curriculum   Curriculum Labeling: partial-BCE and score-threshold relabelling in stages
+  latent_noise Latent Noise: visual presence through an image-conditional reporting noise
 
     from imcl_tf import methods
     methods.get("lsep")        # the Method class (imports TensorFlow)

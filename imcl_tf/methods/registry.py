@@ -43,6 +43,14 @@ METHODS: dict[str, MethodEntry] = {
         "imcl_tf.methods.imcl", "BCE plus the smoothness loss: labels and features rebuilt "
         "from a few similar bank images (Joint Nonnegative OMP) through a learnable label "
         "graph.", "Huynh & Elhamifar, CVPR 2020"),
+    "curriculum": MethodEntry(
+        "imcl_tf.methods.curriculum", "Partial-BCE normalised by the proportion of known "
+        "labels, and a curriculum that labels the confidently scored unknown entries between "
+        "stages.", "Durand, Mehrasa & Mori, CVPR 2019 (Curriculum Labeling)"),
+    "latent_noise": MethodEntry(
+        "imcl_tf.methods.latent_noise", "A visual classifier seen through a learned, "
+        "image-conditional reporting noise; outputs relevant (reported) and visual.",
+        "Misra, Zitnick, Mitchell & Girshick, CVPR 2016 (Latent Noise)"),
 }
 
 

@@ -1,0 +1,158 @@
+"""Latent Noise (imcl_tf.methods.latent_noise): the noise model's reported probability and its
+BCE against NumPy written here; both outputs of the method; gradients."""
+
+import types
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from imcl_tf.methods import latent_noise
+from imcl_tf.methods.base import Batch
+
+
+def sigmoid(z):
+    return 1.0 / (1.0 + np.exp(-z))
+
+
+def numpy_reported(z_v, z_0, z_1):
+    """h = P(h=1|v=1,x) P(v=1|x) + P(h=1|v=0,x) P(v=0|x)."""
+    v, q0, q1 = sigmoid(z_v), sigmoid(z_0), sigmoid(z_1)
+    return q1 * v + q0 * (1.0 - v)
+
+
+def numpy_bce(labels, h, unknown_as_negative=False):
+    total, count = 0.0, 0
+    for index in np.ndindex(labels.shape):
+        if labels[index] == 0 and not unknown_as_negative:
+            continue
+        total += -np.log(h[index]) if labels[index] > 0 else -np.log(1.0 - h[index])
+        count += 1
+    return total / count if count else 0.0
+
+
+def partial_rows(rng, batch=8, num_classes=5):
+    labels = rng.choice([-1.0, 0.0, 1.0], size=[batch, num_classes])
+    labels[0] = [-1, 0, -1, 0, -1]  # no known positive
+    labels[1] = [1, 0, 1, 0, 0]  # no known negative
+    labels[2] = 0  # all unknown
+    return labels.astype(np.float32)
+
+
+def random_logits(rng, shape, scale=3.0):
+    return [rng.normal(scale=scale, size=shape).astype(np.float32) for _ in range(3)]
+
+
+def test_reported_probability_and_logit_match_numpy(rng):
+    z_v, z_0, z_1 = random_logits(rng, [6, 5])
+    h = numpy_reported(z_v.astype(np.float64), z_0, z_1)
+    np.testing.assert_allclose(latent_noise.reported_probability(z_v, z_0, z_1).numpy(), h,
+                               rtol=1e-5)
+    np.testing.assert_allclose(latent_noise.reported_logits(z_v, z_0, z_1).numpy(),
+                               np.log(h / (1.0 - h)), rtol=1e-4, atol=1e-5)
+
+
+def test_reported_probability_limits():
+    """v -> 1 gives q1, v -> 0 gives q0: the noise model, not the visual score, is reported."""
+    z_0, z_1 = np.array([[-1.0]], np.float32), np.array([[2.0]], np.float32)
+    np.testing.assert_allclose(latent_noise.reported_probability([[40.0]], z_0, z_1).numpy(),
+                               sigmoid(2.0), rtol=1e-6)
+    np.testing.assert_allclose(latent_noise.reported_probability([[-40.0]], z_0, z_1).numpy(),
+                               sigmoid(-1.0), rtol=1e-6)
+
+
+@pytest.mark.parametrize("unknown_as_negative", [False, True])
+def test_bce_matches_numpy(rng, unknown_as_negative):
+    labels = partial_rows(rng)
+    z_v, z_0, z_1 = random_logits(rng, labels.shape)
+    h = numpy_reported(z_v.astype(np.float64), z_0, z_1)
+    got = float(latent_noise.latent_noise_bce(labels, z_v, z_0, z_1, unknown_as_negative))
+    np.testing.assert_allclose(got, numpy_bce(labels, h, unknown_as_negative), rtol=1e-5)
+    assert float(latent_noise.latent_noise_bce(np.zeros_like(labels), z_v, z_0, z_1)) == 0.0
+
+
+def test_bce_is_not_the_visual_bce(rng):
+    """With a noise model far from the identity the loss differs from the BCE of v itself."""
+    labels = partial_rows(rng)
+    z_v, _, _ = random_logits(rng, labels.shape)
+    z_0, z_1 = np.full_like(z_v, -0.5), np.full_like(z_v, 0.5)
+    got = float(latent_noise.latent_noise_bce(labels, z_v, z_0, z_1))
+    visual = numpy_bce(labels, sigmoid(z_v.astype(np.float64)))
+    assert abs(got - visual) > 0.05
+
+
+def test_gradients_are_finite_for_extreme_logits(rng):
+    labels = partial_rows(rng)
+    variables = [tf.Variable(z) for z in random_logits(rng, labels.shape, scale=40.0)]
+    with tf.GradientTape() as tape:
+        loss = latent_noise.latent_noise_bce(labels, *variables)
+    assert np.isfinite(float(loss))
+    for gradient in tape.gradient(loss, variables):
+        gradient = gradient.numpy()
+        assert np.all(np.isfinite(gradient))
+        np.testing.assert_array_equal(gradient[labels == 0], 0.0)
+    logits = latent_noise.reported_logits(*variables).numpy()
+    assert np.all(np.isfinite(logits))
+
+
+# ---- the method on a fake model (a feature_dim and a head) -----------------------------------
+
+
+def fake_model(rng, num_classes=5, dim=6):
+    head = keras.layers.Dense(num_classes)
+    head.build((None, dim))
+    head.kernel.assign(rng.normal(size=[dim, num_classes]).astype(np.float32))
+    return types.SimpleNamespace(feature_dim=dim, num_classes=num_classes, head=head)
+
+
+def test_both_outputs(rng):
+    model = fake_model(rng)
+    method = latent_noise.LatentNoise(5)
+    method.attach(model)
+    features = rng.normal(size=[4, 6]).astype(np.float32)
+    visual = method.logits(model, features, output="visual").numpy()
+    np.testing.assert_allclose(visual, model.head(features).numpy(), rtol=1e-6)
+    # At the start the noise kernel is 0: q0 = 0.05 and q1 = 0.95 for every image.
+    relevant = method.logits(model, features).numpy()
+    h = 0.95 * sigmoid(visual.astype(np.float64)) + 0.05 * (1 - sigmoid(visual))
+    np.testing.assert_allclose(relevant, np.log(h / (1 - h)), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(method.logits(model, features, output="relevant").numpy(),
+                               relevant)
+    # With a trained (nonzero) noise branch the relevant output follows the NumPy model.
+    kernel = rng.normal(size=[6, 10]).astype(np.float32)
+    method.noise.kernel.assign(kernel)
+    both = features @ kernel + method.noise.bias.numpy()
+    h = numpy_reported(visual.astype(np.float64), both[:, :5], both[:, 5:])
+    np.testing.assert_allclose(method.logits(model, features).numpy(), np.log(h / (1 - h)),
+                               rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="outputs"):
+        method.logits(model, features, output="scores")
+
+
+def test_loss_terms_and_gradients(rng):
+    model = fake_model(rng)
+    method = latent_noise.LatentNoise(5, latent_noise_q1_init=0.8, latent_noise_q0_init=0.1)
+    method.attach(model)
+    method.noise.kernel.assign(rng.normal(size=[6, 10]).astype(np.float32))
+    features = tf.constant(rng.normal(size=[8, 6]).astype(np.float32))
+    labels = partial_rows(rng)
+    batch = Batch(inputs=features, labels=tf.constant(labels), ids=tf.zeros([8], tf.int64),
+                  features=features)
+    variables = model.head.trainable_variables + method.trainable_variables
+    assert len(method.trainable_variables) == 2  # the noise branch's kernel and bias
+    with tf.GradientTape() as tape:
+        terms = method.loss_terms(model, batch, training=True)
+    assert set(terms) == {"loss", "bce"}
+    both = features.numpy() @ method.noise.kernel.numpy() + method.noise.bias.numpy()
+    h = numpy_reported(model.head(features).numpy().astype(np.float64), both[:, :5], both[:, 5:])
+    np.testing.assert_allclose(float(terms["loss"]), numpy_bce(labels, h), rtol=1e-5)
+    for gradient in tape.gradient(terms["loss"], variables):
+        assert np.all(np.isfinite(gradient.numpy())) and np.any(gradient.numpy() != 0)
+
+
+def test_bad_initial_noise_names_the_flags():
+    with pytest.raises(ValueError, match="latent_noise_q0_init"):
+        latent_noise.LatentNoise(5, latent_noise_q1_init=0.2, latent_noise_q0_init=0.5)
+    with pytest.raises(ValueError, match="latent_noise_q1_init"):
+        latent_noise.LatentNoise(5, latent_noise_q1_init=1.0)
