@@ -262,3 +262,19 @@ def test_bad_options_name_the_flag():
         curriculum.Curriculum(5, curriculum_stage_steps=0)
     with pytest.raises(ValueError, match="curriculum_signs"):
         curriculum.Curriculum(5, curriculum_signs="negative")
+
+
+def test_a_checkpoint_holds_the_label_state(rng, tmp_path):
+    method, ids, labels = prepared_method(rng)
+    state = rng.choice([-1, 0, 1], size=labels.shape).astype(np.int8)
+    method.state_labels.assign(state)
+    method.stage.assign(2)
+    method.labelled.assign([5, 7])
+    path = tf.train.Checkpoint(method=method).write(str(tmp_path / "ckpt"))
+    restored = curriculum.Curriculum(4, num_train_images=len(ids))
+    restored.attach(None)
+    tf.train.Checkpoint(method=restored).read(path).assert_consumed()
+    np.testing.assert_array_equal(restored.state_labels.numpy(), state)
+    np.testing.assert_array_equal(restored.state_ids.numpy(), np.sort(ids))
+    assert int(restored.stage.numpy()) == 2
+    assert restored.scalars()["curriculum/labelled"] == 12.0
