@@ -127,7 +127,7 @@ class Trainer:
                                       backbone="small_cnn", method="imcl",
                                       dictionary_size=len(bank), k=3)
         self.model.compile(optimizer=keras.optimizers.Adam(1e-3), jit_compile=False)
-        self.model.fill_bank(inputs[bank], labels[bank], ids[bank])
+        self.model.method.fill_bank(inputs[bank], labels[bank], ids[bank])
         self.args = args
         self.in_memory = (tf.data.Dataset.from_tensor_slices((inputs, labels, ids))
                           .batch(args.batch_size, drop_remainder=True).cache().repeat()

@@ -128,10 +128,13 @@ class FeatureVariant:
         self.name = method
         keras.utils.set_random_seed(args.seed)
         graph = sparse_graph(num_classes, rng) if method == "imcl" else None
-        self.model = models.IMCLModel(
-            num_classes, (dim,), backbone="features", method=method,
-            dictionary_size=bank_size if method == "imcl" else 0, k=args.k, balance="none",
-            label_graph_init=graph, label_state_refresh_every=args.label_state_refresh_every)
+        options = ({"dictionary_size": bank_size, "k": args.k, "balance": "none",
+                    "label_graph_init": graph,
+                    "label_state_refresh_every": args.label_state_refresh_every}
+                   if method == "imcl" else {})
+        self.model = models.IMCLModel(num_classes, (dim,), backbone="features", method=method,
+                                      method_options=options)
+        del options
         del graph
         self.model.compile(optimizer=keras.optimizers.Adam(1e-3), jit_compile=False)
         self.model.optimizer.build(self.model.trainable_variables)
@@ -146,7 +149,7 @@ class FeatureVariant:
                     yield (rng.normal(size=[count, dim]).astype(np.float32),
                            partial_labels(rng, count, num_classes),
                            np.arange(start, start + count, dtype=np.int64) + args.batch // 2)
-            self.model.fill_bank(chunks())
+            self.model.method.fill_bank(chunks())
         self.batch = (tf.constant(features), tf.constant(labels), tf.constant(ids))
         self.model.make_train_function()
         self.iterator = iter(tf.data.Dataset.from_tensors(self.batch).repeat())
@@ -165,8 +168,8 @@ def make_floor(imcl, args):
     import tensorflow as tf
     model = imcl.model
     features, labels, _ = imcl.batch
-    bank = model.bank.features
-    atoms_y = model._atom_states.value[0]  # [M, L], the states the OMP reads
+    bank = model.method.bank.features
+    atoms_y = model.method._atom_states.value[0]  # [M, L], the states the OMP reads
     query_y = tf.stop_gradient(model(features))
     query_f = features
 
@@ -243,10 +246,10 @@ def image_worker(mode, args):
     after_import = peak_memory_bytes()
     keras.utils.set_random_seed(args.seed)
     method = "logistic" if mode == "model_only" else "imcl"
+    options = ({"dictionary_size": atoms, "k": args.k, "balance": "none",
+                "neighbour_mode": mode} if method == "imcl" else {})
     model = models.IMCLModel(classes, (size, size, 3), backbone="mobilenet_v2", method=method,
-                             dictionary_size=atoms if method == "imcl" else 0, k=args.k,
-                             balance="none", neighbour_mode="cached" if mode == "model_only"
-                             else mode)
+                             method_options=options)
     model.compile(optimizer=keras.optimizers.Adam(1e-3), jit_compile=False)
     model.optimizer.build(model.trainable_variables)
     batch = 4 if args.quick else 8
@@ -268,7 +271,7 @@ def image_worker(mode, args):
                        partial_labels(rng, count, classes),
                        np.arange(start, start + count, dtype=np.int64) + batch // 2)
         started = time.perf_counter()
-        model.fill_bank(chunks())
+        model.method.fill_bank(chunks())
         result["fill_seconds"] = time.perf_counter() - started
         result["fill_peak"] = peak_memory_bytes()
         model.make_train_function(force=True)
@@ -283,7 +286,7 @@ def image_worker(mode, args):
     weights = sum(int(np.prod(v.shape)) * v.dtype.itemsize if hasattr(v.dtype, "itemsize")
                   else int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for v in model.weights)
     result["weights_bytes"] = weights
-    bank_features = 0 if model.bank is None else int(np.prod(model.bank.features.shape)) * 4
+    bank_features = 0 if model.method.bank is None else int(np.prod(model.method.bank.features.shape)) * 4
     result["bank_feature_bytes"] = bank_features
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, "model.keras")

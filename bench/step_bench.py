@@ -79,10 +79,11 @@ class Variant:
         self.suite, self.name = suite, name
         keras.utils.set_random_seed(args.seed)
         method = "logistic" if name == "logistic" else "imcl"
-        self.model = models.IMCLModel(
-            num_classes, (size, size, 3), backbone=backbone, method=method,
-            dictionary_size=bank_size if method == "imcl" else 0, k=args.k, balance="none",
-            neighbour_mode="forward" if name == "forward" else "cached")
+        options = ({"dictionary_size": bank_size, "k": args.k, "balance": "none",
+                    "neighbour_mode": "forward" if name == "forward" else "cached"}
+                   if method == "imcl" else {})
+        self.model = models.IMCLModel(num_classes, (size, size, 3), backbone=backbone,
+                                      method=method, method_options=options)
         self.model.compile(optimizer=keras.optimizers.Adam(1e-3), jit_compile=False)
         self.model.optimizer.build(self.model.trainable_variables)
         images = rng.integers(0, 256, [args.batch, size, size, 3]).astype(np.float32)
@@ -92,7 +93,7 @@ class Variant:
             # Half of the batch is in the bank, as when the bank holds training images.
             bank_images = rng.integers(0, 256, [bank_size, size, size, 3]).astype(np.uint8)
             bank_ids = np.arange(bank_size, dtype=np.int64) + args.batch // 2
-            self.model.fill_bank(bank_images, partial_labels(rng, bank_size, num_classes),
+            self.model.method.fill_bank(bank_images, partial_labels(rng, bank_size, num_classes),
                                  bank_ids)
         self.batch = (tf.constant(images), tf.constant(labels), tf.constant(ids))
         self.model.make_train_function()
@@ -137,26 +138,26 @@ def profile_parts(variant, logistic, args, rounds):
 
     @tf.function
     def bank_head():
-        return model.selection_atom_states()  # what the step does: chunked, no gradient
+        return model.method.selection_atom_states()  # what the step does: chunked, no gradient
 
     features = model.extract_features(inputs)
     logits = model.head(features)
-    query_y = losses.query_label_states(logits, labels, model.asym_c)
+    query_y = losses.query_label_states(logits, labels, model.method.asym_c)
     query_f = tf.concat([features, tf.ones_like(features[:, :1])], axis=1)
     atoms_y = bank_head()
-    atoms_f = tf.concat([model.bank.features, tf.ones_like(model.bank.features[:, :1])], axis=1)
-    exclude = model.bank.exclusion_mask(ids)
+    atoms_f = tf.concat([model.method.bank.features, tf.ones_like(model.method.bank.features[:, :1])], axis=1)
+    exclude = model.method.bank.exclusion_mask(ids)
 
     @tf.function
     def omp():  # as the step runs it: XLA-compiled unless the model says otherwise
-        return joint_nonnegative_omp(query_y, query_f, atoms_y, atoms_f, model.k,
+        return joint_nonnegative_omp(query_y, query_f, atoms_y, atoms_f, model.method.k,
                                      lambda_y=1.0, lambda_f=0.5, exclude=exclude,
-                                     jit_compile=model.omp_jit_compile).coef_y
+                                     jit_compile=model.method.omp_jit_compile).coef_y
 
     @tf.function
     def smoothness_no_gradient():
-        return model._smoothness_terms(inputs, features, logits, labels, ids, False,
-                                       model.lambda_y, model.lambda_f)["loss_y"]
+        return model.method._smoothness_terms(inputs, features, logits, labels, ids, False,
+                                       model.method.lambda_y, model.method.lambda_f)["loss_y"]
 
     parts = {"logistic step (reference)": logistic.step,
              "cached IMCL step": variant.step,
@@ -247,7 +248,7 @@ def format_report(args, variants, profiles, load_start, load_end, seconds):
         ratio = median / statistics.median(base)
         # The same round's logistic time: load that drifts between rounds cancels out.
         paired = [mine / theirs for mine, theirs in zip(v.times, base)]
-        bank = "-" if v.name == "logistic" else str(v.model.dictionary_size)
+        bank = "-" if v.name == "logistic" else str(v.model.method.dictionary_size)
         lines.append(f"| {backbone} | {size}x{size} | {num_classes} | {bank} | {v.name} | "
                      f"{median:.3f} | {min(v.times):.3f} - {max(v.times):.3f} | "
                      f"{args.batch / median:.1f} | {ratio:.2f} | median "

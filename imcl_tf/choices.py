@@ -4,8 +4,11 @@ One place for them, free of TensorFlow, so that flag definitions and `--help` ne
 import; the modules that implement each option re-export its names (e.g. `models.BACKBONES`).
 """
 
+from imcl_tf.methods import registry as _registry
+
 BACKBONES = ("small_cnn", "mobilenet_v2", "resnet50", "resnet101", "features")
-METHODS = ("imcl", "logistic")
+# The registered training methods (imcl_tf.methods.registry, no TensorFlow either).
+METHODS = _registry.names()
 NEIGHBOUR_MODES = ("cached", "forward")
 # How forward mode gets the coefficients of the re-encoded neighbours (docs/method.md).
 REFIT_MODES = ("reuse_support_refit", "reuse_all")

@@ -1,13 +1,14 @@
-"""IMCLModel: a CNN (or feature adapter) with a multi-label head, trained by IMCL or by masked BCE.
+"""IMCLModel: a CNN (or feature adapter) with a multi-label head, trained by one method.
 
-One Keras model serves both methods of docs/architecture.md so that the comparison is fair:
-`method="logistic"` trains with the masked BCE only (the baseline); `method="imcl"` adds the
-smoothness loss whose neighbours come from a Joint Nonnegative OMP over the dictionary bank.
-Preprocessing of 0..255 images happens inside the model, so an exported model takes raw pixels.
+One Keras model serves every method of `imcl_tf.methods` so that a comparison is fair: the
+backbone, the head, the input scaling, the optimizers and the saving are the model's; the loss
+and whatever else a method needs are its `Method` layer (`model.method`). Preprocessing of
+0..255 images happens inside the model, so an exported model takes raw pixels.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from typing import Any
@@ -17,21 +18,9 @@ import numpy as np
 import tensorflow as tf
 
 from imcl_tf import losses
-from imcl_tf.choices import BACKBONES, BALANCE_MODES, METHODS, NEIGHBOUR_MODES, REFIT_MODES
-from imcl_tf.label_graph import LabelGraph
-from imcl_tf.memory import DictionaryBank
-from imcl_tf.omp import joint_nonnegative_omp, refit_on_support
-
-# The official code's mode, not implemented (docs/method.md §5): refused with an explanation.
-_UNIMPLEMENTED_REFIT_MODES = ("official_pool_rerun",)
-# The parts that may have an optimizer of their own (set_part_optimizers); the head always uses
-# the model's optimizer.
-PART_OPTIMIZER_PARTS = ("backbone", "graph")
-# The atoms' selection label states are computed in chunks of about this many [atom, label]
-# entries (64 MB of float32), but at least MIN_ATOM_STATE_CHUNK atoms: the temporaries of the
-# classifier and graph over the bank stay small whatever M and L are.
-ATOM_STATE_CHUNK_ENTRIES = 1 << 24
-MIN_ATOM_STATE_CHUNK = 1024
+from imcl_tf.choices import BACKBONES, METHODS
+from imcl_tf.methods import registry as method_registry
+from imcl_tf.methods.base import Batch, Untracked, unpack
 
 # How each keras.applications backbone expects its 0..255 RGB input to be scaled.
 _PREPROCESSING = {"small_cnn": "unit", "mobilenet_v2": "symmetric", "resnet50": "caffe",
@@ -129,111 +118,42 @@ def _conv_bn_relu(x, filters, name, strides=1):
 
 @keras.saving.register_keras_serializable(package="imcl_tf")
 class IMCLModel(keras.Model):
-    """Multi-label classifier trained from partial labels by IMCL or by masked BCE (`logistic`).
+    """Multi-label classifier trained from partial labels by one method of `imcl_tf.methods`.
 
-    Calling the model maps inputs (float32 images in 0..255, or embeddings) to logits [B, L].
-    Training data are `(inputs, labels, ids)` batches from `imcl_tf.data.make_dataset`: labels in
-    {+1, -1, 0} (present, absent, unknown), ids the int64 hashes used to keep an image from being
-    its own neighbour.
+    The model owns the input scaling, the backbone and the classifier head; everything
+    method-specific (the loss, any head or state of its own) is `self.method`, a
+    `imcl_tf.methods.base.Method` layer built from the registry. Calling the model maps inputs
+    (float32 images in 0..255, or embeddings) to per-class logits [B, L]: the method's output
+    `output` (most methods have one). Training data are `(inputs, labels, ids)` batches from
+    `imcl_tf.data.make_dataset`: labels in {+1, -1, 0} (present, absent, unknown), ids the
+    int64 id hashes.
 
     Args:
       num_classes: L.
       input_shape_: (H, W, 3) for images, (D_in,) for the `features` backbone.
       backbone: one of BACKBONES.
       backbone_weights: "none", "imagenet" or a weights file.
-      method: "imcl" or "logistic".
-      dictionary_size: M, atoms in the bank (static; 0 only for `logistic`).
-      k: neighbours per image (OMP sparsity).
-      multiplier_y, multiplier_f: user factors of the balanced lambdas (docs/method.md §1).
-      balance: "loss_ratio" (lambda = multiplier * L_c / L_term on calibration batches) or "none"
-        (lambda = multiplier).
-      asym_c: the asymmetry c >= 1 of the label-state function sigma_c.
-      learn_label_graph, clip_label_graph: the graph's non-zero entries are trained; clipped to
-        [0, 1] after every step.
-      neighbour_mode: "cached" (neighbour features from the bank) or "forward" (neighbour inputs
-        re-run through the backbone with gradient, as the official end-to-end code does).
-      refit_mode: where forward mode's coefficients come from (docs/method.md §5).
-        "reuse_support_refit" (default) keeps the OMP's support (chosen atoms and valid slots) and
-        re-solves both coefficient vectors by exact NNLS on it with the fresh neighbour features
-        and label states, each side on its own (label side against the query's label state,
-        feature side against its feature with the bias coordinate), as the OMP refits them; the
-        coefficients are constants of the loss (no gradient). "reuse_all" keeps the coefficients
-        the OMP fitted to the bank's cached features and states. Only used when
-        neighbour_mode="forward": in cached mode the neighbours are the very atoms the OMP
-        fitted, so there is nothing to refit. The official code's "official_pool_rerun" (a
-        second OMP over the union of the batch's neighbours) is not implemented.
-      feature_loss: add lambda_f * L_f to the loss (the feature side always drives selection).
+      method: a name of `imcl_tf.methods.registry.METHODS`.
+      method_options: the method's constructor options (see its module); options may also be
+        given as further keyword arguments, e.g. `IMCLModel(..., method="imcl", k=3,
+        dictionary_size=64)`.
+      method_instance: an already built Method (the training application builds it with
+        `Method.from_run`); then `method` and `method_options` are ignored.
       freeze_batchnorm: see build_backbone.
       head_weight_decay: L2 factor on the classifier kernel (bias excluded), CUB uses 1e-4.
-      omp_jit_compile: run the OMP XLA-compiled inside the step (docs/architecture.md);
-        False runs it as ordinary TensorFlow ops (a fallback where XLA is unavailable).
-      label_state_refresh_every: recompute the atoms' selection label states (the classifier
-        and graph over all M bank atoms, 2 M D L multiply-adds) every this many steps and reuse
-        them in between; 1 (the default) recomputes them every step, which is exact. Larger
-        values let the OMP select with states up to n - 1 steps old; the chosen neighbours'
-        states in the loss are always current. A bank refresh makes them due again.
-      label_graph_layout: {"num_entries", "structure"} of a saved graph (get_config() writes it),
-        used when label_graph_init is None to rebuild the graph's storage before its weights load.
-      bce_unknown_as_negative: the cross-entropy counts unknown entries as negatives (mean over
-        all B x L entries) while the smoothness loss keeps them unknown (official MS-COCO).
-      omp_score_threshold: the official tau (see omp.joint_nonnegative_omp score_threshold).
-      omp_balance_scores: the official is_balance (see omp.joint_nonnegative_omp).
-      reconstruction: "linear" (official code) or "tanh" (the paper's Eq. 3), see
-        losses.smoothness_losses.
-      class_label_weight, num_image_classes: the CUB class-label augmentation (docs/method.md §5,
-        official weight_class = 10): with num_image_classes = C > 0 (IMCL only) every label row
-        (batches and bank) carries C more always-known entries, the image-class one-hot of
-        `make_dataset(image_classes=C)`, which only the label states see: they get value
-        class_label_weight at the image's class and -1/c at the others, appended after the graph
-        propagation, so they steer the OMP and the label residual; the cross-entropy and the
-        outputs keep the L classes.
-      atom_gradient: let the smoothness residuals also train the neighbours' label states (the
-        official code does); False treats neighbours as fixed teachers of the query: no gradient
-        through their label states or (forward mode) their features, so none reaches the graph.
+      output: which of the method's OUTPUTS calling the model returns (None: the first).
     """
 
     def __init__(self, num_classes: int, input_shape_: tuple[int, ...], backbone: str = "small_cnn",
-                 backbone_weights: str = "none", method: str = "imcl", dictionary_size: int = 0,
-                 k: int = 3, multiplier_y: float = 1.0, multiplier_f: float = 0.5,
-                 balance: str = "loss_ratio", asym_c: float = 2.0, learn_label_graph: bool = True,
-                 clip_label_graph: bool = True, neighbour_mode: str = "cached",
-                 feature_loss: bool = True, freeze_batchnorm: bool = False,
-                 head_weight_decay: float = 0.0, label_graph_init: Any = None,
-                 atom_gradient: bool = True, refit_mode: str = "reuse_support_refit",
-                 label_graph_layout: dict[str, Any] | None = None, omp_jit_compile: bool = True,
-                 bce_unknown_as_negative: bool = False, omp_score_threshold: float = 0.0,
-                 omp_balance_scores: bool = False, reconstruction: str = "linear",
-                 class_label_weight: float = 0.0, num_image_classes: int = 0,
-                 label_state_refresh_every: int = 1, **kwargs):
-        super().__init__(**kwargs)
-        _check_choice("method", method, METHODS)
+                 backbone_weights: str = "none", method: str = "imcl",
+                 method_options: dict[str, Any] | None = None, freeze_batchnorm: bool = False,
+                 head_weight_decay: float = 0.0, output: str | None = None,
+                 method_instance: Any = None, **kwargs):
+        layer_kwargs = {key: kwargs.pop(key) for key in _KERAS_MODEL_KWARGS if key in kwargs}
+        super().__init__(**layer_kwargs)
         _check_choice("backbone", backbone, BACKBONES)
-        _check_choice("neighbour_mode", neighbour_mode, NEIGHBOUR_MODES)
-        if refit_mode in _UNIMPLEMENTED_REFIT_MODES:
-            raise ValueError(f"IMCLModel: refit_mode={refit_mode!r} (a second OMP over the union "
-                             "of the batch's neighbours, docs/method.md §3) is not implemented; "
-                             f"choose one of {REFIT_MODES}.")
-        _check_choice("refit_mode", refit_mode, REFIT_MODES)
-        _check_choice("balance", balance, BALANCE_MODES)
         if num_classes < 1:
             raise ValueError(f"IMCLModel: num_classes must be >= 1, received {num_classes}.")
-        if method == "imcl":
-            if dictionary_size < 1:
-                raise ValueError("IMCLModel: method='imcl' needs a dictionary bank; received "
-                                 f"dictionary_size={dictionary_size}.")
-            if not 1 <= k <= dictionary_size:
-                raise ValueError(f"IMCLModel: k must be in [1, dictionary_size={dictionary_size}], "
-                                 f"received k={k}.")
-        if (isinstance(label_state_refresh_every, bool) or
-                not isinstance(label_state_refresh_every, (int, np.integer)) or
-                label_state_refresh_every < 1):
-            raise ValueError("IMCLModel: label_state_refresh_every must be an integer >= 1, "
-                             f"received {label_state_refresh_every!r}.")
-        if asym_c < 1.0:
-            raise ValueError(f"IMCLModel: asym_c must be >= 1, received {asym_c}.")
-        if multiplier_y < 0 or multiplier_f < 0:
-            raise ValueError(f"IMCLModel: lambda multipliers must be >= 0, received "
-                             f"multiplier_y={multiplier_y}, multiplier_f={multiplier_f}.")
         self.num_classes = int(num_classes)
         self.input_shape_ = tuple(int(d) for d in input_shape_)
         self.input_mode = "features" if backbone == "features" else "image"
@@ -245,39 +165,8 @@ class IMCLModel(keras.Model):
                              f"input_shape_={self.input_shape_}.")
         self.backbone_name = backbone
         self.backbone_weights = backbone_weights
-        self.method = method
-        self.dictionary_size = int(dictionary_size)
-        self.k = int(k)
-        self.multiplier_y = float(multiplier_y)
-        self.multiplier_f = float(multiplier_f)
-        self.balance = balance
-        self.asym_c = float(asym_c)
-        self.learn_label_graph = bool(learn_label_graph)
-        self.clip_label_graph = bool(clip_label_graph)
-        self.neighbour_mode = neighbour_mode
-        self.feature_loss = bool(feature_loss)
         self.freeze_batchnorm = bool(freeze_batchnorm)
         self.head_weight_decay = float(head_weight_decay)
-        self.atom_gradient = bool(atom_gradient)
-        self.refit_mode = refit_mode
-        self.omp_jit_compile = bool(omp_jit_compile)
-        _check_choice("reconstruction", reconstruction, losses.RECONSTRUCTIONS)
-        if not (np.isfinite(omp_score_threshold) and omp_score_threshold >= 0):
-            raise ValueError("IMCLModel: omp_score_threshold must be a finite number >= 0, "
-                             f"received {omp_score_threshold}.")
-        self.bce_unknown_as_negative = bool(bce_unknown_as_negative)
-        self.omp_score_threshold = float(omp_score_threshold)
-        self.omp_balance_scores = bool(omp_balance_scores)
-        self.reconstruction = reconstruction
-        if class_label_weight < 0 or num_image_classes < 0:
-            raise ValueError("IMCLModel: class_label_weight and num_image_classes must be >= 0, "
-                             f"received {class_label_weight} and {num_image_classes}.")
-        if num_image_classes > 0 and not class_label_weight > 0:
-            raise ValueError("IMCLModel: num_image_classes > 0 appends the image-class one-hot "
-                             "to the label states, which needs class_label_weight > 0.")
-        self.class_label_weight = float(class_label_weight)
-        self.num_image_classes = int(num_image_classes) if method == "imcl" else 0
-        self.label_state_refresh_every = int(label_state_refresh_every)
 
         self.preprocess = Preprocess(_PREPROCESSING[backbone], name="preprocess")
         self.backbone = build_backbone(backbone, self.input_shape_, backbone_weights,
@@ -285,59 +174,41 @@ class IMCLModel(keras.Model):
         self.feature_dim = int(self.backbone.output.shape[-1])
         # Logits stay float32 under mixed precision: losses and OMP need the precision.
         self.head = keras.layers.Dense(self.num_classes, dtype="float32", name="classifier")
-        graph_learnable = learn_label_graph and method == "imcl"
-        if label_graph_init is None and label_graph_layout is not None:
-            # Rebuilt from a config: a placeholder of the saved support size, values from weights.
-            self.label_graph = LabelGraph(None, self.num_classes, learnable=graph_learnable,
-                                          clip=clip_label_graph, name="label_graph",
-                                          num_entries=label_graph_layout.get("num_entries"),
-                                          structure=label_graph_layout.get("structure"))
-        else:
-            graph_init = (np.eye(self.num_classes, dtype=np.float32) if label_graph_init is None
-                          else np.asarray(label_graph_init, np.float32))
-            self.label_graph = LabelGraph(graph_init, learnable=graph_learnable,
-                                          clip=clip_label_graph, name="label_graph")
-        self.bank = None
-        if method == "imcl":
-            self.bank = DictionaryBank(
-                self.dictionary_size, self.input_shape_,
-                "uint8" if self.input_mode == "image" else "float32",
-                self.feature_dim, self.num_classes + self.num_image_classes,
-                name="dictionary_bank")
-            # The atoms' selection label states [M, L (+ C)], written chunk by chunk (never a second [M, L]
-            # array) and, with label_state_refresh_every > 1, reused between refreshes. Derived
-            # state: kept out of weights and checkpoints, recomputed after a restart.
-            per_replica = dict(trainable=False, synchronization=tf.VariableSynchronization.ON_READ,
-                               aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
-            self._atom_states = _Untracked((
-                tf.Variable(tf.zeros([self.dictionary_size,
-                                      self.num_classes + self.num_image_classes]),
-                            name="atom_label_states", **per_replica),
-                # Calls since the last recomputation; 0 = due now.
-                tf.Variable(tf.constant(0, tf.int64), name="atom_label_state_age",
-                            **per_replica),
-                # Squared norms of the states and of the bias-extended features, for the OMP.
-                tf.Variable(tf.zeros([self.dictionary_size]), name="atom_state_sq_norms",
-                            **per_replica),
-                tf.Variable(tf.zeros([self.dictionary_size]), name="atom_feature_sq_norms",
-                            **per_replica)))
-        # Resolved lambdas live in the model so they are saved and logged with it.
-        self.lambda_y = self.add_weight(shape=(), initializer=keras.initializers.Constant(multiplier_y),
-                                        trainable=False, name="lambda_y")
-        self.lambda_f = self.add_weight(shape=(), initializer=keras.initializers.Constant(multiplier_f),
-                                        trainable=False, name="lambda_f")
-        self._trackers = {name: keras.metrics.Mean(name=name) for name in (
-            "loss", "bce", "loss_y", "loss_f", "omp_valid_fraction", "residual_y_before",
-            "residual_y_after", "residual_f_before", "residual_f_after")}
+        if method_instance is None:
+            _check_choice("method", method, METHODS)
+            options = {**(method_options or {}), **kwargs}
+            method_class = method_registry.get(method)
+            takes = [name for name, parameter in
+                     inspect.signature(method_class.__init__).parameters.items()
+                     if parameter.kind == parameter.POSITIONAL_OR_KEYWORD
+                     and name not in ("self", "num_classes")]
+            unknown = sorted(set(options) - set(takes) - set(_KERAS_MODEL_KWARGS))
+            if unknown:
+                raise ValueError(f"IMCLModel: method {method!r} takes no option "
+                                 f"{', '.join(map(repr, unknown))}; its options: "
+                                 f"{', '.join(takes) or 'none'}.")
+            method_instance = method_class(num_classes=self.num_classes, **options)
+        elif kwargs:
+            raise ValueError(f"IMCLModel: unexpected arguments {sorted(kwargs)}.")
+        if method_instance.num_classes != self.num_classes:
+            raise ValueError(f"IMCLModel: the method was built for {method_instance.num_classes} "
+                             f"classes, the model has {self.num_classes}.")
+        self.method = method_instance
+        self.method_name = method_instance.NAME
+        outputs = method_instance.OUTPUTS
+        if output is not None and output not in outputs:
+            raise ValueError(f"IMCLModel: method {self.method_name!r} has outputs {outputs}, "
+                             f"received output={output!r}.")
+        self.output_name = output or outputs[0]
+        self.head.build((None, self.feature_dim))
+        self.method.attach(self)
+        self._trackers = {name: keras.metrics.Mean(name=name)
+                          for name in ("loss",) + tuple(self.method.TERMS)}
         self.build((None,) + self.input_shape_)
 
     # ---- forward ------------------------------------------------------------------------------
 
     def build(self, input_shape):
-        if self.built:
-            return
-        self.head.build((None, self.feature_dim))
-        self.label_graph.build((None, self.num_classes))
         self.built = True
 
     def extract_features(self, inputs, training=False):
@@ -346,7 +217,16 @@ class IMCLModel(keras.Model):
         return tf.cast(self.backbone(x, training=training), tf.float32)
 
     def call(self, inputs, training=False):
-        return self.head(self.extract_features(inputs, training=training))
+        features = self.extract_features(inputs, training=training)
+        return self.method.logits(self, features, training=training, output=self.output_name)
+
+    def with_output(self, output: str) -> "IMCLModel":
+        """Selects which of the method's OUTPUTS calling the model returns; returns self."""
+        if output not in self.method.OUTPUTS:
+            raise ValueError(f"method {self.method_name!r} has outputs {self.method.OUTPUTS}, "
+                             f"received output={output!r}.")
+        self.output_name = output
+        return self
 
     # ---- training -----------------------------------------------------------------------------
 
@@ -355,7 +235,7 @@ class IMCLModel(keras.Model):
         return list(self._trackers.values())
 
     def train_step(self, data):
-        inputs, labels, ids = _unpack(data)
+        inputs, labels, ids = unpack(data)
         with tf.GradientTape() as tape:
             terms = self._loss_terms(inputs, labels, ids, training=True)
             loss = terms["loss"]
@@ -366,7 +246,29 @@ class IMCLModel(keras.Model):
         self._apply_gradients(grads, self.trainable_weights)
         return self._update_trackers(terms)
 
+    def _loss_terms(self, inputs, labels, ids, training):
+        """The method's loss and its parts (float32 scalars), plus the head's weight decay."""
+        batch = Batch(inputs=inputs, labels=tf.cast(labels, tf.float32), ids=ids,
+                      features=self.extract_features(inputs, training=training))
+        terms = dict(self.method.loss_terms(self, batch, training))
+        if self.head_weight_decay > 0:
+            terms["loss"] = terms["loss"] + self.head_weight_decay * tf.reduce_sum(
+                tf.square(self.head.kernel))
+        return terms
+
+    def _update_trackers(self, terms):
+        for name, value in terms.items():
+            if name in self._trackers:
+                self._trackers[name].update_state(value)
+        return {name: tracker.result() for name, tracker in self._trackers.items()
+                if name in terms}
+
     # ---- optimizers per part ------------------------------------------------------------------
+
+    @property
+    def parts(self) -> tuple[str, ...]:
+        """The parts that may have an optimizer of their own: the backbone and the method's."""
+        return ("backbone",) + tuple(self.method.PARTS)
 
     def set_part_optimizers(self, optimizers: dict[str, keras.optimizers.Optimizer]) -> None:
         """Gives the backbone and/or the label graph optimizers of their own.
@@ -379,10 +281,10 @@ class IMCLModel(keras.Model):
         as it does. The optimizers are not saved with the model (a .keras file is for inference and
         warm starts); checkpoint them with `part_optimizers` to resume.
         """
-        unknown = sorted(set(optimizers) - set(PART_OPTIMIZER_PARTS))
+        unknown = sorted(set(optimizers) - set(self.parts))
         if unknown:
             raise ValueError(f"set_part_optimizers: unknown parts {unknown}; the parts with their "
-                             f"own optimizer are {PART_OPTIMIZER_PARTS}.")
+                             f"own optimizer are {self.parts}.")
         for part, optimizer in optimizers.items():
             variables = self.part_variables(part)
             if not variables:
@@ -391,7 +293,7 @@ class IMCLModel(keras.Model):
             if not optimizer.built:
                 optimizer.build(variables)
         # A plain holder, so Keras saving and tf.train tracking leave the optimizers alone.
-        self._part_optimizer_holder = _Untracked(dict(optimizers))
+        self._part_optimizer_holder = Untracked(dict(optimizers))
 
     @property
     def part_optimizers(self) -> dict[str, keras.optimizers.Optimizer]:
@@ -408,12 +310,12 @@ class IMCLModel(keras.Model):
         """Trainable variables of "backbone", "graph" or "head" (every other trainable weight)."""
         if part == "backbone":
             return list(self.backbone.trainable_variables)
-        if part == "graph":
-            return list(self.label_graph.trainable_variables)
+        if part in self.method.PARTS:
+            return list(self.method.part_variables(part))
         if part != "head":
-            raise ValueError(f"part_variables: part must be 'backbone', 'head' or 'graph', "
+            raise ValueError(f"part_variables: part must be one of {('head',) + self.parts}, "
                              f"received {part!r}.")
-        others = {id(v) for name in PART_OPTIMIZER_PARTS for v in self.part_variables(name)}
+        others = {id(v) for name in self.parts for v in self.part_variables(name)}
         return [v for v in self.trainable_weights if id(v) not in others]
 
     def _apply_gradients(self, grads, variables):
@@ -450,313 +352,30 @@ class IMCLModel(keras.Model):
                 tf.cond(finite, lambda o=optimizer, p=pairs: _applied(o, p),
                         lambda: tf.constant(False))
 
+
     def test_step(self, data):
-        inputs, labels, ids = _unpack(data)
+        inputs, labels, ids = unpack(data)
         logits = self(inputs, training=False)
         bce = losses.masked_bce(labels[..., :self.num_classes], logits)
-        self._trackers["bce"].update_state(bce)
         self._trackers["loss"].update_state(bce)
-        return {"loss": self._trackers["loss"].result(), "bce": self._trackers["bce"].result()}
+        return {"loss": self._trackers["loss"].result()}
 
     def predict_step(self, data):
         # Accepts bare inputs, (inputs,) or full (inputs, labels, ids) batches.
         inputs, _, _ = keras.utils.unpack_x_y_sample_weight(data)
         return self(inputs, training=False)
 
-    def _loss_terms(self, inputs, labels, ids, training):
-        """The loss of docs/architecture.md and its parts, all float32 scalars."""
-        labels = tf.cast(labels, tf.float32)
-        features = self.extract_features(inputs, training=training)  # [B, D]
-        logits = self.head(features)  # [B, L]
-        bce = losses.masked_bce(labels[..., :self.num_classes], logits,
-                                self.bce_unknown_as_negative)
-        terms = {"bce": bce}
-        loss = bce
-        if self.head_weight_decay > 0:
-            loss += self.head_weight_decay * tf.reduce_sum(tf.square(self.head.kernel))
-        if self.method == "imcl":
-            terms.update(self._smoothness_terms(inputs, features, logits, labels, ids, training,
-                                                self.lambda_y, self.lambda_f))
-            loss += self.lambda_y * terms["loss_y"]
-            if self.feature_loss:
-                loss += self.lambda_f * terms["loss_f"]
-        terms["loss"] = loss
-        return terms
-
-    def _smoothness_terms(self, inputs, features, logits, labels, ids, training, lambda_y, lambda_f):
-        """Steps 2-4 of docs/architecture.md: label states, OMP, smoothness residuals."""
-        fit = self._neighbour_fit(inputs, features, logits, labels, ids, training, lambda_y,
-                                  lambda_f)
-        query_y, query_f = fit["query_y"], fit["query_f"]
-        loss_y, loss_f = losses.smoothness_losses(query_y, query_f, fit["neighbour_y"],
-                                                  fit["neighbour_f"], fit["coef_y"],
-                                                  fit["coef_f"], fit["valid"],
-                                                  reconstruction=self.reconstruction)
-        batch_size = tf.cast(tf.shape(query_y)[0], tf.float32)
-        return {
-            "loss_y": loss_y,
-            "loss_f": loss_f,
-            "omp_valid_fraction": tf.reduce_mean(tf.cast(fit["valid"], tf.float32)),
-            "residual_y_before": tf.stop_gradient(tf.reduce_sum(tf.square(query_y)) / batch_size),
-            "residual_y_after": tf.stop_gradient(loss_y),
-            "residual_f_before": tf.stop_gradient(tf.reduce_sum(tf.square(query_f)) / batch_size),
-            "residual_f_after": tf.stop_gradient(loss_f),
-        }
-
-    def _neighbour_fit(self, inputs, features, logits, labels, ids, training, lambda_y, lambda_f):
-        """The queries, their neighbours and the coefficients the smoothness residuals use.
-
-        Returns a dict: query_y [B, L], query_f [B, D+1], neighbour_y [B, k, L], neighbour_f
-        [B, k, D+1] (with gradient), coef_y, coef_f [B, k] (constants), valid [B, k], and `omp`,
-        the OMPResult against the bank (whose coefficients forward mode may replace, see
-        `refit_mode`).
-        """
-        query_y = self._with_class_states(losses.query_label_states(
-            logits, labels[..., :self.num_classes], self.asym_c), labels)  # [B, L (+ C)]
-        query_f = _with_bias(features)  # [B, D+1]: the constant coordinate is reconstructed too
-        bank_f = _with_bias(self.bank.features)  # [M, D+1], constants until the next refresh
-        # Atom label states for SELECTION only, with the current classifier and graph but no
-        # gradient (docs/architecture.md, scale rules): only the B x k selected neighbours
-        # enter the loss, and their states are recomputed with gradient below.
-        atoms_y = self.selection_atom_states()  # [M, L]
-        omp = joint_nonnegative_omp(
-            tf.stop_gradient(query_y), tf.stop_gradient(query_f), atoms_y,
-            bank_f, self.k, lambda_y=lambda_y, lambda_f=lambda_f,
-            exclude=self.bank.exclusion_mask(ids), jit_compile=self.omp_jit_compile,
-            score_threshold=self.omp_score_threshold, balance_scores=self.omp_balance_scores,
-            atoms_y_sq_norms=self._atom_states.value[2].read_value(),
-            atoms_f_sq_norms=self._atom_states.value[3].read_value())
-        indices = tf.maximum(omp.indices, 0)  # invalid slots are masked by `valid` below
-        coef_y, coef_f = omp.coef_y, omp.coef_f
-        batch = tf.shape(indices)[0]
-        flat = tf.reshape(indices, [-1])  # [B*k]
-        neighbour_labels = tf.cast(tf.gather(self.bank.labels, flat), tf.float32)  # [B*k, L+C]
-        if self.neighbour_mode == "forward":
-            # Neighbour inputs go through the backbone again, with gradient (docs/method.md §1).
-            neighbour_features = self.extract_features(self.bank(flat), training=training)
-        else:
-            # The cached features of the chosen atoms (constants until the next refresh).
-            neighbour_features = tf.gather(self.bank.features, flat)  # [B*k, D]
-        # The chosen neighbours' label states, with gradient to the classifier and the graph.
-        neighbour_y = self._with_class_states(losses.atom_label_states(
-            self.head(neighbour_features), neighbour_labels[:, :self.num_classes],
-            self.label_graph, self.asym_c), neighbour_labels)
-        neighbour_y = tf.reshape(neighbour_y,
-                                 [batch, self.k, self.num_classes + self.num_image_classes])
-        neighbour_f = tf.reshape(_with_bias(neighbour_features), [batch, self.k, -1])
-        if not self.atom_gradient:
-            # Neighbours act as fixed teachers: only the query side learns from the residual.
-            neighbour_y = tf.stop_gradient(neighbour_y)
-            neighbour_f = tf.stop_gradient(neighbour_f)
-        if self.neighbour_mode == "forward" and self.refit_mode == "reuse_support_refit":
-            # Same support, coefficients re-solved for the fresh vectors (docs/method.md §3).
-            coef_y, coef_f = refit_on_support(query_y, query_f, neighbour_y, neighbour_f,
-                                              omp.valid)
-        return {"query_y": query_y, "query_f": query_f, "neighbour_y": neighbour_y,
-                "neighbour_f": neighbour_f, "coef_y": coef_y, "coef_f": coef_f,
-                "valid": omp.valid, "omp": omp}
-
-    def selection_atom_states(self) -> tf.Tensor:
-        """[M, L] label states of every bank atom (classifier and graph), no gradient.
-
-        They only choose the neighbours (the OMP); the loss uses the chosen neighbours' states
-        recomputed with gradient. Recomputed with the current weights at every call, or every
-        `label_state_refresh_every` calls (see the constructor).
-        """
-        states, age = self._atom_states.value[:2]
-        if self.label_state_refresh_every == 1:
-            self._write_atom_states()
-        else:
-            def recompute():
-                self._write_atom_states()
-                return age.assign(1)
-
-            tf.cond(tf.equal(age.read_value() % self.label_state_refresh_every, 0), recompute,
-                    lambda: age.assign_add(1))
-        return tf.stop_gradient(states.read_value())
-
-    def _write_atom_states(self):
-        """Atom label states in chunks of ATOM_STATE_CHUNK_ENTRIES entries, written in place.
-
-        Under a distribution strategy (per-replica variables, which have no scatter_update) the
-        chunks are joined and assigned at once: one [M, L] temporary more.
-        """
-        states, _, norms_y, norms_f = self._atom_states.value
-        in_place = not isinstance(states, tf.distribute.DistributedValues)
-        width = self.num_classes + self.num_image_classes
-        chunk = max(MIN_ATOM_STATE_CHUNK, ATOM_STATE_CHUNK_ENTRIES // width)
-        pieces = []
-        done = []  # the previous chunk's writes: a graph would otherwise run all chunks at once
-        for start in range(0, self.dictionary_size, chunk):  # static: a few chunks at most
-            end = min(start + chunk, self.dictionary_size)
-            with tf.control_dependencies(done):
-                features = tf.identity(self.bank.features[start:end])  # [c, D]
-            logits = self.head(features)  # [c, L]
-            rows = tf.cast(self.bank.labels[start:end], tf.float32)  # [c, L (+ C)]
-            values = tf.stop_gradient(self._with_class_states(losses.atom_label_states(
-                logits, rows[:, :self.num_classes], self.label_graph, self.asym_c), rows))
-            # Squared norms of the states and of the features with their bias coordinate.
-            parts = (values, tf.reduce_sum(tf.square(values), 1),
-                     tf.reduce_sum(tf.square(features), 1) + 1.0)
-            if in_place:
-                positions = tf.range(start, end)
-                done = [variable.scatter_update(tf.IndexedSlices(part, positions))
-                        for variable, part in zip((states, norms_y, norms_f), parts)]
-                done = [] if tf.executing_eagerly() else done
-            else:
-                pieces.append(parts)
-        if not in_place:
-            for variable, part in zip((states, norms_y, norms_f), zip(*pieces)):
-                variable.assign(tf.concat(part, axis=0))
-
-    def mark_atom_states_due(self) -> None:
-        """Makes the next selection recompute the atoms' label states (e.g. after a refresh)."""
-        if self.bank is not None:
-            self._atom_states.value[1].assign(0)
-
-    def _with_class_states(self, states, labels):
-        """Appends the class-label block to label states (see class_label_weight), if any.
-
-        states: [N, L]; labels: [N, L + C] label rows whose last C entries are the image-class
-        one-hot (+1 / -1). Returns [N, L + C]: weight a at the image's class, -1/c elsewhere.
-        """
-        if not self.num_image_classes:
-            return states
-        side = tf.cast(labels[..., self.num_classes:], tf.float32)
-        block = tf.where(side > 0, self.class_label_weight,
-                         tf.where(side < 0, -1.0 / self.asym_c, 0.0))
-        return tf.concat([states, block], axis=-1)
-
-    def _update_trackers(self, terms):
-        for name, value in terms.items():
-            self._trackers[name].update_state(value)
-        return {name: tracker.result() for name, tracker in self._trackers.items()
-                if name in terms}
-
-    # ---- the dictionary bank and lambdas ------------------------------------------------------
-
-    def fill_bank(self, inputs, labels: np.ndarray | None = None,
-                  ids: np.ndarray | None = None) -> None:
-        """Puts the chosen training images into the bank and computes their features.
-
-        Either arrays (inputs [M, ...], labels [M, L], ids [M]) or, with labels and ids left out,
-        an iterable of (inputs, labels, ids) chunks, converted one by one (see
-        DictionaryBank.fill): a large image bank is then never held as float32.
-        """
-        if self.bank is None:
-            raise ValueError("fill_bank: the logistic model has no dictionary bank.")
-        if labels is None and ids is None:
-            self.bank.fill(inputs)
-        elif labels is None or ids is None:
-            raise ValueError("fill_bank: give inputs, labels and ids, or one iterable of "
-                             "(inputs, labels, ids) chunks.")
-        else:
-            self.bank.set_contents(inputs, labels, ids)
-        self.refresh_bank()
-
-    def restore_bank_inputs(self, chunks) -> None:
-        """After a checkpoint restore: gives the bank its inputs back (they are not saved).
-
-        `chunks` yields the same (inputs, labels, ids) the bank was filled with; the restored
-        features are kept (no refresh), so the run continues exactly where it stopped.
-        """
-        if self.bank is None:
-            raise ValueError("restore_bank_inputs: the logistic model has no dictionary bank.")
-        self.bank.set_inputs(chunks)
-
-    def refresh_bank(self, batch_size: int | None = None) -> None:
-        """Re-encodes the bank's inputs with the current network (inference mode).
-
-        batch_size: atoms per forward pass; None takes up to 256, fewer for large inputs (about
-        16 M input values, e.g. 111 images of 224 x 224), so a refresh's activations stay small.
-        """
-        if self.bank is None:
-            return
-        if batch_size is None:
-            batch_size = int(min(256, max(1, (1 << 24) // int(np.prod(self.input_shape_)))))
-        self.bank.refresh(self._bank_features, batch_size)
-        self.mark_atom_states_due()
-
-    @tf.function(reduce_retracing=True)
-    def _bank_features(self, inputs):
-        return self.extract_features(inputs, training=False)
-
-    def calibrate_lambdas(self, dataset, num_batches: int = 10) -> dict[str, float]:
-        """Sets lambda_y, lambda_f by balancing against the BCE on batches (docs/method.md §1).
-
-        During calibration the OMP selects neighbours on labels only (lambda_y : lambda_f =
-        1 : 0), as the official code's provisional weights do. The losses are computed in training
-        mode, as in train_step; the backbone's BatchNorm statistics are left as they were.
-        Returns the resolved values.
-        """
-        if self.method != "imcl":
-            return {}
-        if self.balance == "none":
-            self.lambda_y.assign(self.multiplier_y)
-            self.lambda_f.assign(self.multiplier_f)
-            return {"lambda_y": self.multiplier_y, "lambda_f": self.multiplier_f}
-        sums = {"bce": 0.0, "loss_y": 0.0, "loss_f": 0.0}
-        seen = 0
-        # The losses are measured as training computes them (BatchNorm on batch statistics,
-        # dropout on): in inference mode a short baseline's BCE and L_f differ from the training
-        # values by orders of magnitude. Training mode updates BatchNorm's moving statistics, so
-        # every non-trainable backbone variable is restored afterwards: calibration changes only
-        # the lambdas.
-        saved = [(v, v.numpy()) for v in self.backbone.non_trainable_variables]
-        try:
-            for data in dataset.take(num_batches):
-                terms = self._calibration_terms(*_unpack(data))
-                for name in sums:
-                    sums[name] += float(terms[name])
-                seen += 1
-        finally:
-            for variable, value in saved:
-                variable.assign(value)
-        if seen == 0:
-            raise ValueError("calibrate_lambdas: the calibration dataset yielded no batch.")
-        lambda_y, lambda_f = losses.resolve_lambdas(
-            self.balance, sums["bce"] / seen, sums["loss_y"] / seen, sums["loss_f"] / seen,
-            self.multiplier_y, self.multiplier_f)
-        self.lambda_y.assign(lambda_y)
-        self.lambda_f.assign(lambda_f)
-        return {"lambda_y": float(lambda_y), "lambda_f": float(lambda_f),
-                "calibration_bce": sums["bce"] / seen, "calibration_loss_y": sums["loss_y"] / seen,
-                "calibration_loss_f": sums["loss_f"] / seen}
-
-    @tf.function(reduce_retracing=True)
-    def _calibration_terms(self, inputs, labels, ids):
-        labels = tf.cast(labels, tf.float32)
-        features = self.extract_features(inputs, training=True)
-        logits = self.head(features)
-        terms = self._smoothness_terms(inputs, features, logits, labels, ids, True,
-                                       tf.constant(1.0), tf.constant(0.0))
-        terms["bce"] = losses.masked_bce(labels[..., :self.num_classes], logits,
-                                         self.bce_unknown_as_negative)
-        return terms
-
     # ---- serialisation -------------------------------------------------------------------------
 
     def get_config(self):
+        method_config = self.method.get_config()
+        method_config.pop("num_classes", None)
         return {
             "num_classes": self.num_classes, "input_shape_": list(self.input_shape_),
-            "backbone": self.backbone_name, "backbone_weights": "none", "method": self.method,
-            "dictionary_size": self.dictionary_size, "k": self.k,
-            "multiplier_y": self.multiplier_y, "multiplier_f": self.multiplier_f,
-            "balance": self.balance, "asym_c": self.asym_c,
-            "learn_label_graph": self.learn_label_graph, "clip_label_graph": self.clip_label_graph,
-            "neighbour_mode": self.neighbour_mode, "feature_loss": self.feature_loss,
+            "backbone": self.backbone_name, "backbone_weights": "none",
+            "method": self.method_name, "method_options": method_config,
             "freeze_batchnorm": self.freeze_batchnorm, "head_weight_decay": self.head_weight_decay,
-            "atom_gradient": self.atom_gradient, "refit_mode": self.refit_mode,
-            "omp_jit_compile": self.omp_jit_compile,
-            "bce_unknown_as_negative": self.bce_unknown_as_negative,
-            "omp_score_threshold": self.omp_score_threshold,
-            "omp_balance_scores": self.omp_balance_scores, "reconstruction": self.reconstruction,
-            "class_label_weight": self.class_label_weight,
-            "num_image_classes": self.num_image_classes,
-            "label_state_refresh_every": self.label_state_refresh_every,
-            "label_graph_layout": {"num_entries": self.label_graph.get_config()["num_entries"],
-                                   "structure": self.label_graph.structure},
-            "name": self.name,
+            "output": self.output_name, "name": self.name,
         }
 
     @classmethod
@@ -764,12 +383,8 @@ class IMCLModel(keras.Model):
         return cls(**config)
 
 
-class _Untracked:
-    """Holds a value (optimizers, derived variables) out of sight of Keras saving and tf.train
-    dependency tracking: not saved, not checkpointed."""
-
-    def __init__(self, value):
-        self.value = value
+# Keyword arguments that go to keras.Model rather than to the method.
+_KERAS_MODEL_KWARGS = ("name", "trainable", "dtype")
 
 
 def _applied(optimizer, pairs):
@@ -780,20 +395,6 @@ def _applied(optimizer, pairs):
 def _check_choice(name, value, choices):
     if value not in choices:
         raise ValueError(f"IMCLModel: {name} must be one of {choices}, received {name}={value!r}.")
-
-
-def _unpack(data):
-    if not (isinstance(data, (tuple, list)) and len(data) == 3):
-        raise ValueError("IMCLModel expects batches (inputs, labels, ids) as made by "
-                         "imcl_tf.data.make_dataset; received a batch of structure "
-                         f"{tf.nest.map_structure(lambda t: getattr(t, 'shape', t), data)}.")
-    return data
-
-
-def _with_bias(features):
-    """Appends the constant 1 coordinate (the official features are pool5 + 1)."""
-    ones = tf.ones_like(features[..., :1])
-    return tf.concat([features, ones], axis=-1)
 
 
 # ---- model directories ---------------------------------------------------------------------------

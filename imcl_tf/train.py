@@ -21,6 +21,7 @@ from typing import Sequence
 from absl import app, flags, logging
 
 from imcl_tf import console, flagfiles
+from imcl_tf.methods import registry as method_registry
 from imcl_tf.training.config import TrainConfig
 
 FLAGS = flags.FLAGS
@@ -31,28 +32,36 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
 
     `flag_values` lets tests parse into a fresh FlagValues; a flag already defined is kept.
     """
-    for field in dataclasses.fields(TrainConfig):
-        if field.name in flag_values:
+    declared = [(field.name, field.default, field.metadata.get("help", field.name),
+                 field.metadata.get("choices"))
+                for field in dataclasses.fields(TrainConfig) if not field.metadata.get("not_a_flag")]
+    # Each method's own options (imcl_tf.methods.registry; read without importing TensorFlow).
+    declared += [(option.name, option.default, f"[--method={option.method}] {option.help}",
+                  option.choices) for option in method_registry.all_options()]
+    for name, default, help_text, choices in declared:
+        if name in flag_values:
             continue
-        default = field.default
-        help_text = field.metadata.get("help", field.name)
-        choices = field.metadata.get("choices")
         kwargs = {"flag_values": flag_values}
         if choices:
-            flags.DEFINE_enum(field.name, default, choices, help_text, **kwargs)
+            flags.DEFINE_enum(name, default, list(choices), help_text, **kwargs)
         elif isinstance(default, bool):
-            flags.DEFINE_bool(field.name, default, help_text, **kwargs)
+            flags.DEFINE_bool(name, default, help_text, **kwargs)
         elif isinstance(default, int):
-            flags.DEFINE_integer(field.name, default, help_text, **kwargs)
+            flags.DEFINE_integer(name, default, help_text, **kwargs)
         elif isinstance(default, float):
-            flags.DEFINE_float(field.name, default, help_text, **kwargs)
+            flags.DEFINE_float(name, default, help_text, **kwargs)
         else:
-            flags.DEFINE_string(field.name, default, help_text, **kwargs)
+            flags.DEFINE_string(name, default, help_text, **kwargs)
 
 
 def config_from_flags(flag_values: flags.FlagValues = FLAGS) -> TrainConfig:
     """The TrainConfig of parsed flags."""
-    values = {f.name: flag_values[f.name].value for f in dataclasses.fields(TrainConfig)}
+    values = {f.name: flag_values[f.name].value for f in dataclasses.fields(TrainConfig)
+              if not f.metadata.get("not_a_flag")}
+    # The method options given on the command line (or in a flagfile); the rest take defaults.
+    values["method_options"] = {
+        option.name: flag_values[option.name].value for option in method_registry.all_options()
+        if option.name in flag_values and flag_values[option.name].present}
     return TrainConfig(**values)
 
 

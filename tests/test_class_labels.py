@@ -54,7 +54,7 @@ def test_label_states_and_losses_match_numpy(rng):
         return labels.astype(np.float32), species.astype(np.float32)
     bank_labels, bank_species = rows(atoms)
     bank_inputs = rng.normal(size=(atoms, DIM)).astype(np.float32)
-    model.fill_bank(bank_inputs, np.concatenate([bank_labels, bank_species], 1),
+    model.method.fill_bank(bank_inputs, np.concatenate([bank_labels, bank_species], 1),
                     np.arange(atoms, dtype=np.int64))
     labels, species = rows(batch)
     inputs = rng.normal(size=(batch, DIM)).astype(np.float32)
@@ -63,15 +63,15 @@ def test_label_states_and_losses_match_numpy(rng):
 
     features = model.extract_features(inputs, training=True)
     logits = model.head(features)
-    fit = model._neighbour_fit(inputs, features, logits, full, ids, True, model.lambda_y,
-                               model.lambda_f)
+    fit = model.method._neighbour_fit(inputs, features, logits, full, ids, True, model.method.lambda_y,
+                               model.method.lambda_f)
     expected_query = reference_states(logits.numpy(), labels, species, graph, c, weight, False)
     np.testing.assert_allclose(fit["query_y"].numpy(), expected_query, rtol=1e-5, atol=1e-6)
-    bank_logits = model.head(model.bank.features).numpy()
-    matrix = model.label_graph.matrix.numpy()
+    bank_logits = model.head(model.method.bank.features).numpy()
+    matrix = model.method.label_graph.matrix.numpy()
     expected_atoms = reference_states(bank_logits, bank_labels, bank_species, matrix, c, weight,
                                       True)
-    np.testing.assert_allclose(model.selection_atom_states().numpy(), expected_atoms,
+    np.testing.assert_allclose(model.method.selection_atom_states().numpy(), expected_atoms,
                                rtol=1e-5, atol=1e-6)
     chosen = np.maximum(fit["omp"].indices.numpy(), 0)
     np.testing.assert_allclose(fit["neighbour_y"].numpy(), expected_atoms[chosen], rtol=1e-5,
@@ -100,15 +100,15 @@ def test_the_class_block_steers_the_omp_to_same_class_atoms(rng):
     species = np.arange(12) % SPECIES
     block = np.where(np.eye(SPECIES)[species] > 0, 1.0, -1.0)
     labels = np.zeros((12, CLASSES))
-    model.fill_bank(rng.normal(size=(12, DIM)).astype(np.float32),
+    model.method.fill_bank(rng.normal(size=(12, DIM)).astype(np.float32),
                     np.concatenate([labels, block], 1).astype(np.float32), np.arange(12))
     inputs = rng.normal(size=(6, DIM)).astype(np.float32)
     query_species = np.arange(6) % SPECIES
     query_block = np.where(np.eye(SPECIES)[query_species] > 0, 1.0, -1.0)
     full = tf.constant(np.concatenate([np.zeros((6, CLASSES)), query_block], 1), tf.float32)
     features = model.extract_features(inputs)
-    fit = model._neighbour_fit(inputs, features, model.head(features), full,
-                               tf.constant(np.arange(6) + 100), True, model.lambda_y, 0.0)
+    fit = model.method._neighbour_fit(inputs, features, model.head(features), full,
+                               tf.constant(np.arange(6) + 100), True, model.method.lambda_y, 0.0)
     chosen = fit["omp"].indices.numpy()[:, 0]
     np.testing.assert_array_equal(species[chosen], query_species)
 
@@ -163,8 +163,8 @@ def test_a_run_with_class_labels_trains_and_refuses_data_without_classes(tmp_pat
     assert np.isfinite(summary["last_val_mAP"])
     trainer = _Trainer(dataclasses.replace(config, model_dir=str(tmp_path / "other")))
     trainer._build()
-    assert trainer.model.num_image_classes == SPECIES
-    assert trainer.model.bank.labels.shape[-1] == len(CLASS_NAMES) + SPECIES
+    assert trainer.model.method.num_image_classes == SPECIES
+    assert trainer.model.method.bank.labels.shape[-1] == len(CLASS_NAMES) + SPECIES
     other = str(tmp_path / "plain")
     write_species_dataset(other, rng)
     info = data.load_dataset_info(other)

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from imcl_tf.models import IMCLModel, _with_bias, build_backbone
+from imcl_tf.methods.imcl import _with_bias
+from imcl_tf.models import IMCLModel, build_backbone
 from imcl_tf.training.config import TrainConfig
 from imcl_tf.training.trainer import _Trainer
 from test_train_common import write_dataset
@@ -36,7 +37,7 @@ def model_and_batch(rng, freeze):
     labels = (np.where(rng.random((8, CLASSES)) < 0.4, 1.0, -1.0)
               * (rng.random((8, CLASSES)) < 0.5)).astype(np.float32)
     ids = np.arange(8, dtype=np.int64) + 7
-    model.fill_bank(images, labels, ids)
+    model.method.fill_bank(images, labels, ids)
     return model, (tf.constant(images), tf.constant(labels), tf.constant(ids))
 
 
@@ -45,11 +46,11 @@ def query_and_bank(model, batch):
     inputs, labels, ids = batch
     features = model.extract_features(inputs, training=True)
     logits = model.head(features)
-    fit = model._neighbour_fit(inputs, features, logits, labels, ids, True,
-                               model.lambda_y, model.lambda_f)
+    fit = model.method._neighbour_fit(inputs, features, logits, labels, ids, True,
+                               model.method.lambda_y, model.method.lambda_f)
     # Identity graph: an atom's label state is the query's formula on the same image.
     return (fit["query_f"].numpy(), fit["query_y"].numpy(),
-            _with_bias(model.bank.features).numpy(), model.selection_atom_states().numpy())
+            _with_bias(model.method.bank.features).numpy(), model.method.selection_atom_states().numpy())
 
 
 def test_frozen_batchnorm_queries_and_bank_agree(rng):

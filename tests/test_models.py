@@ -22,11 +22,14 @@ def batches(rng):
 
 
 def _model(method, images, labels, ids, **kwargs):
-    model = IMCLModel(CLASSES, (SIZE, SIZE, 3), method=method,
-                      dictionary_size=16 if method == "imcl" else 0, k=3, **kwargs)
+    if method == "imcl":
+        kwargs = {"dictionary_size": 16, "k": 3, **kwargs}
+    else:
+        kwargs.pop("neighbour_mode", None)  # an IMCL option
+    model = IMCLModel(CLASSES, (SIZE, SIZE, 3), method=method, **kwargs)
     model.compile(optimizer=keras.optimizers.Adam(1e-3), jit_compile=False)
     if method == "imcl":
-        model.fill_bank(images[:16], labels[:16], ids[:16])
+        model.method.fill_bank(images[:16], labels[:16], ids[:16])
     return model
 
 
@@ -36,7 +39,7 @@ def test_fit_save_reload_identical_predictions(batches, tmp_path, method, mode):
     images, labels, ids, dataset = batches
     model = _model(method, images, labels, ids, neighbour_mode=mode)
     if method == "imcl":
-        resolved = model.calibrate_lambdas(dataset, num_batches=2)
+        resolved = model.method.calibrate_lambdas(dataset, num_batches=2)
         assert resolved["lambda_y"] > 0 and resolved["lambda_f"] > 0
     history = model.fit(dataset, epochs=2, verbose=0, shuffle=False)
     logs = {key: values[-1] for key, values in history.history.items()}
@@ -45,17 +48,17 @@ def test_fit_save_reload_identical_predictions(batches, tmp_path, method, mode):
         assert 0 < logs["omp_valid_fraction"] <= 1
         assert logs["residual_y_after"] <= logs["residual_y_before"] + 1e-6
     else:
-        assert "loss_y" not in logs and model.bank is None
+        assert "loss_y" not in logs and not hasattr(model.method, "bank")
     path = str(tmp_path / "model.keras")
     save_model_file(model, path)
     reloaded = keras.saving.load_model(path, compile=False)
     np.testing.assert_array_equal(model.predict(images, verbose=0),
                                   reloaded.predict(images, verbose=0))
     if method == "imcl":
-        np.testing.assert_array_equal(model.bank.features.numpy(), reloaded.bank.features.numpy())
-        np.testing.assert_array_equal(model.label_graph.matrix.numpy(),
-                                      reloaded.label_graph.matrix.numpy())
-        assert float(reloaded.lambda_y.numpy()) == pytest.approx(float(model.lambda_y.numpy()))
+        np.testing.assert_array_equal(model.method.bank.features.numpy(), reloaded.method.bank.features.numpy())
+        np.testing.assert_array_equal(model.method.label_graph.matrix.numpy(),
+                                      reloaded.method.label_graph.matrix.numpy())
+        assert float(reloaded.method.lambda_y.numpy()) == pytest.approx(float(model.method.lambda_y.numpy()))
 
 
 def test_calibration_measures_training_mode_losses_and_keeps_batchnorm_statistics(batches):
@@ -64,7 +67,7 @@ def test_calibration_measures_training_mode_losses_and_keeps_batchnorm_statistic
     model = _model("imcl", images, labels, ids, balance="loss_ratio")
     moving = [v.numpy().copy() for v in model.backbone.non_trainable_variables]
     assert moving, "the small CNN has BatchNorm statistics"
-    resolved = model.calibrate_lambdas(dataset, num_batches=2)
+    resolved = model.method.calibrate_lambdas(dataset, num_batches=2)
     for before, variable in zip(moving, model.backbone.non_trainable_variables):
         np.testing.assert_array_equal(before, variable.numpy())
     expected_bce, inference_bce = [], []
@@ -97,7 +100,7 @@ def test_gradients_reach_classifier_backbone_and_graph_only_through_atoms(batche
             terms = model._loss_terms(images[16:24], labels[16:24], ids[16:24], training=False)
             smooth = terms["loss_y"] + terms["loss_f"]
         variables = [model.head.kernel, model.backbone.trainable_weights[0],
-                     model.label_graph.values]
+                     model.method.label_graph.values]
         return tape.gradient(smooth, variables)
 
     head_grad, backbone_grad, graph_grad = smoothness_gradients(model)
@@ -107,7 +110,7 @@ def test_gradients_reach_classifier_backbone_and_graph_only_through_atoms(batche
     # With every bank label observed, atom states no longer use the graph's propagation, so the
     # graph gets no gradient at all: it is reached through the atoms' vectors only, never the query.
     observed = np.where(labels[:16] == 0, -1.0, labels[:16]).astype(np.float32)
-    model.bank.set_contents(images[:16], observed, ids[:16])
+    model.method.bank.set_contents(images[:16], observed, ids[:16])
     _, _, graph_grad = smoothness_gradients(model)
     assert graph_grad is None or np.abs(graph_grad.numpy()).sum() == 0
 
@@ -122,7 +125,7 @@ def test_neighbours_as_fixed_teachers_give_the_graph_no_gradient(batches, mode):
         terms = model._loss_terms(images[16:24], labels[16:24], ids[16:24], training=False)
         smooth = terms["loss_y"] + terms["loss_f"]
     head_grad, graph_grad = tape.gradient(smooth, [model.head.kernel,
-                                                   model.label_graph.values])
+                                                   model.method.label_graph.values])
     assert np.abs(head_grad.numpy()).sum() > 0  # the query side still learns
     # The graph acts on neighbours only, so detached neighbours leave it untouched.
     assert graph_grad is None or np.abs(graph_grad.numpy()).sum() == 0
@@ -135,14 +138,14 @@ def test_a_query_never_selects_itself(batches):
     inputs, batch_labels, batch_ids = images[:8], labels[:8], ids[:8]
     features = model.extract_features(inputs)
     logits = model.head(features)
-    graph = model.label_graph.matrix
+    graph = model.method.label_graph.matrix
     from imcl_tf.omp import joint_nonnegative_omp
-    query_y = losses.query_label_states(logits, batch_labels, model.asym_c)
-    bank_f = tf.concat([model.bank.features, tf.ones([16, 1])], -1)
-    atoms_y = losses.atom_label_states(model.head(model.bank.features), model.bank.label_rows(),
-                                       graph, model.asym_c)
+    query_y = losses.query_label_states(logits, batch_labels, model.method.asym_c)
+    bank_f = tf.concat([model.method.bank.features, tf.ones([16, 1])], -1)
+    atoms_y = losses.atom_label_states(model.head(model.method.bank.features), model.method.bank.label_rows(),
+                                       graph, model.method.asym_c)
     result = joint_nonnegative_omp(query_y, tf.concat([features, tf.ones([8, 1])], -1), atoms_y,
-                                   bank_f, 3, exclude=model.bank.exclusion_mask(batch_ids))
+                                   bank_f, 3, exclude=model.method.bank.exclusion_mask(batch_ids))
     chosen = np.where(result.valid.numpy(), result.indices.numpy(), -1)
     for row, own_index in enumerate(range(8)):
         assert own_index not in chosen[row]
@@ -186,11 +189,13 @@ def test_keras_application_backbones_build_without_downloads():
     ({"method": "imcl", "dictionary_size": 2, "k": 3}, "k must be in"),
     ({"method": "boosting"}, "method must be one of"),
     ({"backbone": "vgg7"}, "backbone must be one of"),
-    ({"method": "logistic", "asym_c": 0.5}, "asym_c must be >= 1"),
+    ({"method": "imcl", "dictionary_size": 4, "asym_c": 0.5}, "asym_c must be >= 1"),
     ({"method": "logistic", "backbone_weights": "missing.weights.h5"}, "no such file"),
-    ({"method": "logistic", "refit_mode": "official_pool_rerun"},
+    ({"method": "imcl", "dictionary_size": 4, "refit_mode": "official_pool_rerun"},
      r"official_pool_rerun.*not implemented.*reuse_support_refit.*reuse_all"),
-    ({"method": "logistic", "refit_mode": "refit_everything"}, "refit_mode must be one of"),
+    ({"method": "imcl", "dictionary_size": 4, "refit_mode": "refit_everything"},
+     "refit_mode must be one of"),
+    ({"method": "logistic", "k": 3}, r"method 'logistic' takes no option 'k'"),
 ])
 def test_bad_configuration_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -240,21 +245,21 @@ def _stale_forward_model(images, labels, ids, refit_mode, rng):
 def _fit(model, inputs, labels, ids):
     features = model.extract_features(inputs)
     logits = model.head(features)
-    return model._neighbour_fit(inputs, features, logits, tf.constant(labels), ids, False,
-                                model.lambda_y, model.lambda_f)
+    return model.method._neighbour_fit(inputs, features, logits, tf.constant(labels), ids, False,
+                                model.method.lambda_y, model.method.lambda_f)
 
 
 def _independent_omp(model, inputs, labels, ids):
     """The OMP against the cached bank, computed here without the model's helper."""
     from imcl_tf.omp import joint_nonnegative_omp
     features = model.extract_features(inputs)
-    query_y = losses.query_label_states(model.head(features), labels, model.asym_c)
-    atoms_y = losses.atom_label_states(model.head(model.bank.features), model.bank.label_rows(),
-                                       model.label_graph.matrix, model.asym_c)
-    bank_f = tf.concat([model.bank.features, tf.ones([model.dictionary_size, 1])], -1)
+    query_y = losses.query_label_states(model.head(features), labels, model.method.asym_c)
+    atoms_y = losses.atom_label_states(model.head(model.method.bank.features), model.method.bank.label_rows(),
+                                       model.method.label_graph.matrix, model.method.asym_c)
+    bank_f = tf.concat([model.method.bank.features, tf.ones([model.method.dictionary_size, 1])], -1)
     return joint_nonnegative_omp(query_y, tf.concat([features, tf.ones([len(inputs), 1])], -1),
-                                 atoms_y, bank_f, model.k, model.lambda_y, model.lambda_f,
-                                 exclude=model.bank.exclusion_mask(ids))
+                                 atoms_y, bank_f, model.method.k, model.method.lambda_y, model.method.lambda_f,
+                                 exclude=model.method.bank.exclusion_mask(ids))
 
 
 def _stale_forward_fit(batches, rng, refit_mode):
@@ -277,17 +282,17 @@ def test_forward_refit_solves_nnls_on_the_omp_support_with_fresh_neighbours(batc
     assert valid.any()
     # The fresh neighbours, encoded here by the current network.
     indices = np.maximum(omp.indices.numpy(), 0)
-    fresh = model.extract_features(model.bank(indices.reshape(-1))).numpy()
+    fresh = model.extract_features(model.method.bank(indices.reshape(-1))).numpy()
     neighbour_f = np.concatenate([fresh, np.ones((len(fresh), 1), np.float32)], -1)
     neighbour_y = losses.atom_label_states(
-        model.head(fresh), tf.gather(model.bank.label_rows(), indices.reshape(-1)),
-        model.label_graph.matrix, model.asym_c).numpy()
-    neighbour_f = neighbour_f.reshape(len(inputs), model.k, -1)
-    neighbour_y = neighbour_y.reshape(len(inputs), model.k, -1)
+        model.head(fresh), tf.gather(model.method.bank.label_rows(), indices.reshape(-1)),
+        model.method.label_graph.matrix, model.method.asym_c).numpy()
+    neighbour_f = neighbour_f.reshape(len(inputs), model.method.k, -1)
+    neighbour_y = neighbour_y.reshape(len(inputs), model.method.k, -1)
     np.testing.assert_allclose(fit["neighbour_f"], neighbour_f, rtol=1e-5, atol=1e-5)
     features = model.extract_features(inputs).numpy()
     query_f = np.concatenate([features, np.ones((len(features), 1), np.float32)], -1)
-    query_y = losses.query_label_states(model.head(features), batch_labels, model.asym_c).numpy()
+    query_y = losses.query_label_states(model.head(features), batch_labels, model.method.asym_c).numpy()
     for coef, query, neighbours, side in ((fit["coef_y"], query_y, neighbour_y, "y"),
                                           (fit["coef_f"], query_f, neighbour_f, "f")):
         expected = np.zeros(valid.shape)
@@ -306,13 +311,13 @@ def test_forward_refit_solves_nnls_on_the_omp_support_with_fresh_neighbours(batc
     # The backbone changed since the bank was encoded: the OMP's coefficients are stale.
     assert not np.allclose(fit["coef_f"], omp.coef_f, rtol=1e-3, atol=1e-4)
     # On the same support the refit can only lower each side's residual.
-    refit = model._smoothness_terms(inputs, tf.constant(features), model.head(features),
-                                    tf.constant(batch_labels), batch_ids, False, model.lambda_y,
-                                    model.lambda_f)
-    model.refit_mode = "reuse_all"
-    reused = model._smoothness_terms(inputs, tf.constant(features), model.head(features),
-                                     tf.constant(batch_labels), batch_ids, False, model.lambda_y,
-                                     model.lambda_f)
+    refit = model.method._smoothness_terms(inputs, tf.constant(features), model.head(features),
+                                    tf.constant(batch_labels), batch_ids, False, model.method.lambda_y,
+                                    model.method.lambda_f)
+    model.method.refit_mode = "reuse_all"
+    reused = model.method._smoothness_terms(inputs, tf.constant(features), model.head(features),
+                                     tf.constant(batch_labels), batch_ids, False, model.method.lambda_y,
+                                     model.method.lambda_f)
     assert float(refit["loss_y"]) <= float(reused["loss_y"]) * (1 + 1e-5) + 1e-6
     assert float(refit["loss_f"]) < float(reused["loss_f"])
 
@@ -328,8 +333,8 @@ def test_forward_reuse_all_keeps_the_omp_coefficients(batches, rng):
     # given norms) and this eager one differ by float32 rounding amplified to ~1e-3 relative.
     np.testing.assert_allclose(fit["coef_y"], omp.coef_y, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(fit["coef_f"], omp.coef_f, rtol=1e-2, atol=1e-4)
-    assert model.get_config()["refit_mode"] == "reuse_all"
-    assert IMCLModel.from_config(model.get_config()).refit_mode == "reuse_all"
+    assert model.get_config()["method_options"]["refit_mode"] == "reuse_all"
+    assert IMCLModel.from_config(model.get_config()).method.refit_mode == "reuse_all"
 
 
 def test_forward_refit_coefficients_carry_no_gradient(batches, rng):
@@ -385,25 +390,25 @@ def _full_gradient_loss(model, inputs, labels, ids):
     features = model.extract_features(inputs)
     logits = model.head(features)
     bce = losses.masked_bce(labels, logits)
-    graph = tf.scatter_nd(*_dense_graph_parts(model.label_graph))  # dense [L, L], with gradient
-    query_y = losses.query_label_states(logits, labels, model.asym_c)
+    graph = tf.scatter_nd(*_dense_graph_parts(model.method.label_graph))  # dense [L, L], with gradient
+    query_y = losses.query_label_states(logits, labels, model.method.asym_c)
     query_f = tf.concat([features, tf.ones_like(features[:, :1])], -1)
-    bank_f = tf.concat([model.bank.features, tf.ones([model.dictionary_size, 1])], -1)
-    predicted = losses.asym_tanh(model.head(model.bank.features), model.asym_c)
-    bank_labels = tf.cast(model.bank.labels, tf.float32)
+    bank_f = tf.concat([model.method.bank.features, tf.ones([model.method.dictionary_size, 1])], -1)
+    predicted = losses.asym_tanh(model.head(model.method.bank.features), model.method.asym_c)
+    bank_labels = tf.cast(model.method.bank.labels, tf.float32)
     unknown = 1.0 - tf.abs(bank_labels)
-    observed = tf.clip_by_value(bank_labels, -1.0 / model.asym_c, 10.0)
+    observed = tf.clip_by_value(bank_labels, -1.0 / model.method.asym_c, 10.0)
     atoms_y = unknown * tf.matmul(predicted, graph) + observed  # [M, L] with gradient
     omp = joint_nonnegative_omp(tf.stop_gradient(query_y), tf.stop_gradient(query_f),
-                                tf.stop_gradient(atoms_y), bank_f, model.k, model.lambda_y,
-                                model.lambda_f, exclude=model.bank.exclusion_mask(ids))
+                                tf.stop_gradient(atoms_y), bank_f, model.method.k, model.method.lambda_y,
+                                model.method.lambda_f, exclude=model.method.bank.exclusion_mask(ids))
     indices = tf.maximum(omp.indices, 0)
     mask = tf.cast(omp.valid, tf.float32)
     recon_y = tf.einsum("bk,bkl->bl", omp.coef_y * mask, tf.gather(atoms_y, indices))
     recon_f = tf.einsum("bk,bkd->bd", omp.coef_f * mask, tf.gather(bank_f, indices))
     loss_y = tf.reduce_mean(tf.reduce_sum(tf.square(query_y - recon_y), -1))
     loss_f = tf.reduce_mean(tf.reduce_sum(tf.square(query_f - recon_f), -1))
-    loss = bce + model.lambda_y * loss_y + model.lambda_f * loss_f
+    loss = bce + model.method.lambda_y * loss_y + model.method.lambda_f * loss_f
     return loss, omp
 
 
@@ -419,7 +424,7 @@ def test_selected_neighbour_recompute_gives_the_full_gradient_loss_and_gradients
         batches, rng, monkeypatch, graph_kind):
     """Also the sparse graph product against a dense one: same loss, same gradients."""
     import imcl_tf.label_graph as label_graph_lib
-    import imcl_tf.models as models_lib
+    import imcl_tf.methods.imcl as models_lib
     # Selection states in chunks of 5 atoms (16 atoms: chunks 5, 5, 5, 1).
     monkeypatch.setattr(models_lib, "ATOM_STATE_CHUNK_ENTRIES", 5 * CLASSES)
     monkeypatch.setattr(models_lib, "MIN_ATOM_STATE_CHUNK", 1)
@@ -435,11 +440,11 @@ def test_selected_neighbour_recompute_gives_the_full_gradient_loss_and_gradients
         graph = (graph / graph.sum(0)).astype(np.float32)
     model = _model("imcl", images, labels, ids, label_graph_init=graph, balance="none")
     expected_structure = {"identity": "diagonal", "sparse": "general", "dense": "general"}
-    assert model.label_graph.structure == expected_structure[graph_kind]
-    assert model.label_graph.dense_product == (graph_kind == "dense")
+    assert model.method.label_graph.structure == expected_structure[graph_kind]
+    assert model.method.label_graph.dense_product == (graph_kind == "dense")
     for variable in model.trainable_weights:  # a trained-looking model, not the initial one
         variable.assign(variable + 0.05 * rng.normal(size=variable.shape).astype(np.float32))
-    for variable in model.label_graph.trainable_weights:  # the graph stays in [0, 1]
+    for variable in model.method.label_graph.trainable_weights:  # the graph stays in [0, 1]
         variable.assign(np.clip(variable.numpy(), 0, 1))
     inputs, batch_labels, batch_ids = images[8:24], labels[8:24], ids[8:24]
     variables = model.trainable_weights
@@ -468,17 +473,17 @@ def test_sparse_graph_model_trains_saves_and_reloads(batches, tmp_path, rng):
     graph = (graph / graph.sum(0)).astype(np.float32)
     model = _model("imcl", images, labels, ids, label_graph_init=graph, balance="none")
     model.fit(dataset, epochs=1, verbose=0, shuffle=False)
-    matrix = model.label_graph.matrix.numpy()
+    matrix = model.method.label_graph.matrix.numpy()
     assert not np.array_equal(matrix, graph)  # the graph learned
     np.testing.assert_array_equal(matrix[graph == 0], 0)  # on its support only
     assert matrix.min() >= 0 and matrix.max() <= 1  # clipped
     path = str(tmp_path / "model.keras")
     save_model_file(model, path)
     reloaded = keras.saving.load_model(path, compile=False)
-    np.testing.assert_array_equal(reloaded.label_graph.matrix.numpy(), matrix)
-    assert reloaded.label_graph.num_entries == np.count_nonzero(graph)
-    logistic = _model("logistic", images, labels, ids)
-    assert logistic.label_graph.weights == []  # a fixed identity graph stores nothing
+    np.testing.assert_array_equal(reloaded.method.label_graph.matrix.numpy(), matrix)
+    assert reloaded.method.label_graph.num_entries == np.count_nonzero(graph)
+    fixed = _model("imcl", images, labels, ids, learn_label_graph=False)
+    assert fixed.method.label_graph.weights == []  # a fixed identity graph stores nothing
 
 
 @pytest.mark.slow  # XLA compiles the OMP for each model: ~40 s on 2 cores
@@ -489,7 +494,7 @@ def test_xla_compiled_omp_inside_the_train_step_matches_the_uncompiled_one(batch
         keras.utils.set_random_seed(3)
         with tf.distribute.get_strategy().scope():  # the default strategy, as train.py runs it
             model = _model("imcl", images, labels, ids, balance="none", omp_jit_compile=jit)
-        assert model.get_config()["omp_jit_compile"] is jit
+        assert model.get_config()["method_options"]["omp_jit_compile"] is jit
         inputs, batch_labels, batch_ids = images[16:24], labels[16:24], ids[16:24]
         terms = model._loss_terms(inputs, batch_labels, batch_ids, training=False)
         trained.append((model, _fit(model, inputs, batch_labels, batch_ids)["omp"], terms))
@@ -512,32 +517,32 @@ def test_xla_compiled_omp_inside_the_train_step_matches_the_uncompiled_one(batch
 def test_atom_label_states_refresh_every_n_calls_and_after_a_bank_refresh(batches, tmp_path):
     images, labels, ids, _ = batches
     model = _model("imcl", images, labels, ids, label_state_refresh_every=3)
-    assert IMCLModel.from_config(model.get_config()).label_state_refresh_every == 3
+    assert IMCLModel.from_config(model.get_config()).method.label_state_refresh_every == 3
 
     def current():  # the states with the current weights, written out here
-        return losses.atom_label_states(model.head(model.bank.features), model.bank.label_rows(),
-                                        model.label_graph.matrix, model.asym_c).numpy()
+        return losses.atom_label_states(model.head(model.method.bank.features), model.method.bank.label_rows(),
+                                        model.method.label_graph.matrix, model.method.asym_c).numpy()
 
     first = current()
-    np.testing.assert_allclose(model.selection_atom_states(), first, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(model.method.selection_atom_states(), first, rtol=1e-6, atol=1e-7)
     model.head.kernel.assign(model.head.kernel * 1.5)
     changed = current()
     assert np.abs(changed - first).max() > 1e-3
     for _ in range(2):  # calls 2 and 3 reuse the states of call 1
-        np.testing.assert_array_equal(model.selection_atom_states(), first)
-    np.testing.assert_allclose(model.selection_atom_states(), changed, rtol=1e-6, atol=1e-7)
+        np.testing.assert_array_equal(model.method.selection_atom_states(), first)
+    np.testing.assert_allclose(model.method.selection_atom_states(), changed, rtol=1e-6, atol=1e-7)
     model.head.kernel.assign(model.head.kernel * 0.5)
-    model.refresh_bank()  # new features: due again at once
-    np.testing.assert_allclose(model.selection_atom_states(), current(), rtol=1e-6, atol=1e-7)
+    model.method.refresh_bank()  # new features: due again at once
+    np.testing.assert_allclose(model.method.selection_atom_states(), current(), rtol=1e-6, atol=1e-7)
     # Derived state: in no weight and no checkpoint.
     assert not any("atom_label_state" in w.path for w in model.weights)
     path = tf.train.Checkpoint(model=model).write(str(tmp_path / "ckpt"))
     assert not any("atom_label_state" in name for name, _ in tf.train.list_variables(path))
     exact = _model("imcl", images, labels, ids)  # n = 1: every call uses the current weights
-    exact.selection_atom_states()
+    exact.method.selection_atom_states()
     exact.head.kernel.assign(exact.head.kernel * 1.5)
     model = exact  # what current() reads
-    np.testing.assert_allclose(exact.selection_atom_states(), current(), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(exact.method.selection_atom_states(), current(), rtol=1e-6, atol=1e-7)
     with pytest.raises(ValueError, match="label_state_refresh_every must be an integer >= 1"):
         IMCLModel(CLASSES, (SIZE, SIZE, 3), method="imcl", dictionary_size=16,
                   label_state_refresh_every=0)

@@ -29,7 +29,7 @@ def features_model(rng, **kwargs):
                       **kwargs)
     inputs = rng.normal(size=(IMAGES, DIM)).astype(np.float32)
     ids = np.arange(IMAGES, dtype=np.int64) + 100
-    model.fill_bank(inputs[:12], labels[:12].astype(np.float32), ids[:12])
+    model.method.fill_bank(inputs[:12], labels[:12].astype(np.float32), ids[:12])
     batch = (tf.constant(inputs[12:20]), tf.constant(labels[12:20], tf.float32),
              tf.constant(ids[12:20]))
     return model, batch
@@ -95,8 +95,8 @@ def test_the_graph_step_scales_with_lambda_y_under_rmsprop(rng):
     steps = []
     for multiplier in (0.002, 0.001):
         model, batch = features_model(np.random.default_rng(5))
-        model.lambda_y.assign(multiplier)
-        model.lambda_f.assign(0.0)
+        model.method.lambda_y.assign(multiplier)
+        model.method.lambda_f.assign(0.0)
         model.compile(optimizer=keras.optimizers.SGD(0.0), jit_compile=False)
         model.set_part_optimizers({"graph": make_optimizer("rmsprop", 0.5)})
         [graph_values] = model.part_variables("graph")

@@ -17,7 +17,8 @@ import pytest
 import tensorflow as tf
 from absl import flags
 
-from imcl_tf import models, train
+from imcl_tf import methods, models, train
+from imcl_tf.methods import registry
 from imcl_tf.training.config import TrainConfig
 from imcl_tf.training.optimizer import PlateauState
 from imcl_tf.training.progress import Clock
@@ -54,11 +55,19 @@ def test_every_option_is_a_flag_with_the_same_default_and_a_help():
     flag_values = fresh_flags()
     flag_values(["train"])
     for field in dataclasses.fields(TrainConfig):
+        if field.metadata.get("not_a_flag"):  # method_options: the methods' own flags, below
+            assert field.name not in flag_values
+            continue
         flag = flag_values[field.name]
         assert flag.default == field.default, field.name
         assert len(flag.help) > 10, field.name
         if field.metadata.get("choices"):
             assert list(flag.parser.enum_values) == list(field.metadata["choices"])
+    for option in registry.all_options():
+        flag = flag_values[option.name]
+        assert flag.default == option.default and len(option.help) > 10, option.name
+        if option.choices:
+            assert list(flag.parser.enum_values) == list(option.choices)
     assert train.config_from_flags(flag_values) == TrainConfig()
 
 
@@ -72,7 +81,7 @@ def test_architecture_flags_exist():
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     assert not set(promised) - fields
     choices = {f.name: f.metadata.get("choices") for f in dataclasses.fields(TrainConfig)}
-    assert set(choices["method"]) == {"imcl", "logistic"}
+    assert set(choices["method"]) == set(registry.names()) >= {"imcl", "logistic"}
     assert set(choices["balance"]) >= {"loss_ratio", "none"}
     assert set(choices["strategy"]) == {"default", "mirrored", "multi_worker"}
     assert {"small_cnn", "mobilenet_v2", "resnet50", "resnet101", "features"} <= set(
@@ -82,8 +91,8 @@ def test_architecture_flags_exist():
 def test_every_model_option_is_a_flag_and_reaches_the_model(dataset, tmp_path):
     """A new IMCLModel argument without a training flag (or not passed on) fails here."""
     derived = {"self", "num_classes", "input_shape_", "dictionary_size", "label_graph_init",
-               "num_image_classes", "label_graph_layout",
-               "kwargs"}  # from the dataset, the bank selection and the graph
+               "num_image_classes", "label_graph_layout", "method_options", "method_instance",
+               "output", "kwargs"}  # from the dataset, the bank selection and the graph
     renamed = {"multiplier_y": "lambda_y", "multiplier_f": "lambda_f"}
     config = config_for(dataset, tmp_path, k=2, lambda_y=0.7, lambda_f=0.3, asym_c=1.5,
                         balance="none", learn_label_graph=False, clip_label_graph=False,
@@ -95,7 +104,11 @@ def test_every_model_option_is_a_flag_and_reaches_the_model(dataset, tmp_path):
     trainer._build()
     model_config = trainer.model.get_config()
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    for name in inspect.signature(models.IMCLModel.__init__).parameters:
+    arguments = [(name, model_config) for name in
+                 inspect.signature(models.IMCLModel.__init__).parameters]
+    arguments += [(name, model_config["method_options"]) for name in
+                  inspect.signature(methods.get("imcl").__init__).parameters]
+    for name, saved in arguments:
         if name in derived:
             continue
         flag = renamed.get(name, name)
@@ -103,8 +116,8 @@ def test_every_model_option_is_a_flag_and_reaches_the_model(dataset, tmp_path):
         # BatchNorm is frozen only when the run starts from trained weights (none here).
         expected = trainer.freeze_batchnorm if name == "freeze_batchnorm" else getattr(config, flag)
         if name != "backbone_weights":  # only used to build; saved models record "none"
-            assert model_config[name] == expected, name
-    assert trainer.model.dictionary_size >= 2
+            assert saved[name] == expected, name
+    assert trainer.model.method.dictionary_size >= 2
 
 
 def test_flag_values_become_the_config():
@@ -274,7 +287,7 @@ def test_paper_configs_carry_the_papers_recipe():
     (dict(label_graph="wikipedia"), r"--label_graph: must be identity, cooccurrence or a .npy"),
     (dict(backbone_weights="imagenet"), r"--backbone_weights: --backbone=small_cnn has no "
                                         r"imagenet weights"),
-    (dict(warm_start="auto", method="logistic"), r"--warm_start: 'auto' .* needs --method=imcl"),
+    (dict(warm_start="auto", method="logistic"), r"--warm_start: 'auto' .* needs a --method other than logistic"),
     (dict(verbose=3), r"--verbose: must be 0, 1 or 2"),
 ])
 def test_bad_options_are_refused_before_anything_runs(dataset, tmp_path, overrides, message):

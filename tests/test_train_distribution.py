@@ -102,7 +102,7 @@ def mirrored_checks(folder):
     import keras
 
     from imcl_tf import models
-    from imcl_tf.training.callbacks import BankRefresh
+    from imcl_tf.methods.imcl import BankRefresh
     from imcl_tf.training.config import TrainConfig
     from imcl_tf.training.distribution import make_strategy
     from imcl_tf.training.trainer import _Trainer
@@ -131,7 +131,7 @@ def mirrored_checks(folder):
                                      multiplier_y=1.0, multiplier_f=0.5,
                                      label_graph_init=np.full([num_classes] * 2, 0.2))
             model.compile(optimizer=keras.optimizers.SGD(0.1), jit_compile=False)
-        model.fill_bank(bank_inputs, bank_labels, bank_ids)
+        model.method.fill_bank(bank_inputs, bank_labels, bank_ids)
         initial = [v.numpy() for v in model.trainable_variables]
         dataset = tf.data.Dataset.from_tensors((features, labels, ids))
         history = model.fit(dataset, epochs=1, steps_per_epoch=1, verbose=0)
@@ -169,9 +169,9 @@ def mirrored_checks(folder):
     refresher = trainer.callbacks[0]
     assert isinstance(refresher, BankRefresh) and refresher.refreshes >= 1
     model = trainer.model
-    model.refresh_bank()
-    expected = model.extract_features(tf.cast(model.bank.inputs, tf.float32)).numpy()
-    copies = strategy.experimental_local_results(model.bank.features.value)
+    model.method.refresh_bank()
+    expected = model.extract_features(tf.cast(model.method.bank.inputs, tf.float32)).numpy()
+    copies = strategy.experimental_local_results(model.method.bank.features.value)
     assert len(copies) == 2
     for copy in copies:
         np.testing.assert_allclose(copy.numpy(), expected, rtol=1e-5, atol=1e-5)

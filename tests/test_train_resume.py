@@ -90,14 +90,14 @@ def test_killed_run_resumes_at_its_checkpoint_with_the_same_state(tmp_path):
     slots = [v for v in optimizer.variables if "momentum" in v.path or "velocity" in v.path]
     assert slots and any(np.abs(v.numpy()).sum() > 0 for v in slots)  # real, trained moments
     assert compared > 2 * len(trainer.model.trainable_variables)
-    bank = trainer.model.bank
+    bank = trainer.model.method.bank
     np.testing.assert_array_equal(bank.features.numpy(), reader.get_tensor(
-        "model/bank/features/.ATTRIBUTES/VARIABLE_VALUE"))
+        "model/method/bank/features/.ATTRIBUTES/VARIABLE_VALUE"))
     # The bank's images are not in the checkpoint; the restart re-read them from the shards.
     assert not any("bank/inputs" in name for name in saved)
     assert bank.has_inputs and bank.inputs.shape[0] == bank.size
-    np.testing.assert_array_equal(trainer.model.lambda_y.numpy(), reader.get_tensor(
-        "model/lambda_y/.ATTRIBUTES/VARIABLE_VALUE"))
+    np.testing.assert_array_equal(trainer.model.method.lambda_y.numpy(), reader.get_tensor(
+        "model/method/lambda_y/.ATTRIBUTES/VARIABLE_VALUE"))
 
     trainer.fit()
     summary = trainer.finish()
@@ -107,7 +107,7 @@ def test_killed_run_resumes_at_its_checkpoint_with_the_same_state(tmp_path):
     run_config = read_json(os.path.join(model_dir, RUN_CONFIG))
     assert run_config["resumed"][-1]["at_step"] == killed_at
     assert run_config["resolved"]["lambda_y"] == pytest.approx(float(reader.get_tensor(
-        "model/lambda_y/.ATTRIBUTES/VARIABLE_VALUE")))
+        "model/method/lambda_y/.ATTRIBUTES/VARIABLE_VALUE")))
     # The restarted session logged the steps after the checkpoint, not from step 1 again.
     events = read_events(os.path.join(model_dir, LOG_DIR, "train"))
     steps = [step for step, _ in events["loss/bce"]]

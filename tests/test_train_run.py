@@ -116,8 +116,8 @@ def test_run_config_records_the_resolved_configuration(auto_run):
                                / resolved["calibration_loss_f"], rtol=1e-6)
     # The trained model carries the same lambdas.
     model = keras.saving.load_model(os.path.join(model_dir, models.LATEST_MODEL), compile=False)
-    np.testing.assert_allclose(float(model.lambda_y.numpy()), resolved["lambda_y"], rtol=1e-6)
-    np.testing.assert_allclose(float(model.lambda_f.numpy()), resolved["lambda_f"], rtol=1e-6)
+    np.testing.assert_allclose(float(model.method.lambda_y.numpy()), resolved["lambda_y"], rtol=1e-6)
+    np.testing.assert_allclose(float(model.method.lambda_f.numpy()), resolved["lambda_f"], rtol=1e-6)
 
 
 def test_model_files_are_written_under_temporary_names_then_renamed(auto_run):

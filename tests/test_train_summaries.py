@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from imcl_tf import losses, metrics, models
+from imcl_tf import losses, methods, metrics, models
 from imcl_tf.label_graph import LabelGraph, normalize_graph
 from imcl_tf.training import class_choice, figures, hparams, summaries
 from imcl_tf.training.config import TrainConfig
@@ -165,7 +165,7 @@ def test_curated_hparams_keep_what_matters_and_only_what_the_method_uses():
         config, train_steps=500, image_size=224, known_ratio=0.123456,
         resolved={"dictionary_size": 80, "lambda_y": 0.7, "lambda_f": 0.01})
     assert not {"model_dir", "verbose", "data_dir", "log_every", "export_dir"} & set(values)
-    assert set(values) <= set(hparams.COMMON_OPTIONS + hparams.IMCL_OPTIONS + hparams.RESOLVED)
+    assert set(values) <= set(hparams.COMMON_OPTIONS + hparams.method_hparams() + hparams.RESOLVED)
     assert values["dataset"] == "coco_partial" and values["label_graph"] == "coco.npy"
     assert values["known_ratio"] == 0.1235 and values["train_steps"] == 500
     assert values["warm_started"] is True and values["dictionary_size"] == 80
@@ -174,7 +174,7 @@ def test_curated_hparams_keep_what_matters_and_only_what_the_method_uses():
     logistic = hparams.curated_hparams(
         TrainConfig(data_dir="d", model_dir="m", method="logistic"), train_steps=5,
         image_size=None, known_ratio=1.0, resolved={})
-    assert not set(hparams.IMCL_OPTIONS) & set(logistic) and "image_size" not in logistic
+    assert not set(methods.get("imcl").HPARAMS) & set(logistic) and "image_size" not in logistic
 
 
 def test_comparison_names_are_the_real_methods():
@@ -228,7 +228,7 @@ def test_validation_pass_smoothness_losses_are_image_means_over_the_split(rng):
     model = models.IMCLModel(num_classes=num_classes, input_shape_=(dim,), backbone="features",
                              method="imcl", dictionary_size=6, k=2, omp_jit_compile=False)
     bank_inputs, bank_labels, bank_ids, _ = features_dataset(rng, 6, dim, num_classes, 6)
-    model.fill_bank(bank_inputs, bank_labels, bank_ids)
+    model.method.fill_bank(bank_inputs, bank_labels, bank_ids)
     inputs, labels, ids, dataset = features_dataset(rng, 11, dim, num_classes, batch_size=4)
     result = ValidationPass(model, num_images=3)(dataset)
     sums = {"loss_y": 0.0, "loss_f": 0.0}

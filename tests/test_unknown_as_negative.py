@@ -21,8 +21,8 @@ def test_the_graph_counts_unknown_entries_as_absent(tmp_path):
     for flag in (True, False):
         trainer = _Trainer(dataclasses.replace(config, bce_unknown_as_negative=flag))
         trainer._build()
-        assert trainer.model.bce_unknown_as_negative == flag
-        graphs[flag] = trainer.model.label_graph.matrix.numpy()
+        assert trainer.model.method.bce_unknown_as_negative == flag
+        graphs[flag] = trainer.model.method.label_graph.matrix.numpy()
     absent = np.where(rows == 0, -1.0, rows)
     np.testing.assert_allclose(graphs[True], graph_lib.normalize_graph(
         graph_lib.cooccurrence_graph(absent)), rtol=1e-6)

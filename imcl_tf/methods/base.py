@@ -158,9 +158,6 @@ class Method(keras.layers.Layer):
         """The trainable variables of one of PARTS."""
         return []
 
-    def clipped(self) -> None:
-        """Called after every optimizer step (e.g. clip a graph to [0, 1])."""
-
     # ---- the training application's moments ----------------------------------------------------
 
     def prepare(self, model, run: RunContext) -> dict[str, Any]:
@@ -195,3 +192,12 @@ class Untracked:
 
     def __init__(self, value):
         self.value = value
+
+
+def unpack(data):
+    """(inputs, labels, ids) of a batch, with a clear error for anything else."""
+    if not (isinstance(data, (tuple, list)) and len(data) == 3):
+        raise ValueError("IMCLModel expects batches (inputs, labels, ids) as made by "
+                         "imcl_tf.data.make_dataset; received a batch of structure "
+                         f"{tf.nest.map_structure(lambda t: getattr(t, 'shape', t), data)}.")
+    return data

@@ -1,4 +1,7 @@
-"""The Keras callbacks of a training run: bank refresh, and TensorBoard logging plus checkpoints."""
+"""The Keras callback of every training run: TensorBoard logging plus checkpoints.
+
+(A method's own callbacks, e.g. IMCL's bank refresh, live in its module.)
+"""
 
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ import tensorflow as tf
 
 from imcl_tf import data as data_lib
 from imcl_tf import metrics, models
+from imcl_tf.label_graph import LabelGraph
 from imcl_tf.training.class_choice import frequency_extremes, parse_class_list
 from imcl_tf.training.hparams import BEST_MAP_TAG, curated_hparams, write_hparams
 from imcl_tf.training.run_files import FREQUENCY_CHART, LOG_DIR
@@ -21,25 +25,6 @@ from imcl_tf.training.summaries import (ap_table_markdown, write_ap_table, write
 
 if TYPE_CHECKING:
     from imcl_tf.training.trainer import _Trainer
-
-
-class BankRefresh(keras.callbacks.Callback):
-    """Re-encodes the dictionary bank with the current network every `refresh_every` steps.
-
-    Runs between steps, in the strategy's cross-replica context: the new features are assigned
-    to every replica's copy of the bank, so all replicas select neighbours from the same bank.
-    """
-
-    def __init__(self, refresh_every: int):
-        super().__init__()
-        self.refresh_every = refresh_every
-        self.refreshes = 0
-
-    def on_train_batch_begin(self, batch, logs=None):
-        step = int(self.model.optimizer.iterations.numpy())
-        if step > 0 and step % self.refresh_every == 0:
-            self.model.refresh_bank()
-            self.refreshes += 1
 
 
 class TrainingMonitor(keras.callbacks.Callback):
@@ -88,7 +73,7 @@ class TrainingMonitor(keras.callbacks.Callback):
     def _skipped_logs(self) -> set[str]:
         """Keras logs that repeat another scalar exactly (written once, under the other name)."""
         skipped = {"residual_y_after", "residual_f_after"}  # = loss_y and loss_f by definition
-        if self.model.method == "logistic" and self.model.head_weight_decay == 0:
+        if tuple(self.model.method.TERMS) == ("bce",) and self.model.head_weight_decay == 0:
             skipped.add("loss")  # = bce
         return skipped
 
@@ -111,13 +96,13 @@ class TrainingMonitor(keras.callbacks.Callback):
                 tf.summary.scalar(f"{group}/{key}", value)
             tf.summary.scalar("optimizer/learning_rate",
                               float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)))
-            if self.model.method == "imcl":
-                tf.summary.scalar("lambda/lambda_y", float(self.model.lambda_y.numpy()))
-                tf.summary.scalar("lambda/lambda_f", float(self.model.lambda_f.numpy()))
-                if self.model.label_graph.learnable or first:  # a fixed graph's never change
-                    for key, value in self.model.label_graph.statistics().items():
-                        if key != "num_parameters" or first:  # constant: written once
-                            tf.summary.scalar(f"label_graph/{key}", value)
+            for tag, value in self.model.method.scalars().items():
+                tf.summary.scalar(tag, value)
+            graph = _label_graph(self.model)
+            if graph is not None and (graph.learnable or first):  # a fixed graph's never change
+                for key, value in graph.statistics().items():
+                    if key != "num_parameters" or first:  # constant: written once
+                        tf.summary.scalar(f"label_graph/{key}", value)
         self.train_writer.flush()
 
     def log_validation(self, step, val):
@@ -143,8 +128,8 @@ class TrainingMonitor(keras.callbacks.Callback):
             write_ap_table(ap_table_markdown(per_class, val["labels"], class_names,
                                              self.train_positives, control_ap), step)
             write_pr_curves(val["scores"], val["labels"], class_names, step, self.pr_classes)
-            graph = trainer.model.label_graph
-            if trainer.model.method == "imcl" and graph.structure != "identity":
+            graph = _label_graph(trainer.model)
+            if graph is not None and graph.structure != "identity":
                 write_label_graph(graph, class_names, self.train_positives, step)
             if val.get("images") is not None:
                 write_prediction_grid(val["images"], val["labels"], val["scores"], class_names,
@@ -186,3 +171,9 @@ class TrainingMonitor(keras.callbacks.Callback):
     def close(self):
         for writer in (self.train_writer, self.val_writer, self.run_writer):
             writer.close()
+
+
+def _label_graph(model):
+    """The method's label graph (an imcl_tf.label_graph.LabelGraph), if it has one."""
+    graph = getattr(model.method, "label_graph", None)
+    return graph if isinstance(graph, LabelGraph) else None

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from imcl_tf import choices as option_choices
 from imcl_tf import image_header  # no TensorFlow at import time
+from imcl_tf.methods import registry as method_registry
 from imcl_tf.training.errors import bad_flag
 from imcl_tf.training.run_files import CHECKPOINT_DIR, LOGISTIC_STAGE_DIR, RUN_CONFIG, read_json
 
@@ -36,7 +37,10 @@ class TrainConfig:
     """Every training option; each is also a flag of `imcl-train`."""
     data_dir: str = _field("", "Dataset folder written by tfrecords_tools (has dataset.json).")
     model_dir: str = _field("", "Run folder: checkpoints, TensorBoard logs, best/latest models.")
-    method: str = _field("imcl", "imcl (smoothness loss) or logistic (masked BCE baseline).",
+    method: str = _field("imcl", "The training method (imcl_tf.methods; its own options are the "
+                                 "flags that start with its name): "
+                         + "; ".join(f"{name}: {method_registry.entry(name).summary}"
+                                     for name in option_choices.METHODS),
                          option_choices.METHODS)
     backbone: str = _field("small_cnn", "Feature extractor (features: a linear adapter over the "
                                         "dataset's precomputed embeddings).",
@@ -171,8 +175,37 @@ class TrainConfig:
     max_image_pixels: int = _field(image_header.DEFAULT_MAX_IMAGE_PIXELS,
                                    "Refuse images with more pixels (read from the header before "
                                    "decoding) in verification and the input pipeline.")
+    # Not a flag itself: the values of the flags the methods declare (imcl_tf.methods.registry),
+    # by flag name, e.g. {"lsep_max_pairs": 100}; an option not given takes its default.
+    method_options: dict = dataclasses.field(default_factory=dict,
+                                             metadata={"help": "", "not_a_flag": True})
     verbose: int = _field(1, "Progress: 0 only log lines, 1 one line per evaluation interval "
                              "and a live bar on a terminal, 2 one line per interval.")
+
+    def _validate_method_options(self) -> None:
+        """Every method option given belongs to --method and has its declared type/choices."""
+        if self.method not in method_registry.names():
+            return  # reported by the choices check
+        own = {option.name: option for option in method_registry.options(self.method)}
+        everyone = {option.name: option for option in method_registry.all_options()}
+        for name, value in (self.method_options or {}).items():
+            if name not in everyone:
+                bad_flag(name, f"is not an option of any method (method options: "
+                               f"{', '.join(everyone) or 'none'}).")
+            if name not in own:
+                bad_flag(name, f"is an option of --method={everyone[name].method}, not of "
+                               f"--method={self.method}.")
+            option = own[name]
+            if option.choices and value not in option.choices:
+                bad_flag(name, f"must be one of {', '.join(option.choices)}; received {value!r}.")
+            default = option.default
+            kind = (bool if isinstance(default, bool) else
+                    (int, float) if isinstance(default, float) else type(default))
+            if isinstance(default, (int, float)) and not isinstance(default, bool) \
+                    and isinstance(value, bool):
+                kind = ()
+            if not isinstance(value, kind):
+                bad_flag(name, f"must be a {type(default).__name__}, received {value!r}.")
 
     def validate_options(self) -> None:
         """Checks the options on their own (no file is read); raises ValueError naming the flag."""
@@ -243,9 +276,10 @@ class TrainConfig:
         if self.backbone_weights == "imagenet" and self.backbone in ("small_cnn", "features"):
             bad_flag("backbone_weights", f"--backbone={self.backbone} has no imagenet weights; use "
                                          "none or a weights file.")
-        if self.warm_start == "auto" and self.method != "imcl":
-            bad_flag("warm_start", "'auto' trains a logistic baseline first; it needs "
-                                   "--method=imcl.")
+        if self.warm_start == "auto" and self.method == "logistic":
+            bad_flag("warm_start", "'auto' trains a logistic baseline first, to start another "
+                                   "method from; it needs a --method other than logistic.")
+        self._validate_method_options()
         if self.export_dir and not self.export_model_name:
             bad_flag("export_model_name", "is required with --export_dir.")
         if self.export_dir and not _EXPORT_MODEL_NAME.match(self.export_model_name):

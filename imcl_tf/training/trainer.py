@@ -21,10 +21,10 @@ import tensorflow as tf
 from absl import logging
 
 from imcl_tf import data as data_lib
-from imcl_tf import label_graph as graph_lib
-from imcl_tf import memory, metrics, models
-from imcl_tf.training.callbacks import BankRefresh, TrainingMonitor
-from imcl_tf.training.config import TrainConfig, image_class_count
+from imcl_tf import methods, metrics, models
+from imcl_tf.methods.base import RunContext
+from imcl_tf.training.callbacks import TrainingMonitor
+from imcl_tf.training.config import TrainConfig
 from imcl_tf.training.divergence import RUN_CONFIG_KEY, DivergenceGuard
 from imcl_tf.training.distribution import (is_chief, is_chief_process, local_byte_variables,
                                            make_strategy, prepare_multi_worker_fit, task_id)
@@ -59,11 +59,11 @@ def _run(config: TrainConfig, started: float) -> dict[str, Any]:
     if config.warm_start == "auto":
         stage_dir = os.path.join(config.model_dir, LOGISTIC_STAGE_DIR)
         logistic = dataclasses.replace(
-            config, method="logistic", model_dir=stage_dir, warm_start="", export_dir="",
-            train_steps=config.warm_start_steps or config.train_steps)
+            config, method="logistic", method_options={}, model_dir=stage_dir, warm_start="",
+            export_dir="", train_steps=config.warm_start_steps or config.train_steps)
         logging.info("Stage 1/2: logistic baseline into %s", stage_dir)
         stage_summary = run(logistic)
-        logging.info("Stage 2/2: IMCL warm-started from %s", stage_dir)
+        logging.info("Stage 2/2: %s warm-started from %s", config.method, stage_dir)
         summary = run(dataclasses.replace(config, warm_start=stage_dir))
         summary["logistic_stage"] = stage_summary
         summary["wall_seconds"] = round(time.time() - started, 1)
@@ -101,9 +101,9 @@ class _Trainer:
         self.train_steps = config.train_steps or max(1, int(round(config.epochs * steps_per_epoch)))
         self.eval_every = config.eval_every or max(1, math.ceil(self.train_steps / 10))
         self.has_val = bool(config.val_split)
-        # The image-class one-hot appended to the IMCL label rows (--class_label_weight).
-        self.image_classes = (image_class_count(self.info)
-                              if config.method == "imcl" and config.class_label_weight > 0 else 0)
+        # Image-class columns the method wants after the labels (IMCL's --class_label_weight);
+        # set once the method is built.
+        self.image_classes = 0
         self.chief_checkpoints = os.path.join(config.model_dir, CHECKPOINT_DIR)
         # A non-chief worker must save checkpoints too (they may involve collectives), but into a
         # private temporary folder that is deleted at the end: model_dir is the chief's.
@@ -142,10 +142,8 @@ class _Trainer:
             self.resumed_from = latest
             self.resolved = previous.get("resolved", {})
             self.start_step = int(self.model.optimizer.iterations.numpy())
-            if config.method == "imcl":  # the bank's inputs are not in checkpoints: re-read them
-                self.model.restore_bank_inputs(iter_split_subset(
-                    config.data_dir, "train", self.bank_indices, self.image_size,
-                    self.image_classes, config.max_image_pixels))
+            # What checkpoints do not hold (IMCL's bank inputs) is rebuilt by the method.
+            self.model.method.restore(self.model, self.run_context)
             logging.info("Resumed from %s at step %d of %d", latest, self.start_step,
                          self.train_steps)
         else:
@@ -155,9 +153,8 @@ class _Trainer:
         reference = previous.get(RUN_CONFIG_KEY) if self.resumed_from else None
         self.guard = DivergenceGuard(reference, on_reference=self._keep_divergence_reference)
         # The guard runs first: the monitor saves no checkpoint of a diverged step.
-        self.callbacks = [self.guard, self.monitor]
-        if config.method == "imcl":
-            self.callbacks.insert(0, BankRefresh(config.refresh_every))
+        self.callbacks = (self.model.method.callbacks(self.model, self.run_context)
+                          + [self.guard, self.monitor])
 
     def _build(self):
         config = self.config
@@ -170,59 +167,32 @@ class _Trainer:
                                                 else "float32")
         input_shape = ((self.image_size, self.image_size, 3) if self.info.mode == "image"
                        else (int(self.info.embedding_dim),))
-        train_labels = None
-        bank_indices = None
-        if config.method == "imcl" or config.label_graph == "cooccurrence":
-            train_labels, _ = read_split_labels(config.data_dir, "train")
-        if config.method == "imcl":
-            bank_indices = memory.select_dictionary(
-                train_labels, config.dictionary_per_class, config.dictionary_size, config.seed)
-            if config.k > len(bank_indices):
-                bad_flag("k", f"{config.k} is more than the {len(bank_indices)} images of the "
-                              "dictionary bank; lower --k or raise --dictionary_per_class / "
-                              "--dictionary_size.")
-        graph_rows = train_labels
-        if train_labels is not None and config.bce_unknown_as_negative:
-            # Unknown entries are absences for this run (COCO's unmentioned words): the
-            # co-occurrence graph counts them so, as the cross-entropy does.
-            graph_rows = np.where(train_labels == 0, -1, train_labels).astype(train_labels.dtype)
-        graph = graph_lib.build_label_graph(config.label_graph, self.info.num_classes,
-                                            graph_rows, config.label_graph_top_k or None)
         rates = part_learning_rates(config)
         # BatchNorm frozen when fine-tuning trained weights (docs/method.md §5): then the
         # query's features (training mode) and the bank's (inference mode) are the same function
         # of the image and the smoothness terms compare like with like.
         self.freeze_batchnorm = config.freeze_batchnorm and (
             bool(config.warm_start) or config.backbone_weights != "none")
-        if config.method == "imcl" and not self.freeze_batchnorm and config.backbone != "features":
-            logging.warning("BatchNorm trains in this IMCL run (no warm start or backbone "
-                            "weights, or --nofreeze_batchnorm): the queries' features use batch "
-                            "statistics, the bank's the moving ones, so the smoothness terms "
-                            "compare different functions of the images.")
+        self.run_context = RunContext(
+            config, self.info, self.image_size, self.strategy, dataset=self._dataset,
+            read_train_subset=self._read_train_subset,
+            read_train_labels=lambda: read_split_labels(config.data_dir, "train"),
+            warm_started=bool(config.warm_start))
         with self.strategy.scope(), local_byte_variables(self.strategy):
+            # The method, from the registry, with its options and whatever it reads of the
+            # training split (IMCL: the bank's images and the co-occurrence graph).
+            method = methods.get(config.method).from_run(self.run_context)
+            self.image_classes = method.image_classes
             model = models.IMCLModel(
                 num_classes=self.info.num_classes, input_shape_=input_shape,
                 backbone=config.backbone, backbone_weights=config.backbone_weights,
-                method=config.method,
-                dictionary_size=0 if bank_indices is None else len(bank_indices),
-                k=config.k, multiplier_y=config.lambda_y, multiplier_f=config.lambda_f,
-                balance=config.balance, asym_c=config.asym_c,
-                learn_label_graph=config.learn_label_graph and rates.graph > 0,
-                clip_label_graph=config.clip_label_graph, neighbour_mode=config.neighbour_mode,
-                feature_loss=config.feature_loss, freeze_batchnorm=self.freeze_batchnorm,
-                head_weight_decay=config.head_weight_decay, label_graph_init=graph,
-                atom_gradient=config.atom_gradient, refit_mode=config.refit_mode,
-                bce_unknown_as_negative=config.bce_unknown_as_negative,
-                omp_score_threshold=config.omp_score_threshold,
-                omp_balance_scores=config.omp_balance_scores,
-                reconstruction=config.reconstruction,
-                class_label_weight=config.class_label_weight,
-                num_image_classes=self.image_classes, omp_jit_compile=config.omp_jit_compile,
-                label_state_refresh_every=config.label_state_refresh_every)
+                method_instance=method, freeze_batchnorm=self.freeze_batchnorm,
+                head_weight_decay=config.head_weight_decay)
             if rates.backbone == 0:
                 model.backbone.trainable = False  # frozen: no gradient, no optimizer slots
             optimizer, part_optimizers = make_part_optimizers(
-                config, rates, graph_learnable=bool(model.part_variables("graph")))
+                config, rates, graph_learnable="graph" in model.parts
+                and bool(model.part_variables("graph")))
             model.compile(optimizer=optimizer, jit_compile=False)
             model.set_part_optimizers(part_optimizers)
             model.optimizer.build(model.main_optimizer_variables())
@@ -234,8 +204,9 @@ class _Trainer:
         # Base learning rate of each part as trained (0: frozen or fixed), for run_config.json.
         self.learning_rates = {
             "backbone": rates.backbone if model.backbone.trainable else 0.0,
-            "head": rates.head, "graph": rates.graph if model.part_variables("graph") else 0.0}
-        self.bank_indices = bank_indices
+            "head": rates.head,
+            "graph": rates.graph if "graph" in model.parts and model.part_variables("graph")
+            else 0.0}
         # Each part's optimizer is checkpointed beside the model's (head) one.
         self.checkpoint = tf.train.Checkpoint(
             model=model, optimizer=model.optimizer, schedule=self.schedule,
@@ -255,16 +226,14 @@ class _Trainer:
             model.backbone.set_weights(source.backbone.get_weights())
             model.head.set_weights(source.head.get_weights())
             resolved["warm_start"] = config.warm_start
-        if config.method == "imcl":
-            model.fill_bank(iter_split_subset(config.data_dir, "train", self.bank_indices,
-                                              self.image_size, self.image_classes,
-                                              config.max_image_pixels))
-            resolved["dictionary_size"] = int(len(self.bank_indices))
-            resolved.update(model.calibrate_lambdas(
-                self._dataset("train", training=True, seed=config.seed + 7919),
-                config.calibration_batches))
-            logging.info("Resolved smoothness weights: %s", resolved)
+        # The method's own start: IMCL fills its bank and calibrates its lambdas.
+        resolved.update(model.method.prepare(model, self.run_context))
         return resolved
+
+    def _read_train_subset(self, indices):
+        """The training records at `indices`, in chunks (see RunContext.read_train_subset)."""
+        return iter_split_subset(self.config.data_dir, "train", indices, self.image_size,
+                                 self.image_classes, self.config.max_image_pixels)
 
     @property
     def divergence(self) -> dict[str, Any] | None:

@@ -2,9 +2,10 @@
 
 The losses are the training loss's parts measured on the validation split in inference mode:
 the masked BCE over every known entry of the split (the official reduction: sum over known
-entries / their number, over the whole split rather than a mean of batch means) and, for IMCL,
-the smoothness losses L_y and L_f of each validation image against the training dictionary bank
-(mean over images). Scores and losses come from the same forward pass.
+entries / their number, over the whole split rather than a mean of batch means) and the
+method's own validation losses (`Method.validation_terms`, e.g. IMCL's L_y and L_f of each
+validation image against the training bank; means over images), whatever each method's `validation_terms` measures. Scores and losses
+come from the same forward pass.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import numpy as np
 import tensorflow as tf
 
 from imcl_tf import losses
+from imcl_tf.methods.base import Batch
 
 
 class ValidationPass:
@@ -34,18 +36,14 @@ class ValidationPass:
         model = self.model
         labels = tf.cast(labels, tf.float32)
         features = model.extract_features(inputs, training=False)  # [B, D]
-        logits = model.head(features)  # [B, L]: model(inputs) exactly, features kept
+        # model(inputs) exactly, with the features kept for the method's validation losses.
+        logits = model.method.logits(model, features, training=False, output=model.output_name)
         per_entry, known = losses.masked_bce_per_entry(labels, logits)
         out = {"scores": tf.sigmoid(logits), "bce_sum": tf.reduce_sum(per_entry),
                "known": tf.reduce_sum(known)}
-        # A run with the class-label augmentation has no image-class rows in validation
-        # batches (they are for training only), so its smoothness losses are not measured there.
-        if model.method == "imcl" and not getattr(model, "num_image_classes", 0):
-            terms = model._smoothness_terms(inputs, features, logits, labels, ids, False,
-                                            model.lambda_y, model.lambda_f)
-            batch = tf.cast(tf.shape(logits)[0], tf.float32)
-            out["loss_y_sum"] = terms["loss_y"] * batch
-            out["loss_f_sum"] = terms["loss_f"] * batch
+        batch = Batch(inputs=inputs, labels=labels, ids=ids, features=features)
+        for name, value in model.method.validation_terms(model, batch).items():
+            out[f"{name}_sum"] = value
         return out
 
     def __call__(self, dataset) -> dict[str, Any]:
@@ -64,8 +62,8 @@ class ValidationPass:
                 kept += images[-1].shape[0]
         scores, labels = np.concatenate(scores), np.concatenate(labels)
         result_losses = {"bce": sums["bce_sum"] / sums["known"] if sums["known"] else 0.0}
-        for name in ("loss_y", "loss_f"):
-            if f"{name}_sum" in sums:
-                result_losses[name] = sums[f"{name}_sum"] / len(scores)
+        for key, value in sums.items():  # the method's validation losses: means over images
+            if key.endswith("_sum") and key != "bce_sum":
+                result_losses[key[:-len("_sum")]] = value / len(scores)
         return {"scores": scores, "labels": labels, "losses": result_losses,
                 "images": np.concatenate(images) if images else None}
