@@ -35,8 +35,8 @@ def partial_rows(rng, batch=9, num_classes=6):
     """Random rows plus one with no known positive, one with no known negative, one all unknown,
     one fully known."""
     labels = rng.choice([-1.0, 0.0, 1.0], size=[batch, num_classes])
-    labels[0] = [-1, 0, -1, 0, 0, -1]  # no known positive
-    labels[1] = [1, 0, 0, 1, 0, 0]  # no known negative
+    labels[0] = np.where(np.arange(num_classes) % 2 == 0, -1, 0)  # no known positive
+    labels[1] = np.where(np.arange(num_classes) % 3 == 0, 1, 0)  # no known negative
     labels[2] = 0  # all unknown
     labels[3] = rng.choice([-1.0, 1.0], size=num_classes)  # all known
     return labels.astype(np.float32)
@@ -278,3 +278,43 @@ def test_a_checkpoint_holds_the_label_state(rng, tmp_path):
     np.testing.assert_array_equal(restored.state_ids.numpy(), np.sort(ids))
     assert int(restored.stage.numpy()) == 2
     assert restored.scalars()["curriculum/labelled"] == 12.0
+
+
+# ---- in the model: fit, relabel, save, reload -------------------------------------------------
+
+
+def test_model_fits_relabels_saves_and_reloads_the_state(rng, tmp_path):
+    from imcl_tf.models import IMCLModel, save_model_file
+
+    num_images, num_classes = 24, 5
+    inputs = rng.normal(size=[num_images, 6]).astype(np.float32)
+    labels = partial_rows(rng, num_images, num_classes)
+    ids = (np.arange(num_images, dtype=np.int64) * 104729)[::-1].copy()  # not sorted
+    dataset = tf.data.Dataset.from_tensor_slices((inputs, labels, ids)).batch(8)
+    model = IMCLModel(num_classes=num_classes, input_shape_=(6,), backbone="features",
+                      method="curriculum", num_train_images=num_images,
+                      curriculum_theta=0.5)
+    model.method.prepare(model, fake_run(ids, labels))
+    model.compile(optimizer=keras.optimizers.Adam(1e-2), jit_compile=False)
+    history = model.fit(dataset, epochs=2, verbose=0, shuffle=False)
+    assert np.isfinite(history.history["partial_bce"][-1])
+    np.testing.assert_allclose(history.history["loss"][-1], history.history["partial_bce"][-1])
+    positives, negatives = model.method.relabel(model, dataset)
+    # theta = 0.5 labels every unknown entry; the known ones stay.
+    assert positives + negatives == int((labels == 0).sum())
+    state = model.method.state_labels.numpy()
+    order = np.argsort(ids)
+    assert np.all(state != 0)
+    np.testing.assert_array_equal(state[labels[order] != 0], labels[order][labels[order] != 0])
+    # The batches now train on the state's rows.
+    batch = next(iter(dataset))
+    np.testing.assert_array_equal(model.method.current_labels(batch[2], batch[1]).numpy(),
+                                  state[np.searchsorted(np.sort(ids), batch[2].numpy())])
+    path = str(tmp_path / "curriculum.keras")
+    save_model_file(model, path)
+    reloaded = keras.saving.load_model(path, compile=False)
+    np.testing.assert_array_equal(reloaded.predict(inputs, verbose=0),
+                                  model.predict(inputs, verbose=0))
+    np.testing.assert_array_equal(reloaded.method.state_labels.numpy(), state)
+    np.testing.assert_array_equal(reloaded.method.state_ids.numpy(), np.sort(ids))
+    assert reloaded.method.scalars() == model.method.scalars()

@@ -156,3 +156,46 @@ def test_bad_initial_noise_names_the_flags():
         latent_noise.LatentNoise(5, latent_noise_q1_init=0.2, latent_noise_q0_init=0.5)
     with pytest.raises(ValueError, match="latent_noise_q1_init"):
         latent_noise.LatentNoise(5, latent_noise_q1_init=1.0)
+
+
+# ---- in the model: fit, save, reload ----------------------------------------------------------
+
+
+def tiny_batches(rng, num_images=24, dim=6, num_classes=5):
+    inputs = rng.normal(size=[num_images, dim]).astype(np.float32)
+    labels = partial_rows(rng, num_images, num_classes)
+    ids = np.arange(500, 500 + num_images, dtype=np.int64)
+    return inputs, tf.data.Dataset.from_tensor_slices((inputs, labels, ids)).batch(8)
+
+
+def test_model_fits_saves_and_reloads_both_outputs(rng, tmp_path):
+    from imcl_tf.models import IMCLModel, save_model_file
+
+    inputs, dataset = tiny_batches(rng)
+    model = IMCLModel(num_classes=5, input_shape_=(6,), backbone="features",
+                      method="latent_noise", latent_noise_q1_init=0.9)
+    assert model.output_name == "relevant"
+    model.compile(optimizer=keras.optimizers.Adam(1e-2), jit_compile=False)
+    kernel_before = model.method.noise.kernel.numpy().copy()
+    history = model.fit(dataset, epochs=2, verbose=0, shuffle=False)
+    assert np.isfinite(history.history["loss"][-1]) and history.history["bce"][-1] > 0
+    assert np.any(model.method.noise.kernel.numpy() != kernel_before)  # the noise branch learns
+    relevant = model.predict(inputs, verbose=0)
+    visual = model.with_output("visual").predict(inputs, verbose=0)
+    assert not np.allclose(relevant, visual)
+    path = str(tmp_path / "latent_noise.keras")
+    save_model_file(model.with_output("relevant"), path)
+    reloaded = keras.saving.load_model(path, compile=False)
+    assert reloaded.method.q1_init == 0.9 and reloaded.output_name == "relevant"
+    np.testing.assert_array_equal(reloaded.predict(inputs, verbose=0), relevant)
+    np.testing.assert_array_equal(reloaded.with_output("visual").predict(inputs, verbose=0),
+                                  visual)
+    # The output chosen at construction is the one saved and served.
+    as_visual = IMCLModel(num_classes=5, input_shape_=(6,), backbone="features",
+                          method="latent_noise", output="visual")
+    as_visual.set_weights(model.get_weights())
+    np.testing.assert_array_equal(as_visual.predict(inputs, verbose=0), visual)
+    save_model_file(as_visual, str(tmp_path / "visual.keras"))
+    reloaded_visual = keras.saving.load_model(str(tmp_path / "visual.keras"), compile=False)
+    assert reloaded_visual.output_name == "visual"
+    np.testing.assert_array_equal(reloaded_visual.predict(inputs, verbose=0), visual)
