@@ -318,3 +318,57 @@ def test_model_fits_relabels_saves_and_reloads_the_state(rng, tmp_path):
     np.testing.assert_array_equal(reloaded.method.state_labels.numpy(), state)
     np.testing.assert_array_equal(reloaded.method.state_ids.numpy(), np.sort(ids))
     assert reloaded.method.scalars() == model.method.scalars()
+
+
+# ---- a training run: stages, TensorBoard, resume ----------------------------------------------
+
+
+def checkpoint_state(checkpoint_dir):
+    """The label state held by the latest checkpoint of a run."""
+    reader = tf.train.load_checkpoint(tf.train.latest_checkpoint(checkpoint_dir))
+    keys = [key for key in reader.get_variable_to_shape_map()
+            if "state_labels" in key and "OPTIMIZER" not in key]
+    assert len(keys) == 1, keys
+    return reader.get_tensor(keys[0])
+
+
+def test_a_run_relabels_between_stages_and_a_resume_restores_the_state(tmp_path, monkeypatch):
+    from imcl_tf.training.config import TrainConfig
+    from imcl_tf.training.run_files import CHECKPOINT_DIR, LOG_DIR
+    from imcl_tf.training.split_reading import read_split_labels
+    from imcl_tf.training.trainer import run
+    from test_train_common import read_events, write_features_dataset
+
+    data_dir = write_features_dataset(str(tmp_path / "data"), num_train=24, known_ratio=0.5)
+    labels, ids = read_split_labels(data_dir, "train")
+    order = np.argsort(ids)
+    unknown = labels[order] == 0
+    assert unknown.any()
+    model_dir = str(tmp_path / "run")
+    config = dict(data_dir=data_dir, model_dir=model_dir, method="curriculum",
+                  backbone="features", train_steps=8, eval_every=4, checkpoint_every=4,
+                  log_every=1, batch_size=8, val_split="", seed=2, verbose=0,
+                  method_options={"curriculum_stage_steps": 4, "curriculum_theta": 0.5})
+    summary = run(TrainConfig(**config))
+    assert summary["resolved"]["curriculum_train_images"] == 24
+    # The pass at the stage boundary (step 4) labelled every unknown entry (theta = 0.5); the
+    # dataset's known entries are as they were.
+    state = checkpoint_state(f"{model_dir}/{CHECKPOINT_DIR}")
+    assert np.all(state[unknown] != 0)
+    np.testing.assert_array_equal(state[~unknown], labels[order][~unknown])
+    events = read_events(f"{model_dir}/{LOG_DIR}/train")
+    assert [step for step, _ in events["loss/partial_bce"]] == list(range(1, 9))
+    labelled = {step: float(value) for step, value in events["curriculum/labelled"]}
+    assert labelled[4] == 0 and labelled[5] == labelled[8] == unknown.sum()
+    # The resumed run starts from the checkpoint's state, exactly.
+    restored = []
+    real_restore = curriculum.Curriculum.restore
+
+    def watched_restore(self, model, run_context):
+        restored.append(self.state_labels.numpy().copy())
+        return real_restore(self, model, run_context)
+
+    monkeypatch.setattr(curriculum.Curriculum, "restore", watched_restore)
+    run(TrainConfig(**{**config, "train_steps": 12}))
+    assert len(restored) == 1
+    np.testing.assert_array_equal(restored[0], state)

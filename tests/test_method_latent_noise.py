@@ -199,3 +199,70 @@ def test_model_fits_saves_and_reloads_both_outputs(rng, tmp_path):
     reloaded_visual = keras.saving.load_model(str(tmp_path / "visual.keras"), compile=False)
     assert reloaded_visual.output_name == "visual"
     np.testing.assert_array_equal(reloaded_visual.predict(inputs, verbose=0), visual)
+
+
+# ---- a training run, evaluated and exported with either output --------------------------------
+
+
+def test_a_run_is_evaluated_and_exported_with_either_output(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from imcl_tf import evaluate, export, models
+    from imcl_tf.training.config import TrainConfig
+    from imcl_tf.training.run_files import LOG_DIR
+    from imcl_tf.training.trainer import run
+    from test_train_common import REPO_ROOT, read_events, write_features_dataset
+
+    data_dir = write_features_dataset(str(tmp_path / "data"), num_train=24)
+    model_dir = str(tmp_path / "run")
+    run(TrainConfig(data_dir=data_dir, model_dir=model_dir, method="latent_noise",
+                    backbone="features", train_steps=4, eval_every=2, log_every=1, batch_size=8,
+                    val_split="train", seed=3, verbose=0,
+                    method_options={"latent_noise_q1_init": 0.8}))
+    events = read_events(os.path.join(model_dir, LOG_DIR, "train"))
+    assert [step for step, _ in events["loss/bce"]] == [1, 2, 3, 4]
+    model, info = models.load_model_dir(model_dir, "latest")
+    assert model.output_name == "relevant" and model.method.q1_init == 0.8
+    by_output = {}
+    for output in ("relevant", "visual"):
+        result = evaluate.evaluate_model_dir(model_dir, data_dir, split="train",
+                                             checkpoint="latest", output=output,
+                                             output_dir=str(tmp_path / f"eval_{output}"))
+        assert result["output"] == output
+        scores, _, _ = evaluate.predict_split(
+            models.load_model_dir(model_dir, "latest")[0].with_output(output), data_dir,
+            "train")
+        by_output[output] = (result["mAP"], scores)
+    assert not np.allclose(by_output["relevant"][1], by_output["visual"][1])
+    with pytest.raises(evaluate.EvaluationError, match=r"--output='scores'.*relevant"):
+        evaluate.evaluate_model_dir(model_dir, data_dir, split="train", checkpoint="latest",
+                                    output="scores")
+    # The command lines take --output.
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2",
+           "PYTHONPATH": os.pathsep.join([REPO_ROOT, os.environ.get("PYTHONPATH", "")])}
+    cli_eval = str(tmp_path / "eval_cli")
+    completed = subprocess.run(
+        [sys.executable, "-m", "imcl_tf.evaluate", f"--model_dir={model_dir}",
+         f"--data_dir={data_dir}", "--split=train", "--checkpoint=latest", "--output=visual",
+         f"--output_dir={cli_eval}"], capture_output=True, text=True, cwd=REPO_ROOT, env=env)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    with open(os.path.join(cli_eval, evaluate.METRICS_JSON)) as f:
+        written = json.load(f)
+    assert written["output"] == "visual"
+    assert written["mAP"] == pytest.approx(by_output["visual"][0], abs=1e-6)
+    completed = subprocess.run(
+        [sys.executable, "-m", "imcl_tf.export", f"--model_dir={model_dir}",
+         f"--export_base={tmp_path / 'exports'}", "--model_name=ln", "--checkpoint=latest",
+         "--output=visual"], capture_output=True, text=True, cwd=REPO_ROOT, env=env)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    served = tf.saved_model.load(completed.stdout.strip().splitlines()[-1])
+    features = np.random.default_rng(0).normal(size=[3, 6]).astype(np.float32)
+    probabilities = served.signatures["predict_features"](features=tf.constant(features))
+    visual = tf.sigmoid(model.with_output("visual")(features)).numpy()
+    np.testing.assert_allclose(probabilities["probabilities"].numpy(), visual, atol=1e-5)
+    with pytest.raises(export.ExportError, match=r"--output='scores'"):
+        export.export_from_model_dir(model_dir, str(tmp_path / "exports"), "ln",
+                                     checkpoint="latest", output="scores")
