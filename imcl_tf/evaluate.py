@@ -135,7 +135,7 @@ def training_positive_counts(data_dir: str, split: str = "train") -> np.ndarray:
 def evaluate_model_dir(model_dir: str, data_dir: str, split: str = "test",
                        output_dir: str | None = None, baseline_model_dir: str | None = None,
                        checkpoint: str = "best", num_groups: int = 10, batch_size: int = 64,
-                       train_split: str = "train") -> dict[str, Any]:
+                       train_split: str = "train", output: str | None = None) -> dict[str, Any]:
     """Evaluates a training run (and optionally a baseline run) on `split` and writes the results.
 
     Args:
@@ -150,11 +150,13 @@ def evaluate_model_dir(model_dir: str, data_dir: str, split: str = "test",
       batch_size: images per forward pass.
       train_split: the split whose known positives order the classes into frequency groups (when
         the dataset has no such split the training counts are left out and no groups are made).
+      output: which of the run's method outputs to score with (Latent Noise: "relevant" or
+        "visual"); None: the one the run saved (its method's first). The baseline keeps its own.
 
     Returns:
       The contents of metrics.json: the metrics of `compute_metrics`, what was evaluated
-      (model_dir, data_dir, split, checkpoint, date), "baseline", "delta" and "frequency_groups"
-      with a baseline, and "files" (name -> path of every file written).
+      (model_dir, data_dir, split, checkpoint, output, date), "baseline", "delta" and
+      "frequency_groups" with a baseline, and "files" (name -> path of every file written).
     """
     if num_groups < 1:
         raise EvaluationError(f"num_groups must be >= 1. Received: num_groups={num_groups}.")
@@ -164,12 +166,12 @@ def evaluate_model_dir(model_dir: str, data_dir: str, split: str = "test",
     class_names = list(dataset_info.class_names)
     output_dir = output_dir or os.path.join(model_dir, "eval", split)
 
-    scores, labels, ids = _predict_run(model_dir, checkpoint, data_dir, dataset_info, split,
-                                       batch_size)
+    scores, labels, ids, output = _predict_run(model_dir, checkpoint, data_dir, dataset_info,
+                                               split, batch_size, output)
     ap = metrics_lib.per_class_ap(scores, labels)  # [L], NaN without known positive and negative
     result: dict[str, Any] = {
         "model_dir": model_dir, "data_dir": data_dir, "split": split, "checkpoint": checkpoint,
-        "date": data.utc_now(), **compute_metrics(scores, labels, ap=ap)}
+        "output": output, "date": data.utc_now(), **compute_metrics(scores, labels, ap=ap)}
 
     train_counts = None
     train_pairs = None
@@ -180,7 +182,7 @@ def evaluate_model_dir(model_dir: str, data_dir: str, split: str = "test",
 
     baseline_ap = None
     if baseline_model_dir is not None:
-        base_scores, base_labels, base_ids = _predict_run(
+        base_scores, base_labels, base_ids, _ = _predict_run(
             baseline_model_dir, checkpoint, data_dir, dataset_info, split, batch_size)
         if not (np.array_equal(base_ids, ids) and np.array_equal(base_labels, labels)):
             raise EvaluationError(f"split {split!r} of {data_dir} was read in a different order "
@@ -254,8 +256,10 @@ def _load_dataset_info(data_dir: str, split: str) -> data.DatasetInfo:
 
 
 def _predict_run(model_dir: str, checkpoint: str, data_dir: str, dataset_info: data.DatasetInfo,
-                 split: str, batch_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Loads a run, checks it against the dataset and predicts the split."""
+                 split: str, batch_size: int, output: str | None = None
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
+    """Loads a run, checks it against the dataset and predicts the split with `output` (None:
+    the saved one); returns scores, labels, ids and the output's name."""
     if not os.path.isdir(model_dir):
         raise EvaluationError(f"model_dir {model_dir!r} does not exist or is not a folder; give "
                               "the --model_dir of a training run.")
@@ -266,8 +270,15 @@ def _predict_run(model_dir: str, checkpoint: str, data_dir: str, dataset_info: d
         raise EvaluationError(f"{model_dir} takes {input_mode!r} inputs but {data_dir} is a "
                               f"{dataset_info.mode!r} dataset; evaluate on a dataset of the kind "
                               "the model was trained on.")
+    if output is not None:
+        if output not in model.method.OUTPUTS:
+            raise EvaluationError(f"--output={output!r}: the {model.method_name!r} run in "
+                                  f"{model_dir} has the outputs {list(model.method.OUTPUTS)}; "
+                                  "choose one of those, or leave --output out.")
+        model.with_output(output)
     image_size = info.get("image_size") if input_mode == "image" else None
-    return predict_split(model, data_dir, split, batch_size=batch_size, image_size=image_size)
+    return (*predict_split(model, data_dir, split, batch_size=batch_size, image_size=image_size),
+            model.output_name)
 
 
 def _check_class_names(model_names: Sequence[str] | None, dataset_names: Sequence[str],

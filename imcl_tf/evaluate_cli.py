@@ -2,6 +2,7 @@
 
     imcl-evaluate --model_dir=runs/imcl --data_dir=data/demo --split=test
         [--baseline_model_dir=runs/logistic] [--output_dir=...] [--checkpoint=best]
+        [--output=visual]
 
 The evaluation itself is `imcl_tf.evaluate.evaluate_model_dir` (its docstring lists the files
 written). This module imports no TensorFlow until the flags and folders are checked, so
@@ -41,6 +42,9 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
     define(flags.DEFINE_integer, "batch_size", 64, "Images per forward pass.", lower_bound=1)
     define(flags.DEFINE_string, "train_split", "train", "Split whose known positives order the "
            "classes into frequency groups.")
+    define(flags.DEFINE_string, "output", None, "Which of the run's method outputs scores the "
+           "images (--method=latent_noise: relevant or visual); default the one the run saved, "
+           "its method's first. The baseline run keeps its own.")
 
 
 def main(argv: Sequence[str]) -> None:
@@ -60,7 +64,8 @@ def main(argv: Sequence[str]) -> None:
     result = evaluate.evaluate_model_dir(
         FLAGS.model_dir, FLAGS.data_dir, split=FLAGS.split, output_dir=FLAGS.output_dir,
         baseline_model_dir=FLAGS.baseline_model_dir, checkpoint=FLAGS.checkpoint,
-        num_groups=FLAGS.num_groups, batch_size=FLAGS.batch_size, train_split=FLAGS.train_split)
+        num_groups=FLAGS.num_groups, batch_size=FLAGS.batch_size, train_split=FLAGS.train_split,
+        output=FLAGS.output)
     print(evaluate.format_summary(result))
 
 

@@ -180,8 +180,13 @@ def read_class_names(version_dir: str) -> list[str]:
 def export_from_model_dir(model_dir: str, export_base: str, model_name: str, *,
                           checkpoint: str = "best", version: int | None = None,
                           top_k: int = 5,
-                          max_image_pixels: int = image_header.DEFAULT_MAX_IMAGE_PIXELS) -> str:
-    """Loads a training run with `imcl_tf.models.load_model_dir` and exports it (the CLI's body)."""
+                          max_image_pixels: int = image_header.DEFAULT_MAX_IMAGE_PIXELS,
+                          output: str | None = None) -> str:
+    """Loads a training run with `imcl_tf.models.load_model_dir` and exports it (the CLI's body).
+
+    `output` picks which of the run's method outputs the signatures serve (Latent Noise:
+    "relevant" or "visual"); None: the one the run saved.
+    """
     if not os.path.isdir(model_dir):
         raise ExportError(f"--model_dir={model_dir!r} is not a folder; give the model_dir of a "
                           "training run (imcl-train --model_dir=...).")
@@ -196,6 +201,13 @@ def export_from_model_dir(model_dir: str, export_base: str, model_name: str, *,
         raise ExportError(f"cannot load the {checkpoint!r} checkpoint from --model_dir="
                           f"{model_dir!r}: {err}. Train first, or pick --checkpoint=latest when "
                           "no best checkpoint was kept.") from err
+    if output is not None:
+        if output not in model.method.OUTPUTS:
+            raise ExportError(f"--output={output!r}: the {model.method_name!r} run in "
+                              f"--model_dir={model_dir!r} has the outputs "
+                              f"{list(model.method.OUTPUTS)}; choose one of those, or leave "
+                              "--output out.")
+        model.with_output(output)
     return export_model(model, export_base, model_name,
                         class_names=info["class_names"], input_mode=info["input_mode"],
                         image_size=info.get("image_size"), feature_dim=info.get("feature_dim"),

@@ -39,6 +39,9 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
     define(flags.DEFINE_integer, "max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS,
            "The image signatures refuse an image whose header declares more pixels (width x "
            "height), before decoding it.", lower_bound=1)
+    define(flags.DEFINE_string, "output", None, "Which of the run's method outputs the "
+           "signatures serve (--method=latent_noise: relevant or visual); default the one the "
+           "run saved, its method's first.")
 
 
 def main(argv: Sequence[str]) -> None:
@@ -52,7 +55,8 @@ def main(argv: Sequence[str]) -> None:
 
     version_dir = export.export_from_model_dir(
         FLAGS.model_dir, FLAGS.export_base, FLAGS.model_name, checkpoint=FLAGS.checkpoint,
-        version=FLAGS.version, top_k=FLAGS.top_k, max_image_pixels=FLAGS.max_image_pixels)
+        version=FLAGS.version, top_k=FLAGS.top_k, max_image_pixels=FLAGS.max_image_pixels,
+        output=FLAGS.output)
     print(version_dir)
 
 

@@ -226,6 +226,10 @@ class IMCLModel(keras.Model):
             raise ValueError(f"method {self.method_name!r} has outputs {self.method.OUTPUTS}, "
                              f"received output={output!r}.")
         self.output_name = output
+        # predict/evaluate trace `call` once and keep the traced function, which read the old
+        # output name as a constant: drop them so the next call traces the new output.
+        self.predict_function = None
+        self.test_function = None
         return self
 
     # ---- training -----------------------------------------------------------------------------

@@ -61,11 +61,15 @@ def write_dataset(data_dir, *, num_train=48, num_val=24, image_size=16, num_shar
     return data_dir
 
 
-def write_features_dataset(data_dir, *, num_train=32, dim=6, num_shards=2, seed=0):
-    """A tiny features-mode dataset (train split only)."""
+def write_features_dataset(data_dir, *, num_train=32, dim=6, num_shards=2, seed=0,
+                           known_ratio=1.0):
+    """A tiny features-mode dataset (train split only); with known_ratio < 1 the other labels
+    are unknown."""
     rng = np.random.default_rng(seed)
     num_classes = len(CLASS_NAMES)
     labels = np.where(rng.random([num_train, num_classes]) < 0.4, 1.0, -1.0)
+    if known_ratio < 1.0:
+        labels[rng.random(labels.shape) > known_ratio] = 0.0
     with data.SplitWriter(data_dir, "train", num_shards=num_shards) as writer:
         for index in range(num_train):
             writer.write(data.make_example(

@@ -9,6 +9,8 @@
   lsep       LSEP: log-sum-exp pairwise ranking of known positives above known negatives
   wsabie     WSABIE: the WARP rank-weighted hinge ranking loss
   ranking    what the ranking methods share (known positive and negative sets)
+  curriculum   Curriculum Labeling: partial-BCE and score-threshold relabelling in stages
+  latent_noise Latent Noise: visual presence through an image-conditional reporting noise
 
     from imcl_tf import methods
     methods.get("lsep")        # the Method class (imports TensorFlow)

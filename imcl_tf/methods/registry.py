@@ -59,6 +59,14 @@ METHODS: dict[str, MethodEntry] = {
         "imcl_tf.methods.wsabie", "WARP: a margin ranking loss weighted by the estimated rank of "
         "each known positive among the known negatives: a baseline that favours the top of the "
         "ranking.", "Weston, Bengio & Usunier, IJCAI 2011"),
+    "curriculum": MethodEntry(
+        "imcl_tf.methods.curriculum", "Partial-BCE normalised by the proportion of known "
+        "labels, and a curriculum that labels the confidently scored unknown entries between "
+        "stages.", "Durand, Mehrasa & Mori, CVPR 2019 (Curriculum Labeling)"),
+    "latent_noise": MethodEntry(
+        "imcl_tf.methods.latent_noise", "A visual classifier seen through a learned, "
+        "image-conditional reporting noise; outputs relevant (reported) and visual.",
+        "Misra, Zitnick, Mitchell & Girshick, CVPR 2016 (Latent Noise)"),
 }
 
 
