@@ -28,7 +28,11 @@ def test_quick_scale_bench_reports_times_ratios_and_peaks(tmp_path):
     logistic, imcl, floor, per_floor, per_logistic, peak_logistic, peak_imcl, imported = (
         float(x) for x in rows[0].split(" | "))
     assert min(logistic, imcl, floor) > 0
-    assert per_floor == pytest.approx(imcl / floor, rel=0.2, abs=0.02)  # of rounded columns
+    # The time columns are rounded to 1 ms and the ratio to 0.01: at this size the floor is a few
+    # ms, so the ratio of the rounded columns is only known to lie between these bounds.
+    low = (imcl - 5e-4) / (floor + 5e-4) - 5e-3
+    high = (imcl + 5e-4) / max(floor - 5e-4, 1e-9) + 5e-3
+    assert low <= per_floor <= high, (per_floor, imcl, floor)
     # The ratio column is the median of per-round ratios, the time columns medians of times:
     # on a loaded machine the two differ, so only their agreement in size is checked.
     assert per_logistic == pytest.approx(imcl / logistic, rel=0.5, abs=0.1)
