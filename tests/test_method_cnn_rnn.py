@@ -11,8 +11,8 @@ import tensorflow as tf
 
 from imcl_tf.methods import cnn_rnn
 from imcl_tf.methods.base import Batch
-from method_integration import (bare_model, fit_save_reload, fit_under_mixed_precision,
-                                run_resume_export)
+from method_checks import (bare_model, fit_save_reload, fit_under_mixed_precision,
+                           run_warm_started_resumed_and_exported)
 
 
 def log_softmax(x):
@@ -357,8 +357,8 @@ SMALL = {"cnn_rnn_embedding_dim": 4, "cnn_rnn_lstm_units": 8, "cnn_rnn_max_lengt
 
 
 def test_model_fits_saves_and_reloads_with_its_label_order(tmp_path, rng):
-    model, reloaded, features = fit_save_reload(
-        tmp_path, rng, "cnn_rnn", {**SMALL, "label_order": [3, 1, 4, 0, 2]}, "sequence_ce")
+    _, model, reloaded, features = fit_save_reload(
+        tmp_path, "cnn_rnn", {**SMALL, "label_order": [3, 1, 4, 0, 2]}, "sequence_ce")
     assert reloaded.method.label_order == [3, 1, 4, 0, 2]
     assert not model.head.trainable and not reloaded.head.trainable
     # calling the model is the beam search's per-class score rule
@@ -367,8 +367,8 @@ def test_model_fits_saves_and_reloads_with_its_label_order(tmp_path, rng):
     np.testing.assert_allclose(model.predict(features, verbose=0), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_mixed_precision_keeps_the_scores_float32(rng):
-    fit_under_mixed_precision(rng, "cnn_rnn", SMALL, "sequence_ce")
+def test_mixed_precision_keeps_the_scores_float32():
+    fit_under_mixed_precision("cnn_rnn", SMALL, "sequence_ce")
 
 
 def test_from_run_orders_by_the_training_split(tmp_path):
@@ -387,8 +387,9 @@ def test_from_run_orders_by_the_training_split(tmp_path):
 
 
 @pytest.mark.slow
-def test_run_logs_its_term_resumes_and_exports(tmp_path, rng):
-    model = run_resume_export(tmp_path, rng, "cnn_rnn", SMALL, "sequence_ce")
+def test_run_warm_starts_logs_its_term_resumes_and_exports(tmp_path):
+    _, _, model = run_warm_started_resumed_and_exported(tmp_path, "cnn_rnn", SMALL,
+                                                        "sequence_ce")
     # the order the run computed from its training split is the saved model's
     from imcl_tf import data
     _, labels, _ = data.load_split_arrays(str(tmp_path / "data"), "train")

@@ -8,8 +8,8 @@ import tensorflow as tf
 
 from imcl_tf.methods import fast0tag
 from imcl_tf.methods.base import Batch
-from method_integration import (bare_model, fit_save_reload, fit_under_mixed_precision,
-                                run_resume_export)
+from method_checks import (bare_model, fit_save_reload, fit_under_mixed_precision,
+                           run_warm_started_resumed_and_exported)
 from test_cli_mistakes import assert_one_line_error, cli
 from test_train_common import write_features_dataset
 
@@ -196,9 +196,9 @@ def test_config_rebuilds_without_the_file(tmp_path, rng):
 
 def test_model_fits_saves_and_reloads_without_the_file(tmp_path, rng):
     path = save(tmp_path, rng.normal(size=(5, 4)))
-    model, reloaded, _ = fit_save_reload(tmp_path, rng, "fast0tag",
-                                         {"fast0tag_embeddings": path,
-                                          "fast0tag_hidden_units": 8}, "rank")
+    _, model, reloaded, _ = fit_save_reload(tmp_path, "fast0tag",
+                                            {"fast0tag_embeddings": path,
+                                             "fast0tag_hidden_units": 8}, "rank")
     (tmp_path / "e.npy").unlink()  # the vectors travel in the model, not by the file
     again = keras.saving.load_model(str(tmp_path / "model.keras"), compile=False)
     np.testing.assert_array_equal(again.method.label_embeddings.numpy(),
@@ -209,15 +209,15 @@ def test_model_fits_saves_and_reloads_without_the_file(tmp_path, rng):
 
 
 def test_mixed_precision_keeps_the_scores_float32(tmp_path, rng):
-    fit_under_mixed_precision(rng, "fast0tag", {"fast0tag_embeddings": save(
+    fit_under_mixed_precision("fast0tag", {"fast0tag_embeddings": save(
         tmp_path, rng.normal(size=(5, 4))), "fast0tag_hidden_units": 8}, "rank")
 
 
 @pytest.mark.slow
-def test_run_logs_its_term_resumes_and_exports(tmp_path, rng):
+def test_run_warm_starts_logs_its_term_resumes_and_exports(tmp_path, rng):
     path = save(tmp_path, rng.normal(size=(5, 4)))
-    model = run_resume_export(tmp_path, rng, "fast0tag", {"fast0tag_embeddings": path,
-                                                          "fast0tag_hidden_units": 8}, "rank")
+    _, _, model = run_warm_started_resumed_and_exported(
+        tmp_path, "fast0tag", {"fast0tag_embeddings": path, "fast0tag_hidden_units": 8}, "rank")
     assert model.method.hidden_units == 8
 
 

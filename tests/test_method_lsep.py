@@ -277,12 +277,16 @@ def test_loss_terms_are_the_loss_on_the_head_logits(rng):
 
 @pytest.mark.parametrize("max_pairs", [0, 3])
 def test_the_model_trains_saves_and_reloads_with_lsep(tmp_path, max_pairs):
-    history, _, reloaded, _ = method_checks.fit_save_and_reload(tmp_path, "lsep",
-                                                               lsep_max_pairs=max_pairs)
+    history, _, reloaded, _ = method_checks.fit_save_reload(
+        tmp_path, "lsep", {"lsep_max_pairs": max_pairs}, "lsep", epochs=8)
     assert reloaded.method.lsep_max_pairs == max_pairs
     assert history["lsep"][-1] < history["lsep"][0]
 
 
-def test_a_run_warm_starts_logs_its_terms_and_resumes(tmp_path):
-    first, _ = method_checks.run_warm_started_and_resumed(tmp_path, "lsep", lsep_max_pairs=4)
+def test_a_run_warm_starts_logs_its_terms_resumes_and_exports(tmp_path):
+    first, second, model = method_checks.run_warm_started_resumed_and_exported(
+        tmp_path, "lsep", {"lsep_max_pairs": 4}, "lsep")
     assert first["final_train_logs"]["lsep"] == pytest.approx(first["final_train_logs"]["loss"])
+    assert (model.method.NAME, model.method.lsep_max_pairs) == ("lsep", 4)
+    saved = keras.models.load_model(second["files"]["latest_model"], compile=False)
+    assert (saved.method.NAME, saved.method.lsep_max_pairs) == ("lsep", 4)

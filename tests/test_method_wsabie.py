@@ -238,10 +238,11 @@ def test_loss_terms_are_the_loss_on_the_head_logits(rng):
 
 
 def test_the_model_trains_saves_and_reloads_with_wsabie(tmp_path):
-    history, _, _, _ = method_checks.fit_save_and_reload(tmp_path, "wsabie")
+    history, _, _, _ = method_checks.fit_save_reload(tmp_path, "wsabie", {}, "warp", epochs=8)
     assert history["warp"][-1] < history["warp"][0]
 
 
-def test_a_run_warm_starts_logs_its_terms_and_resumes(tmp_path):
-    first, _ = method_checks.run_warm_started_and_resumed(tmp_path, "wsabie")
+def test_a_run_warm_starts_logs_its_terms_resumes_and_exports(tmp_path):
+    first, _, _ = method_checks.run_warm_started_resumed_and_exported(tmp_path, "wsabie", {},
+                                                                      "warp")
     assert first["final_train_logs"]["warp"] == pytest.approx(first["final_train_logs"]["loss"])
