@@ -227,7 +227,7 @@ def test_cli_without_the_embeddings_is_one_line(tmp_path):
     done = cli("imcl-train", "--method=fast0tag", "--backbone=features", f"--data_dir={data_dir}",
                f"--model_dir={tmp_path / 'run'}", "--val_split=", "--train_steps=1",
                cwd=str(tmp_path))
-    assert_one_line_error(done, "imcl-train", "--fast0tag_embeddings is required",
+    assert_one_line_error(done, "imcl-train", "--fast0tag_embeddings: is required",
                           "[L, d]", "dataset.json's class order")
     done = cli("imcl-train", "--method=fast0tag", "--backbone=features", f"--data_dir={data_dir}",
                f"--model_dir={tmp_path / 'run'}", "--val_split=", "--train_steps=1",

@@ -98,6 +98,30 @@ def test_bad_method_options_are_refused(fake_method, method, options, message):
         config._validate_method_options()
 
 
+def test_a_required_option_must_be_given(tmp_path, fake_method):
+    (tmp_path / "fake_method_module.py").write_text(
+        'OPTIONS = (("fake_table", "", "A .npy of one row per class.", None, "required"),)\n')
+    registry.options.cache_clear()
+    assert registry.options("fake")[0].required
+    for options in ({}, {"fake_table": ""}):
+        config = TrainConfig(data_dir="d", model_dir="m", method="fake", method_options=options)
+        with pytest.raises(ValueError, match=r"^--fake_table: is required with --method=fake: "
+                                             r"A \.npy of one row per class\.$"):
+            config._validate_method_options()
+    TrainConfig(data_dir="d", model_dir="m", method="fake",
+                method_options={"fake_table": "t.npy"})._validate_method_options()
+    TrainConfig(data_dir="d", model_dir="m", method="logistic")._validate_method_options()
+
+
+def test_an_option_marked_other_than_required_is_refused(tmp_path, fake_method):
+    (tmp_path / "fake_method_module.py").write_text(
+        'OPTIONS = (("fake_table", "", "A table.", None, "mandatory"),)\n')
+    registry.options.cache_clear()
+    with pytest.raises(ValueError, match=r"option 'fake_table': the fifth entry may only be "
+                                         r"'required', received \['mandatory'\]"):
+        registry.options("fake")
+
+
 def test_a_float_option_takes_an_integer(fake_method):
     TrainConfig(data_dir="d", model_dir="m", method="fake",
                 method_options={"fake_weight": 1})._validate_method_options()

@@ -51,8 +51,8 @@ from imcl_tf.methods.base import Batch, Method
 
 OPTIONS = (
     ("fast0tag_embeddings", "",
-     "Required with --method=fast0tag: a .npy of shape [L, d], the fixed word vector of each "
-     "class, one row per class in dataset.json's class order.", None),
+     "A .npy of shape [L, d], the fixed word vector of each class, one row per class in "
+     "dataset.json's class order (required with --method=fast0tag).", None, "required"),
     ("fast0tag_hidden_units", 1024,
      "Units of the ReLU hidden layer of f, the MLP mapping an image feature to its principal "
      "direction.", None),

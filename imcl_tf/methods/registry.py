@@ -11,7 +11,9 @@ A method's options are declared in its module as a literal tuple
         ...
     )
 
-of (flag name, default, help, choices or None); every option becomes a flag of `imcl-train`.
+of (flag name, default, help, choices or None[, "required"]); every option becomes a flag of
+`imcl-train`. A "required" option must be given (non-empty) to train with its method; the
+check is TrainConfig's, made before TensorFlow is imported.
 They are read here from the module's source (`ast.literal_eval`, nothing executed), so defining
 the flags, and `imcl-train --help`, import no TensorFlow. A flag name starts with the method's
 name, so two methods never define the same flag.
@@ -78,6 +80,7 @@ class Option:
     help: str
     choices: tuple[str, ...] | None
     method: str
+    required: bool = False
 
 
 def names() -> tuple[str, ...]:
@@ -111,12 +114,15 @@ def options(name: str) -> tuple[Option, ...]:
             declared = ast.literal_eval(node.value)
     result = []
     for item in declared:
-        option_name, default, help_text, choices = item
+        option_name, default, help_text, choices, *marks = item
+        if marks not in ([], ["required"]):
+            raise ValueError(f"method {name!r}: option {option_name!r}: the fifth entry may "
+                             f"only be 'required', received {marks!r}.")
         if not option_name.startswith(name + "_"):
             raise ValueError(f"method {name!r}: option {option_name!r} must start with "
                              f"'{name}_' (flag names are shared by every method).")
         result.append(Option(option_name, default, help_text,
-                             tuple(choices) if choices else None, name))
+                             tuple(choices) if choices else None, name, bool(marks)))
     return tuple(result)
 
 

@@ -206,6 +206,10 @@ class TrainConfig:
                 kind = ()
             if not isinstance(value, kind):
                 bad_flag(name, f"must be a {type(default).__name__}, received {value!r}.")
+        for option in own.values():
+            if option.required and not (self.method_options or {}).get(option.name):
+                bad_flag(option.name, f"is required with --method={self.method}: "
+                                      f"{option.help}")
 
     def validate_options(self) -> None:
         """Checks the options on their own (no file is read); raises ValueError naming the flag."""
