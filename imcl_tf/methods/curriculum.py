@@ -9,7 +9,8 @@ The paper, and how it is followed here:
     where p_y is the proportion of the image's L labels that are known and
     g(p) = alpha * p^gamma + beta. alpha and beta are fixed by g(0.1) = 5 and g(1) = 1, so
     gamma is the one hyperparameter (`--curriculum_gamma`); gamma = 1 (a linear g, alpha =
-    -4/0.9, beta = 1 + 4/0.9) is the paper's choice. The batch loss is the mean over the
+    -4/0.9, beta = 1 + 4/0.9) is the paper's choice (an independent public reimplementation
+    uses the same alpha = -4.45, beta = 5.45, gamma = 1). The batch loss is the mean over the
     batch's images (the paper is silent; a per-image loss averaged over the minibatch is the
     usual reading).
   - Curriculum (their Algorithm 1, "score threshold" strategy): training proceeds in stages of
@@ -17,8 +18,10 @@ The paper, and how it is followed here:
     (inference mode, every image once) and an UNKNOWN entry becomes +1 when its probability is
     above theta and -1 when it is below 1 - theta. The paper thresholds the score (logit) x at
     +theta_x / -theta_x; on probabilities that is theta = sigmoid(theta_x), and the default
-    0.8808 is sigmoid(2), the paper's score threshold theta_x = 2 (recalled from its Table of
-    labelling strategies; the text was not at hand when this was written). Both signs are
+    0.8808 is sigmoid(2), a score threshold theta_x = 2. The rule itself (unknown entries whose
+    logit is above +theta_x or below -theta_x take its sign) matches a public reimplementation
+    of the paper's strategies; the value 2 is recalled, not checked against the paper's text,
+    which was not at hand: set `--curriculum_theta` if yours differs. Both signs are
     labelled, as in the paper's score-threshold strategy; `--curriculum_signs=positive` is its
     "positive only" variant, which the paper found worse. theta = 0.5 labels every unknown entry
     at once (the paper's "2 steps" baseline).
