@@ -345,20 +345,18 @@ def _known_entries(scores, labels):
 
 
 def _checked_column(where, scores, labels):
-    scores = np.asarray(scores, dtype=np.float64)
-    labels = np.asarray(labels)
-    if scores.ndim != 1 or scores.shape != labels.shape:
-        raise ValueError(f"{where}: scores and labels must be 1-D of the same length. "
-                         f"Received: scores.shape={scores.shape}, labels.shape={labels.shape}.")
-    _check_values(where, scores, labels)
-    return scores, labels
+    return _checked(where, scores, labels, 1, "1-D of the same length")
 
 
 def _checked_matrix(where, scores, labels):
+    return _checked(where, scores, labels, 2, "[N, L] of the same shape")
+
+
+def _checked(where, scores, labels, ndim, shape_text):
     scores = np.asarray(scores, dtype=np.float64)
     labels = np.asarray(labels)
-    if scores.ndim != 2 or scores.shape != labels.shape:
-        raise ValueError(f"{where}: scores and labels must be [N, L] of the same shape. "
+    if scores.ndim != ndim or scores.shape != labels.shape:
+        raise ValueError(f"{where}: scores and labels must be {shape_text}. "
                          f"Received: scores.shape={scores.shape}, labels.shape={labels.shape}.")
     _check_values(where, scores, labels)
     return scores, labels

@@ -30,6 +30,32 @@ def bare_model(feature_dim=FEATURE_DIM):
                                  head=types.SimpleNamespace(trainable=True))
 
 
+def ranking_rows(rng, batch, num_classes, known_negative=0.4):
+    """Random {+1, -1, 0} rows for a ranking loss, then the rows it must skip: row 0 has no known
+    positive, row 1 no known negative, row 2 nothing known; row 3 has a pair and an unknown."""
+    unknown = 0.7 - known_negative
+    labels = rng.choice([1.0, -1.0, 0.0], size=(batch, num_classes),
+                        p=[0.3, known_negative, unknown])
+    labels[0] = np.where(labels[0] > 0, -1.0, labels[0])
+    labels[1] = np.where(labels[1] < 0, 1.0, labels[1])
+    labels[2] = 0.0
+    labels[3, :3] = [1.0, -1.0, 0.0]
+    return labels.astype(np.float32)
+
+
+def assert_the_draw_follows_the_global_seed(rng, loss):
+    """loss(logits, labels) samples: the same tf.random seed gives the same value, another seed
+    another value."""
+    labels = ranking_rows(rng, 8, 8)
+    logits = rng.normal(size=labels.shape).astype(np.float32)
+    values = []
+    for seed in (3, 3, 4):
+        tf.random.set_seed(seed)
+        values.append(float(loss(logits, labels)))
+    assert values[0] == values[1]
+    assert values[0] != values[2]
+
+
 def partial_batches(seed=0, count=48, batch_size=8):
     """(features, labels, ids) arrays and their tf.data batches.
 

@@ -13,17 +13,6 @@ from imcl_tf.methods.lsep import LSEP, lsep_loss, sample_lsep_pairs
 import method_checks
 
 
-def partial_rows(rng, batch, num_classes):
-    """Random {+1, -1, 0} rows, then the rows a ranking loss must skip: no known positive, no
-    known negative, nothing known."""
-    labels = rng.choice([1.0, -1.0, 0.0], size=(batch, num_classes), p=[0.3, 0.4, 0.3])
-    labels[0] = np.where(labels[0] > 0, -1.0, labels[0])  # no known positive
-    labels[1] = np.where(labels[1] < 0, 1.0, labels[1])  # no known negative
-    labels[2] = 0.0  # all unknown
-    labels[3, :3] = [1.0, -1.0, 0.0]  # at least one pair and one unknown
-    return labels.astype(np.float32)
-
-
 def known_pairs(row):
     positives = np.flatnonzero(row > 0)
     negatives = np.flatnonzero(row < 0)
@@ -64,7 +53,7 @@ def gradient(logits, labels, **kwargs):
 
 
 def test_every_pair_matches_the_reference(rng):
-    labels = partial_rows(rng, 9, 7)
+    labels = method_checks.ranking_rows(rng, 9, 7)
     logits = rng.normal(scale=2.0, size=labels.shape).astype(np.float32)
     expected = reference_lsep(logits, labels)
     assert expected > 0
@@ -73,7 +62,7 @@ def test_every_pair_matches_the_reference(rng):
 
 def test_every_pair_is_stable_for_large_logits(rng):
     """Differences of several hundred: exp would overflow float32, the log-sum-exp does not."""
-    labels = partial_rows(rng, 6, 8)
+    labels = method_checks.ranking_rows(rng, 6, 8)
     logits = rng.normal(scale=150.0, size=labels.shape).astype(np.float32)
     loss = float(lsep_loss(logits, labels))
     assert np.isfinite(loss)
@@ -81,7 +70,7 @@ def test_every_pair_is_stable_for_large_logits(rng):
 
 
 def test_rows_without_a_pair_give_zero_and_do_not_count(rng):
-    labels = partial_rows(rng, 6, 5)
+    labels = method_checks.ranking_rows(rng, 6, 5)
     logits = rng.normal(size=labels.shape).astype(np.float32)
     # Only row 3 (and any other row with a pair) counts; rows 0-2 change nothing.
     with_pairs = [b for b in range(6) if known_pairs(labels[b])]
@@ -101,7 +90,7 @@ def test_a_batch_without_any_pair_gives_zero_not_nan(max_pairs):
 
 @pytest.mark.parametrize("max_pairs", [0, 2])
 def test_gradients_are_finite_and_only_reach_known_labels_of_rows_with_a_pair(rng, max_pairs):
-    labels = partial_rows(rng, 8, 6)
+    labels = method_checks.ranking_rows(rng, 8, 6)
     logits = rng.normal(scale=3.0, size=labels.shape).astype(np.float32)
     _, grad = gradient(logits, labels, max_pairs=max_pairs, seed=1)
     assert np.all(np.isfinite(grad))
@@ -121,7 +110,7 @@ def test_gradients_are_finite_and_only_reach_known_labels_of_rows_with_a_pair(rn
 
 def test_gradient_matches_the_analytic_one(rng):
     """d l / d f_u = softmax weight of the pairs through u, over the images that count."""
-    labels = partial_rows(rng, 5, 4)
+    labels = method_checks.ranking_rows(rng, 5, 4)
     logits = rng.normal(size=labels.shape).astype(np.float32)
     _, grad = gradient(logits, labels)
     expected = np.zeros(labels.shape)
@@ -137,7 +126,7 @@ def test_gradient_matches_the_analytic_one(rng):
 
 
 def test_works_in_a_graph_with_an_unknown_batch_size(rng):
-    labels = partial_rows(rng, 7, 5)
+    labels = method_checks.ranking_rows(rng, 7, 5)
     logits = rng.normal(size=labels.shape).astype(np.float32)
     spec = tf.TensorSpec([None, 5], tf.float32)
 
@@ -157,7 +146,7 @@ def test_works_in_a_graph_with_an_unknown_batch_size(rng):
 
 
 def test_max_pairs_at_least_every_row_count_gives_the_exact_value(rng):
-    labels = partial_rows(rng, 8, 7)
+    labels = method_checks.ranking_rows(rng, 8, 7)
     logits = rng.normal(scale=2.0, size=labels.shape).astype(np.float32)
     most = max(len(known_pairs(row)) for row in labels)
     assert most > 2
@@ -183,7 +172,7 @@ def test_a_row_with_more_pairs_uses_exactly_max_pairs_of_them():
 
 
 def test_sampled_pairs_are_known_pairs_and_the_loss_is_theirs(rng):
-    labels = partial_rows(rng, 10, 8)
+    labels = method_checks.ranking_rows(rng, 10, 8)
     logits = rng.normal(scale=2.0, size=labels.shape).astype(np.float32)
     max_pairs = 3
     positive, negative = (p.numpy() for p in sample_lsep_pairs(labels, max_pairs, seed=5))
@@ -212,14 +201,8 @@ def test_sampled_pairs_are_uniform_over_positives_times_negatives():
 
 
 def test_the_draw_follows_the_global_seed(rng):
-    labels = partial_rows(rng, 8, 8)
-    logits = rng.normal(size=labels.shape).astype(np.float32)
-    values = []
-    for seed in (3, 3, 4):
-        tf.random.set_seed(seed)
-        values.append(float(lsep_loss(logits, labels, max_pairs=2)))
-    assert values[0] == values[1]
-    assert values[0] != values[2]
+    method_checks.assert_the_draw_follows_the_global_seed(
+        rng, lambda logits, labels: lsep_loss(logits, labels, max_pairs=2))
 
 
 # ---- bad input ----------------------------------------------------------------------------------
@@ -258,7 +241,7 @@ def test_the_method_config_round_trips():
 
 
 def test_loss_terms_are_the_loss_on_the_head_logits(rng):
-    labels = partial_rows(rng, 6, 5)
+    labels = method_checks.ranking_rows(rng, 6, 5)
     features = rng.normal(size=(6, 3)).astype(np.float32)
     head = keras.layers.Dense(5)
     model = types.SimpleNamespace(head=head)

@@ -14,17 +14,6 @@ from imcl_tf.methods.wsabie import WSABIE, warp_loss
 import method_checks
 
 
-def partial_rows(rng, batch, num_classes):
-    """Random {+1, -1, 0} rows, then the rows WARP must skip: no known positive, no known
-    negative, nothing known."""
-    labels = rng.choice([1.0, -1.0, 0.0], size=(batch, num_classes), p=[0.3, 0.45, 0.25])
-    labels[0] = np.where(labels[0] > 0, -1.0, labels[0])  # no known positive
-    labels[1] = np.where(labels[1] < 0, 1.0, labels[1])  # no known negative
-    labels[2] = 0.0  # all unknown
-    labels[3, :3] = [1.0, -1.0, 0.0]
-    return labels.astype(np.float32)
-
-
 def harmonic(k):
     return sum(1.0 / j for j in range(1, k + 1))
 
@@ -77,7 +66,7 @@ def loss_and_gradient(logits, labels, **kwargs):
 
 
 def test_matches_the_reference_loop_for_the_same_order(rng):
-    labels = partial_rows(rng, 12, 9)
+    labels = method_checks.ranking_rows(rng, 12, 9, known_negative=0.45)
     logits = rng.normal(scale=1.5, size=labels.shape).astype(np.float32)
     order = random_orders(rng, 12, 9)
     expected, expected_grad, tries = reference_warp(logits, labels, order)
@@ -90,7 +79,7 @@ def test_matches_the_reference_loop_for_the_same_order(rng):
 
 
 def test_gradients_are_finite_and_zero_on_unknown_labels_and_skipped_rows(rng):
-    labels = partial_rows(rng, 8, 7)
+    labels = method_checks.ranking_rows(rng, 8, 7, known_negative=0.45)
     logits = rng.normal(scale=2.0, size=labels.shape).astype(np.float32)
     _, grad = loss_and_gradient(logits, labels)
     assert np.all(np.isfinite(grad))
@@ -132,7 +121,7 @@ def test_when_every_negative_violates_the_rank_is_their_number():
 
 
 def test_when_no_negative_violates_the_loss_is_zero(rng):
-    labels = partial_rows(rng, 6, 8)
+    labels = method_checks.ranking_rows(rng, 6, 8, known_negative=0.45)
     # Known negatives at least a margin below every known positive; unknown ones far above.
     logits = np.where(labels > 0, 1.0, np.where(labels < 0, -0.5, 9.0)).astype(np.float32)
     loss, grad = loss_and_gradient(logits, labels)
@@ -161,18 +150,12 @@ def test_the_default_order_is_uniformly_random():
 
 
 def test_the_draw_follows_the_global_seed(rng):
-    labels = partial_rows(rng, 8, 8)
-    logits = rng.normal(size=labels.shape).astype(np.float32)
-    values = []
-    for seed in (3, 3, 4):
-        tf.random.set_seed(seed)
-        values.append(float(warp_loss(logits, labels)))
-    assert values[0] == values[1]
-    assert values[0] != values[2]
+    method_checks.assert_the_draw_follows_the_global_seed(
+        rng, lambda logits, labels: warp_loss(logits, labels))
 
 
 def test_works_in_a_graph_with_an_unknown_batch_size(rng):
-    labels = partial_rows(rng, 7, 5)
+    labels = method_checks.ranking_rows(rng, 7, 5, known_negative=0.45)
     logits = rng.normal(scale=1.5, size=labels.shape).astype(np.float32)
     order = random_orders(rng, 7, 5)
     spec = tf.TensorSpec([None, 5], tf.float32)
@@ -217,7 +200,7 @@ def test_the_registry_names_the_method():
 
 
 def test_loss_terms_are_the_loss_on_the_head_logits(rng):
-    labels = partial_rows(rng, 6, 5)
+    labels = method_checks.ranking_rows(rng, 6, 5, known_negative=0.45)
     features = rng.normal(size=(6, 3)).astype(np.float32)
     head = keras.layers.Dense(5, kernel_initializer=keras.initializers.RandomNormal(
         stddev=1.0, seed=2))
