@@ -397,10 +397,14 @@ class IMCL(Method):
         done = []  # the previous chunk's writes: a graph would otherwise run all chunks at once
         for start in range(0, self.dictionary_size, chunk):  # static: a few chunks at most
             end = min(start + chunk, self.dictionary_size)
+            # Both reads wait for the previous chunk: everything of a chunk derives from them,
+            # so no chunk's [c, L] temporaries exist before the previous chunk is written (an
+            # ungated label read let every chunk's label-side tensors be computed at once:
+            # about 3 [M, L] float32 arrays at the peak).
             with tf.control_dependencies(done):
                 features = tf.identity(self.bank.features[start:end])  # [c, D]
+                rows = tf.cast(self.bank.labels[start:end], tf.float32)  # [c, L (+ C)]
             logits = self.owner().head(features)  # [c, L]
-            rows = tf.cast(self.bank.labels[start:end], tf.float32)  # [c, L (+ C)]
             values = tf.stop_gradient(self._with_class_states(losses.atom_label_states(
                 logits, rows[:, :self.num_classes], self.label_graph, self.asym_c), rows))
             # Squared norms of the states and of the features with their bias coordinate.
