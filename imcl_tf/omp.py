@@ -73,7 +73,10 @@ def joint_nonnegative_omp(query_y: Any,
     Args:
       query_y: [B, L] label states of the queries.
       query_f: [B, D] features of the queries.
-      atoms_y: [M, L] label-side dictionary atoms (A y of the dictionary images).
+      atoms_y: [M, L] label-side dictionary atoms (A y of the dictionary images), or a list or
+        tuple of row blocks [M_1, L], [M_2, L], ... whose concatenation is that matrix (atom m of
+        block 2 is atom M_1 + m): the caller need not join blocks it computed apart, which would
+        copy the whole dictionary once more.
       atoms_f: [M, D] feature-side dictionary atoms.
       k: number of slots, 1 <= k <= min(M, MAX_K).
       lambda_y: weight >= 0 of the label side; Python number or scalar tensor.
@@ -115,22 +118,25 @@ def joint_nonnegative_omp(query_y: Any,
     k = _check_k(k)
     query_y = _as_float32(query_y, "query_y")
     query_f = _as_float32(query_f, "query_f")
-    atoms_y = _as_float32(atoms_y, "atoms_y")
+    blocks_y = _row_blocks(atoms_y)
     atoms_f = _as_float32(atoms_f, "atoms_f")
-    _check_shapes(query_y, query_f, atoms_y, atoms_f, k)
+    _check_shapes(query_y, query_f, _stacked_shape(blocks_y), atoms_f, k)
     lambda_y = _check_lambda(lambda_y, "lambda_y")
     lambda_f = _check_lambda(lambda_f, "lambda_f")
     if exclude is not None:
-        exclude = _check_exclude(exclude, query_y, atoms_y)
-    query_y, query_f, atoms_y, atoms_f = (
+        exclude = _check_exclude(exclude, query_y, atoms_f)
+    query_y, query_f, atoms_f = (
         _check_finite(x, name) for x, name in ((query_y, "query_y"), (query_f, "query_f"),
-                                              (atoms_y, "atoms_y"), (atoms_f, "atoms_f")))
+                                              (atoms_f, "atoms_f")))
+    blocks_y = tuple(_check_finite(block, "atoms_y" if len(blocks_y) == 1 else
+                                   f"atoms_y (row block {i})")
+                     for i, block in enumerate(blocks_y))
     if not (isinstance(score_threshold, (int, float, np.floating, np.integer))
             and math.isfinite(score_threshold) and score_threshold >= 0):
         raise ValueError(f"joint_nonnegative_omp: score_threshold must be a finite number >= 0. "
                          f"Received: score_threshold={score_threshold!r}.")
     norms = []
-    for given, atoms, name in ((atoms_y_sq_norms, atoms_y, "atoms_y_sq_norms"),
+    for given, atoms, name in ((atoms_y_sq_norms, atoms_f, "atoms_y_sq_norms"),
                                (atoms_f_sq_norms, atoms_f, "atoms_f_sq_norms")):
         if given is None:
             norms.append(None)
@@ -142,7 +148,7 @@ def joint_nonnegative_omp(query_y: Any,
                              f"Received: shape {given.shape}.")
         norms.append(given)
     omp = _compiled_omp if jit_compile else _omp
-    return omp(query_y, query_f, atoms_y, atoms_f, k, lambda_y, lambda_f, exclude,
+    return omp(query_y, query_f, blocks_y, atoms_f, k, lambda_y, lambda_f, exclude,
                float(score_threshold), bool(balance_scores), *norms)
 
 
@@ -154,18 +160,19 @@ def _omp(query_y, query_f, atoms_y, atoms_f, k, lambda_y, lambda_f, exclude,
     """The k-step loop on validated float32 tensors (see joint_nonnegative_omp).
 
     The steps run in a tf.while_loop over fixed [B, k] slot tensors (slots not reached yet count
-    as invalid), so the graph and XLA's compile time do not grow with k.
+    as invalid), so the graph and XLA's compile time do not grow with k. atoms_y is a tuple of
+    row blocks (one block: the plain [M, L] computation).
     """
-    query_y, query_f, atoms_y, atoms_f = (
-        tf.stop_gradient(x) for x in (query_y, query_f, atoms_y, atoms_f))
+    query_y, query_f, atoms_f = (tf.stop_gradient(x) for x in (query_y, query_f, atoms_f))
+    blocks_y = tuple(tf.stop_gradient(block) for block in atoms_y)
     lambda_y = tf.stop_gradient(lambda_y)
     lambda_f = tf.stop_gradient(lambda_f)
     batch = tf.shape(query_y)[0]
-    num_atoms = tf.shape(atoms_y)[0]
+    num_atoms = tf.shape(atoms_f)[0]
 
     # Atom norms once per call; 1/|a|^2 is 0 for zero atoms, so that side adds 0 to the score.
     if sq_norms_y is None:
-        sq_norms_y = _squared_row_norms(atoms_y)
+        sq_norms_y = tf.concat([_squared_row_norms(block) for block in blocks_y], axis=0)
     if sq_norms_f is None:
         sq_norms_f = _squared_row_norms(atoms_f)
     inv_norm_y = tf.math.divide_no_nan(1.0, tf.stop_gradient(sq_norms_y))  # [M]
@@ -183,7 +190,7 @@ def _omp(query_y, query_f, atoms_y, atoms_f, k, lambda_y, lambda_f, exclude,
 
     def one_step(step, residual_y, residual_f, blocked, indices, valid, coef):
         # The two GEMMs of the step: correlations of the residuals with every atom.
-        corr_y = tf.matmul(residual_y, atoms_y, transpose_b=True)  # [B, M]
+        corr_y = _block_correlations(residual_y, blocks_y)  # [B, M]
         corr_f = tf.matmul(residual_f, atoms_f, transpose_b=True)  # [B, M]
         score = _selection_scores(corr_y, corr_f, inv_norm_y, inv_norm_f, lambda_y, lambda_f)
         score = tf.where(blocked, tf.zeros_like(score), score)  # [B, M]
@@ -210,7 +217,7 @@ def _omp(query_y, query_f, atoms_y, atoms_f, k, lambda_y, lambda_f, exclude,
 
         # Support so far; invalid and future slots become zero atoms, which the NNLS leaves out.
         mask = tf.cast(valid, tf.float32)[:, :, None]  # [B, k, 1]
-        chosen_y = tf.gather(atoms_y, indices) * mask  # [B, k, L]
+        chosen_y = _gather_rows(blocks_y, indices) * mask  # [B, k, L]
         chosen_f = tf.gather(atoms_f, indices) * mask  # [B, k, D]
         gram = tf.stack([tf.matmul(chosen_y, chosen_y, transpose_b=True),
                          tf.matmul(chosen_f, chosen_f, transpose_b=True)])  # [2, B, k, k]
@@ -371,6 +378,28 @@ def _nnls_small(gram, rhs):
     return tf.where(picked > 0.0, picked, 0.0)  # turns -0.0 of empty slots into 0.0
 
 
+def _block_correlations(residual, blocks):
+    """[B, X] x the row blocks' [M, X] transposed -> [B, M], block by block (nothing joined)."""
+    if len(blocks) == 1:
+        return tf.matmul(residual, blocks[0], transpose_b=True)
+    return tf.concat([tf.matmul(residual, block, transpose_b=True) for block in blocks], axis=1)
+
+
+def _gather_rows(blocks, indices):
+    """Rows `indices` (any shape, into the blocks' concatenation) -> indices.shape + [X]."""
+    if len(blocks) == 1:
+        return tf.gather(blocks[0], indices)
+    rows, start = None, tf.constant(0, indices.dtype)
+    for block in blocks:
+        size = tf.cast(tf.shape(block)[0], indices.dtype)
+        local = indices - start
+        inside = tf.logical_and(local >= 0, local < size)
+        picked = tf.gather(block, tf.clip_by_value(local, 0, size - 1))
+        rows = picked if rows is None else tf.where(inside[..., None], picked, rows)
+        start += size
+    return rows
+
+
 def _squared_row_norms(matrix):
     """[M, X] -> [M] squared L2 norms of the rows.
 
@@ -409,6 +438,33 @@ def _as_float32(value, name):
         raise ValueError(f"joint_nonnegative_omp: {name} must have rank 2. "
                          f"Received: {name}.shape={tensor.shape}.")
     return tf.cast(tensor, tf.float32)
+
+
+def _row_blocks(atoms_y):
+    """atoms_y as a non-empty tuple of float32 [M_i, L] blocks of one width."""
+    if isinstance(atoms_y, (list, tuple)):
+        if not atoms_y:
+            raise ValueError("joint_nonnegative_omp: atoms_y is an empty list; give an [M, L] "
+                             "tensor or a list of [M_i, L] row blocks.")
+        blocks = tuple(_as_float32(block, f"atoms_y[{i}]") for i, block in enumerate(atoms_y))
+    else:
+        blocks = (_as_float32(atoms_y, "atoms_y"),)
+    widths = {block.shape[1] for block in blocks} - {None}
+    if len(widths) > 1:
+        raise ValueError(f"joint_nonnegative_omp: the row blocks of atoms_y must all be [M_i, L] "
+                         f"with one L. Received shapes {[tuple(b.shape) for b in blocks]}.")
+    return blocks
+
+
+def _stacked_shape(blocks):
+    """The static shape of the blocks' concatenation, as a stand-in with a `.shape`."""
+    rows = [block.shape[0] for block in blocks]
+    widths = [block.shape[1] for block in blocks if block.shape[1] is not None]
+    shape = tf.TensorShape([None if None in rows else sum(rows), widths[0] if widths else None])
+    return _Shaped(shape)
+
+
+_Shaped = collections.namedtuple("_Shaped", ["shape"])
 
 
 def _check_shapes(query_y, query_f, atoms_y, atoms_f, k):
@@ -455,21 +511,21 @@ def _check_lambda(value, name):
     return tf.constant(number, tf.float32)
 
 
-def _check_exclude(exclude, query_y, atoms_y):
+def _check_exclude(exclude, query_y, atoms_f):
     tensor = tf.convert_to_tensor(exclude)
     if tensor.dtype != tf.bool:
         raise TypeError(f"joint_nonnegative_omp: exclude must be a bool [B, M] mask (True = atom "
                         f"may not be chosen for that query). Received: exclude with dtype "
                         f"{tensor.dtype.name} and shape {tensor.shape}.")
-    expected = tf.TensorShape([query_y.shape[0], atoms_y.shape[0]])
+    expected = tf.TensorShape([query_y.shape[0], atoms_f.shape[0]])
     if not tensor.shape.is_compatible_with(expected):
         raise ValueError(f"joint_nonnegative_omp: exclude must have shape [B, M] = {expected} "
-                         f"(B from query_y.shape={query_y.shape}, M from atoms_y.shape="
-                         f"{atoms_y.shape}). Received: exclude.shape={tensor.shape}.")
+                         f"(B from query_y.shape={query_y.shape}, M from atoms_f.shape="
+                         f"{atoms_f.shape}). Received: exclude.shape={tensor.shape}.")
     if tensor.shape.is_fully_defined() and expected.is_fully_defined():
         return tensor
     with tf.control_dependencies([tf.debugging.assert_equal(
-            tf.shape(tensor), tf.stack([tf.shape(query_y)[0], tf.shape(atoms_y)[0]]),
+            tf.shape(tensor), tf.stack([tf.shape(query_y)[0], tf.shape(atoms_f)[0]]),
             message="joint_nonnegative_omp: exclude must have shape [B, M].")]):
         return tf.identity(tensor)
 

@@ -421,3 +421,42 @@ def test_given_atom_norms_give_the_same_result_and_are_checked(rng):
     np.testing.assert_allclose(given.coef_f.numpy(), plain.coef_f.numpy(), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match=r"atoms_f_sq_norms must be \[M\] = \[30\]"):
         joint_nonnegative_omp(*problem, 3, atoms_f_sq_norms=np.ones(29))
+
+
+@pytest.mark.parametrize("sizes", [(30,), (7, 23), (1, 10, 4, 15)])
+def test_row_blocks_give_the_reference_result(sizes):
+    """atoms_y as row blocks (eagerly, jit-compiled and in a graph with unknown block sizes) is
+    the dictionary of their concatenation, with exclusions and given norms."""
+    rng = np.random.default_rng(len(sizes))
+    problem = random_problem(rng, 6, sum(sizes), 8, 11)
+    query_y, query_f, atoms_y, atoms_f = problem
+    blocks = np.split(atoms_y, np.cumsum(sizes)[:-1])
+    exclude = rng.random((6, sum(sizes))) < 0.2
+    for jit in (False, True):
+        result = joint_nonnegative_omp(query_y, query_f, blocks, atoms_f, 4, lambda_y=0.7,
+                                       exclude=exclude, jit_compile=jit)
+        assert_matches_reference(result, problem, 4, lambda_y=0.7, exclude=exclude)
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 8], tf.float32)] * len(sizes))
+    def graph_omp(*parts):
+        return joint_nonnegative_omp(query_y, query_f, list(parts), atoms_f, 4, lambda_y=0.7,
+                                     exclude=exclude,
+                                     atoms_y_sq_norms=np.sum(np.square(atoms_y), 1))
+
+    assert_matches_reference(graph_omp(*blocks), problem, 4, lambda_y=0.7, exclude=exclude)
+
+
+def test_bad_row_blocks_are_rejected(rng):
+    arguments = _good(rng)
+    with pytest.raises(ValueError, match=r"atoms_y is an empty list"):
+        joint_nonnegative_omp(**{**arguments, "atoms_y": []})
+    with pytest.raises(ValueError, match=r"row blocks of atoms_y must all be \[M_i, L\] with "
+                                         r"one L.*\(2, 4\), \(4, 3\)"):
+        joint_nonnegative_omp(**{**arguments, "atoms_y": [np.ones((2, 4)), np.ones((4, 3))]})
+    with pytest.raises(ValueError, match=r"number of atoms M.*atoms_y.shape=\(5, 4\)"):
+        joint_nonnegative_omp(**{**arguments, "atoms_y": [np.ones((2, 4)), np.ones((3, 4))]})
+    bad = np.ones((4, 4))
+    bad[1, 2] = np.nan
+    with pytest.raises(ValueError, match=r"atoms_y \(row block 1\) contains non-finite values "
+                                         r"\(first at \[1, 2\]: nan\)"):
+        joint_nonnegative_omp(**{**arguments, "atoms_y": [np.ones((2, 4)), bad]})
