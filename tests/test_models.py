@@ -440,6 +440,7 @@ def test_selected_neighbour_recompute_gives_the_full_gradient_loss_and_gradients
         graph = raw + np.eye(CLASSES)
         graph = (graph / graph.sum(0)).astype(np.float32)
     model = _model("imcl", images, labels, ids, label_graph_init=graph, balance="none")
+    assert [block.shape[0] for block in model.method.selection_atom_state_blocks()] == [5, 5, 5, 1]
     expected_structure = {"identity": "diagonal", "sparse": "general", "dense": "general"}
     assert model.method.label_graph.structure == expected_structure[graph_kind]
     assert model.method.label_graph.dense_product == (graph_kind == "dense")

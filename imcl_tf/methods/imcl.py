@@ -234,15 +234,19 @@ class IMCL(Method):
             "uint8" if input_mode == "image" else "float32",
             model.feature_dim, self.num_classes + self.num_image_classes,
             name="dictionary_bank")
-        # The atoms' selection label states [M, L (+ C)], written chunk by chunk (never a second
-        # [M, L] array) and, with label_state_refresh_every > 1, reused between refreshes.
-        # Derived state: kept out of weights and checkpoints, recomputed after a restart.
+        # The atoms' selection label states [M, L (+ C)], one variable per chunk of atoms
+        # (`_atom_state_chunks`), each written whole and read by the OMP as a row block: a single
+        # [M, L] variable written in parts (scatter or slice assignment) is copied whole by every
+        # later dense read (TensorFlow's copy-on-read mode), one [M, L] array more at the peak.
+        # With label_state_refresh_every > 1 they are reused between refreshes. Derived state:
+        # kept out of weights and checkpoints, recomputed after a restart.
         per_replica = dict(trainable=False, synchronization=tf.VariableSynchronization.ON_READ,
                            aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+        width = self.num_classes + self.num_image_classes
         self._atom_states = Untracked((
-            tf.Variable(tf.zeros([self.dictionary_size,
-                                  self.num_classes + self.num_image_classes]),
-                        name="atom_label_states", **per_replica),
+            tuple(tf.Variable(tf.zeros([end - start, width]),
+                              name=f"atom_label_states_{index}", **per_replica)
+                  for index, (start, end) in enumerate(self._atom_state_chunks())),
             # Calls since the last recomputation; 0 = due now.
             tf.Variable(tf.constant(0, tf.int64), name="atom_label_state_age", **per_replica),
             # Squared norms of the states and of the bias-extended features, for the OMP.
@@ -326,7 +330,7 @@ class IMCL(Method):
         # Atom label states for SELECTION only, with the current classifier and graph but no
         # gradient (docs/architecture.md, scale rules): only the B x k selected neighbours
         # enter the loss, and their states are recomputed with gradient below.
-        atoms_y = self.selection_atom_states()  # [M, L]
+        atoms_y = self.selection_atom_state_blocks()  # row blocks of [M, L]
         omp = joint_nonnegative_omp(
             tf.stop_gradient(query_y), tf.stop_gradient(query_f), atoms_y,
             bank_f, self.k, lambda_y=lambda_y, lambda_f=lambda_f,
@@ -367,9 +371,16 @@ class IMCL(Method):
     def selection_atom_states(self) -> tf.Tensor:
         """[M, L] label states of every bank atom (classifier and graph), no gradient.
 
-        They only choose the neighbours (the OMP); the loss uses the chosen neighbours' states
-        recomputed with gradient. Recomputed with the current weights at every call, or every
-        `label_state_refresh_every` calls (see the constructor).
+        The blocks of `selection_atom_state_blocks` joined: a copy, for inspection and tests.
+        """
+        return tf.concat(self.selection_atom_state_blocks(), axis=0)
+
+    def selection_atom_state_blocks(self) -> list:
+        """The [M, L] label states of every bank atom as row blocks (one per chunk of atoms).
+
+        Classifier and graph, no gradient. They only choose the neighbours (the OMP); the loss
+        uses the chosen neighbours' states recomputed with gradient. Recomputed with the current
+        weights at every call, or every `label_state_refresh_every` calls (see the constructor).
         """
         states, age = self._atom_states.value[:2]
         if self.label_state_refresh_every == 1:
@@ -381,22 +392,26 @@ class IMCL(Method):
 
             tf.cond(tf.equal(age.read_value() % self.label_state_refresh_every, 0), recompute,
                     lambda: age.assign_add(1))
-        return tf.stop_gradient(states.read_value())
+        return [tf.stop_gradient(block.read_value()) for block in states]
 
-    def _write_atom_states(self):
-        """Atom label states in chunks of ATOM_STATE_CHUNK_ENTRIES entries, written in place.
-
-        Under a distribution strategy (per-replica variables, which have no scatter_update) the
-        chunks are joined and assigned at once: one [M, L] temporary more.
-        """
-        states, _, norms_y, norms_f = self._atom_states.value
-        in_place = not isinstance(states, tf.distribute.DistributedValues)
+    def _atom_state_chunks(self) -> list[tuple[int, int]]:
+        """(start, end) of each chunk of about ATOM_STATE_CHUNK_ENTRIES [atom, label] entries."""
         width = self.num_classes + self.num_image_classes
         chunk = max(MIN_ATOM_STATE_CHUNK, ATOM_STATE_CHUNK_ENTRIES // width)
+        return [(start, min(start + chunk, self.dictionary_size))
+                for start in range(0, self.dictionary_size, chunk)]
+
+    def _write_atom_states(self):
+        """Atom label states chunk by chunk, each assigned whole to its own variable.
+
+        The squared norms are written in place, or under a distribution strategy (per-replica
+        variables, which have no scatter_update) joined and assigned at once ([M] each).
+        """
+        states, _, norms_y, norms_f = self._atom_states.value
+        in_place = not isinstance(norms_y, tf.distribute.DistributedValues)
         pieces = []
         done = []  # the previous chunk's writes: a graph would otherwise run all chunks at once
-        for start in range(0, self.dictionary_size, chunk):  # static: a few chunks at most
-            end = min(start + chunk, self.dictionary_size)
+        for block, (start, end) in zip(states, self._atom_state_chunks()):
             # Both reads wait for the previous chunk: everything of a chunk derives from them,
             # so no chunk's [c, L] temporaries exist before the previous chunk is written (an
             # ungated label read let every chunk's label-side tensors be computed at once:
@@ -410,15 +425,16 @@ class IMCL(Method):
             # Squared norms of the states and of the features with their bias coordinate.
             parts = (values, tf.reduce_sum(tf.square(values), 1),
                      tf.reduce_sum(tf.square(features), 1) + 1.0)
+            done = [block.assign(values, read_value=False)]
             if in_place:
                 positions = tf.range(start, end)
-                done = [variable.scatter_update(tf.IndexedSlices(part, positions))
-                        for variable, part in zip((states, norms_y, norms_f), parts)]
-                done = [] if tf.executing_eagerly() else done
+                done += [variable.scatter_update(tf.IndexedSlices(part, positions))
+                         for variable, part in zip((norms_y, norms_f), parts[1:])]
             else:
-                pieces.append(parts)
+                pieces.append(parts[1:])
+            done = [] if tf.executing_eagerly() else done
         if not in_place:
-            for variable, part in zip((states, norms_y, norms_f), zip(*pieces)):
+            for variable, part in zip((norms_y, norms_f), zip(*pieces)):
                 variable.assign(tf.concat(part, axis=0))
 
     def mark_atom_states_due(self) -> None:
