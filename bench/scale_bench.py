@@ -169,7 +169,7 @@ def make_floor(imcl, args):
     model = imcl.model
     features, labels, _ = imcl.batch
     bank = model.method.bank.features
-    atoms_y = model.method._atom_states.value[0]  # [M, L], the states the OMP reads
+    atoms_y = model.method._atom_states.value[0]  # the row blocks of [M, L] the OMP reads
     query_y = tf.stop_gradient(model(features))
     query_f = features
 
@@ -180,7 +180,8 @@ def make_floor(imcl, args):
     @tf.function(jit_compile=True)  # compiled, as the OMP is inside the step
     def chained_products(residual_y, residual_f):
         for _ in range(args.k):  # the OMP's k chained GEMMs
-            corr = (tf.matmul(residual_y, atoms_y, transpose_b=True) +
+            corr = (tf.concat([tf.matmul(residual_y, block, transpose_b=True)
+                               for block in atoms_y], axis=1) +
                     tf.matmul(residual_f, bank, transpose_b=True))  # [B, M]
             top = 1e-9 * tf.reduce_max(corr, axis=1, keepdims=True)
             residual_y, residual_f = residual_y - top, residual_f - top

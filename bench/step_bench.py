@@ -138,7 +138,8 @@ def profile_parts(variant, logistic, args, rounds):
 
     @tf.function
     def bank_head():
-        return model.method.selection_atom_states()  # what the step does: chunked, no gradient
+        # What the step does: chunk by chunk, no gradient; row blocks, as the OMP reads them.
+        return model.method.selection_atom_state_blocks()
 
     features = model.extract_features(inputs)
     logits = model.head(features)
