@@ -53,7 +53,8 @@ def joint_nonnegative_omp(query_y: Any,
                           score_threshold: float = 0.0,
                           balance_scores: bool = False,
                           atoms_y_sq_norms: Any = None,
-                          atoms_f_sq_norms: Any = None) -> OMPResult:
+                          atoms_f_sq_norms: Any = None,
+                          atoms_f_constant: float | None = None) -> OMPResult:
     """Selects k nonnegative sparse neighbours per query from a dictionary (Algorithm 2).
 
     At each of the k steps every atom m that is neither chosen yet nor excluded gets the score of
@@ -95,7 +96,11 @@ def joint_nonnegative_omp(query_y: Any,
         Validity still needs a loss decrease (the unbalanced score) above the minimum gain.
       atoms_y_sq_norms, atoms_f_sq_norms: optional [M] squared row norms of atoms_y / atoms_f
         when the caller already has them (IMCLModel computes them chunk by chunk with the
-        atoms): computing them here needs an [M, L] temporary. They must be the atoms' own.
+        atoms): computing them here needs an [M, L] temporary. They must be the atoms' own
+        (with atoms_f_constant, the norms of the extended feature atoms).
+      atoms_f_constant: if a number c, every feature atom is [atoms_f[m], c]: a constant last
+        coordinate that is never stored (IMCL's bias coordinate 1), so atoms_f is [M, D - 1]
+        while query_f is [B, D]. Joining it to atoms_f would copy the whole [M, D] dictionary.
 
     Returns:
       OMPResult(indices [B, k] int32, valid [B, k] bool, coef_y [B, k] float32,
@@ -120,7 +125,16 @@ def joint_nonnegative_omp(query_y: Any,
     query_f = _as_float32(query_f, "query_f")
     blocks_y = _row_blocks(atoms_y)
     atoms_f = _as_float32(atoms_f, "atoms_f")
-    _check_shapes(query_y, query_f, _stacked_shape(blocks_y), atoms_f, k)
+    if atoms_f_constant is not None:
+        if isinstance(atoms_f_constant, bool) or not isinstance(
+                atoms_f_constant, (int, float, np.floating, np.integer)) or \
+                not math.isfinite(atoms_f_constant):
+            raise ValueError(f"joint_nonnegative_omp: atoms_f_constant must be None or a finite "
+                             f"number. Received: atoms_f_constant={atoms_f_constant!r}.")
+        atoms_f_constant = float(atoms_f_constant)
+    extended_f = atoms_f if atoms_f_constant is None else _Shaped(tf.TensorShape(
+        [atoms_f.shape[0], None if atoms_f.shape[1] is None else atoms_f.shape[1] + 1]))
+    _check_shapes(query_y, query_f, _stacked_shape(blocks_y), extended_f, k)
     lambda_y = _check_lambda(lambda_y, "lambda_y")
     lambda_f = _check_lambda(lambda_f, "lambda_f")
     if exclude is not None:
@@ -149,19 +163,20 @@ def joint_nonnegative_omp(query_y: Any,
         norms.append(given)
     omp = _compiled_omp if jit_compile else _omp
     return omp(query_y, query_f, blocks_y, atoms_f, k, lambda_y, lambda_f, exclude,
-               float(score_threshold), bool(balance_scores), *norms)
+               float(score_threshold), bool(balance_scores), *norms, atoms_f_constant)
 
 
 # ---- The algorithm ------------------------------------------------------------------------------
 
 
 def _omp(query_y, query_f, atoms_y, atoms_f, k, lambda_y, lambda_f, exclude,
-         score_threshold=0.0, balance_scores=False, sq_norms_y=None, sq_norms_f=None):
+         score_threshold=0.0, balance_scores=False, sq_norms_y=None, sq_norms_f=None,
+         f_constant=None):
     """The k-step loop on validated float32 tensors (see joint_nonnegative_omp).
 
     The steps run in a tf.while_loop over fixed [B, k] slot tensors (slots not reached yet count
     as invalid), so the graph and XLA's compile time do not grow with k. atoms_y is a tuple of
-    row blocks (one block: the plain [M, L] computation).
+    row blocks (one block: the plain [M, L] computation); f_constant is atoms_f_constant.
     """
     query_y, query_f, atoms_f = (tf.stop_gradient(x) for x in (query_y, query_f, atoms_f))
     blocks_y = tuple(tf.stop_gradient(block) for block in atoms_y)
@@ -175,6 +190,8 @@ def _omp(query_y, query_f, atoms_y, atoms_f, k, lambda_y, lambda_f, exclude,
         sq_norms_y = tf.concat([_squared_row_norms(block) for block in blocks_y], axis=0)
     if sq_norms_f is None:
         sq_norms_f = _squared_row_norms(atoms_f)
+        if f_constant is not None:
+            sq_norms_f += f_constant ** 2
     inv_norm_y = tf.math.divide_no_nan(1.0, tf.stop_gradient(sq_norms_y))  # [M]
     inv_norm_f = tf.math.divide_no_nan(1.0, tf.stop_gradient(sq_norms_f))  # [M]
     atom_index = tf.range(num_atoms, dtype=tf.int32)  # [M]
@@ -191,7 +208,7 @@ def _omp(query_y, query_f, atoms_y, atoms_f, k, lambda_y, lambda_f, exclude,
     def one_step(step, residual_y, residual_f, blocked, indices, valid, coef):
         # The two GEMMs of the step: correlations of the residuals with every atom.
         corr_y = _block_correlations(residual_y, blocks_y)  # [B, M]
-        corr_f = tf.matmul(residual_f, atoms_f, transpose_b=True)  # [B, M]
+        corr_f = _feature_correlations(residual_f, atoms_f, f_constant)  # [B, M]
         score = _selection_scores(corr_y, corr_f, inv_norm_y, inv_norm_f, lambda_y, lambda_f)
         score = tf.where(blocked, tf.zeros_like(score), score)  # [B, M]
         choice = score
@@ -218,7 +235,7 @@ def _omp(query_y, query_f, atoms_y, atoms_f, k, lambda_y, lambda_f, exclude,
         # Support so far; invalid and future slots become zero atoms, which the NNLS leaves out.
         mask = tf.cast(valid, tf.float32)[:, :, None]  # [B, k, 1]
         chosen_y = _gather_rows(blocks_y, indices) * mask  # [B, k, L]
-        chosen_f = tf.gather(atoms_f, indices) * mask  # [B, k, D]
+        chosen_f = _gather_features(atoms_f, indices, f_constant) * mask  # [B, k, D]
         gram = tf.stack([tf.matmul(chosen_y, chosen_y, transpose_b=True),
                          tf.matmul(chosen_f, chosen_f, transpose_b=True)])  # [2, B, k, k]
         rhs = tf.stack([tf.einsum("bl,bkl->bk", query_y, chosen_y),
@@ -383,6 +400,22 @@ def _block_correlations(residual, blocks):
     if len(blocks) == 1:
         return tf.matmul(residual, blocks[0], transpose_b=True)
     return tf.concat([tf.matmul(residual, block, transpose_b=True) for block in blocks], axis=1)
+
+
+def _feature_correlations(residual_f, atoms_f, constant):
+    """[B, D] x the feature atoms [M, D] (their last coordinate `constant` if given) -> [B, M]."""
+    if constant is None:
+        return tf.matmul(residual_f, atoms_f, transpose_b=True)
+    return (tf.matmul(residual_f[:, :-1], atoms_f, transpose_b=True)
+            + constant * residual_f[:, -1:])
+
+
+def _gather_features(atoms_f, indices, constant):
+    """Feature atoms `indices` ([B, k]) -> [B, k, D], with the constant coordinate if given."""
+    rows = tf.gather(atoms_f, indices)
+    if constant is None:
+        return rows
+    return tf.concat([rows, tf.fill(tf.concat([tf.shape(indices), [1]], 0), constant)], -1)
 
 
 def _gather_rows(blocks, indices):

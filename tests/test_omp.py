@@ -460,3 +460,26 @@ def test_bad_row_blocks_are_rejected(rng):
     with pytest.raises(ValueError, match=r"atoms_y \(row block 1\) contains non-finite values "
                                          r"\(first at \[1, 2\]: nan\)"):
         joint_nonnegative_omp(**{**arguments, "atoms_y": [np.ones((2, 4)), bad]})
+
+
+@pytest.mark.parametrize("constant", [1.0, -0.5])
+def test_a_constant_feature_coordinate_is_the_joined_dictionary(constant):
+    """atoms_f_constant c: the same as the feature atoms [f_m, c] joined (with or without given
+    norms, eagerly and compiled), and the query keeps its D + 1 columns."""
+    rng = np.random.default_rng(7)
+    query_y, query_f, atoms_y, atoms_f = random_problem(rng, 6, 35, 7, 10)
+    joined = np.concatenate([atoms_f, np.full((35, 1), constant, np.float32)], axis=1)
+    query_f = np.concatenate([query_f, rng.standard_normal((6, 1)).astype(np.float32)], axis=1)
+    problem = (query_y, query_f, atoms_y, joined)
+    exclude = rng.random((6, 35)) < 0.2
+    for jit in (False, True):
+        for norms in (None, np.sum(np.square(joined), 1)):
+            result = joint_nonnegative_omp(query_y, query_f, atoms_y, atoms_f, 3, lambda_f=0.6,
+                                           exclude=exclude, jit_compile=jit,
+                                           atoms_f_sq_norms=norms, atoms_f_constant=constant)
+            assert_matches_reference(result, problem, 3, lambda_f=0.6, exclude=exclude)
+    with pytest.raises(ValueError, match=r"feature dimension D.*query_f.shape=\(6, 10\)"):
+        joint_nonnegative_omp(query_y, query_f[:, :10], atoms_y, atoms_f, 3,
+                              atoms_f_constant=constant)
+    with pytest.raises(ValueError, match=r"atoms_f_constant must be None or a finite number"):
+        joint_nonnegative_omp(query_y, query_f, atoms_y, atoms_f, 3, atoms_f_constant=np.inf)
