@@ -326,18 +326,19 @@ class IMCL(Method):
         query_y = self._with_class_states(losses.query_label_states(
             logits, labels[..., :self.num_classes], self.asym_c), labels)  # [B, L (+ C)]
         query_f = _with_bias(features)  # [B, D+1]: the constant coordinate is reconstructed too
-        bank_f = _with_bias(self.bank.features)  # [M, D+1], constants until the next refresh
         # Atom label states for SELECTION only, with the current classifier and graph but no
         # gradient (docs/architecture.md, scale rules): only the B x k selected neighbours
         # enter the loss, and their states are recomputed with gradient below.
         atoms_y = self.selection_atom_state_blocks()  # row blocks of [M, L]
+        # The bank's features [M, D] with their bias coordinate 1 left implicit (joining it would
+        # copy the whole bank); constants until the next refresh.
         omp = joint_nonnegative_omp(
             tf.stop_gradient(query_y), tf.stop_gradient(query_f), atoms_y,
-            bank_f, self.k, lambda_y=lambda_y, lambda_f=lambda_f,
+            self.bank.features, self.k, lambda_y=lambda_y, lambda_f=lambda_f,
             exclude=self.bank.exclusion_mask(ids), jit_compile=self.omp_jit_compile,
             score_threshold=self.omp_score_threshold, balance_scores=self.omp_balance_scores,
             atoms_y_sq_norms=self._atom_states.value[2].read_value(),
-            atoms_f_sq_norms=self._atom_states.value[3].read_value())
+            atoms_f_sq_norms=self._atom_states.value[3].read_value(), atoms_f_constant=1.0)
         indices = tf.maximum(omp.indices, 0)  # invalid slots are masked by `valid` below
         coef_y, coef_f = omp.coef_y, omp.coef_f
         batch = tf.shape(indices)[0]
