@@ -287,7 +287,8 @@ def image_worker(mode, args):
     weights = sum(int(np.prod(v.shape)) * v.dtype.itemsize if hasattr(v.dtype, "itemsize")
                   else int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for v in model.weights)
     result["weights_bytes"] = weights
-    bank_features = 0 if model.method.bank is None else int(np.prod(model.method.bank.features.shape)) * 4
+    bank = getattr(model.method, "bank", None)  # logistic has none
+    bank_features = 0 if bank is None else int(np.prod(bank.features.shape)) * 4
     result["bank_feature_bytes"] = bank_features
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, "model.keras")
