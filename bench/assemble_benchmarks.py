@@ -15,8 +15,8 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECTIONS = ("quality", "transfer_protocol", "compare_protocol", "compare_methods_transfer",
-            "compare_methods_demo", "demo", "omp", "step", "scale", "input", "serving", "faults",
-            "fault_serving")
+            "compare_methods_demo", "demo", "omp", "step", "scale", "scale_image", "input",
+            "serving", "faults", "fault_serving")
 
 
 def assemble(root: str = ROOT) -> str:
