@@ -96,8 +96,14 @@ def main(argv=None) -> int:
     parser.add_argument("--baselines_only", action="store_true",
                         help="Train only the logistic baselines (what bench/neighbour_targets.py "
                              "needs); no control, no IMCL, no table.")
+    parser.add_argument("--select", default="",
+                        help="A JSON file {name: {option: value}} of candidate IMCL settings: "
+                             "train each from the baselines at --ratios and --seeds and write "
+                             "<out>/selection.md with VALIDATION mAP only (no test split is "
+                             "read): how the protocol chooses IMCL's options.")
     parser.add_argument("--quick", action="store_true", help="Tiny sizes: a smoke test.")
     args = parser.parse_args(argv)
+    args.candidates = _load_candidates(parser, args.select) if args.select else {}
     transfer = args.regime == "transfer"
     defaults = (dict(num_train=TRANSFER["num_train"], num_val=TRANSFER["num_val"],
                      num_test=TRANSFER["num_test"], **{k: v for k, v in
@@ -125,6 +131,9 @@ def main(argv=None) -> int:
     results = _load_results(args.out)
     ratios = [float(r) for r in args.ratios.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
+    if args.select:
+        _select(args, full_dir, ratios, seeds, base, imcl_only)
+        return 0
     if args.baselines_only:
         for ratio in ratios:
             for seed in seeds:
@@ -259,6 +268,88 @@ def _train_baseline(args, full_dir, protocol, ratio, seed, base) -> str:
     return logistic_dir
 
 
+def _train_control(args, full_dir, protocol, ratio, seed, base) -> str:
+    """The control of a ratio and seed: the baseline trained for as many extra steps as IMCL gets,
+    so that a gain cannot come from the extra steps alone; cached. Returns its dir."""
+    from imcl_tf.training.config import TrainConfig
+    from imcl_tf.training.trainer import run
+    data_dir = _partial_dir(args, full_dir, protocol, ratio, seed)
+    logistic_dir = _train_baseline(args, full_dir, protocol, ratio, seed, base)
+    control_dir = os.path.join(args.out, "runs", cell_tag(protocol, ratio, seed), "logistic_extra")
+    if not _completed_or_cleared(control_dir):
+        run(TrainConfig(
+            data_dir=data_dir, model_dir=control_dir, method="logistic", seed=seed,
+            warm_start=logistic_dir, train_steps=args.imcl_steps, eval_every=args.eval_every,
+            **{k: v for k, v in base.items()}))
+    return control_dir
+
+
+def _select(args, full_dir, ratios, seeds, base, imcl_only):
+    """Trains every candidate IMCL setting of --select at each ratio and seed, from the same
+    baseline as the control, and writes <out>/selection.md: best validation mAP, IMCL - control,
+    per ratio and overall. The test split is never read, so the choice cannot favour test."""
+    from imcl_tf.training.config import TrainConfig
+    from imcl_tf.training.trainer import run
+    candidates = args.candidates
+    gains = {name: {ratio: [] for ratio in ratios} for name in candidates}
+    for ratio in ratios:
+        for seed in seeds:
+            data_dir = _partial_dir(args, full_dir, "uniform", ratio, seed)
+            logistic_dir = _train_baseline(args, full_dir, "uniform", ratio, seed, base)
+            control = _best_val_map(_train_control(args, full_dir, "uniform", ratio, seed, base))
+            for name, settings in candidates.items():
+                run_dir = os.path.join(args.out, "runs", cell_tag("uniform", ratio, seed),
+                                       "select_" + _slug(name))
+                if not _completed_or_cleared(run_dir):
+                    run(TrainConfig(
+                        data_dir=data_dir, model_dir=run_dir, method="imcl", seed=seed,
+                        warm_start=logistic_dir, train_steps=args.imcl_steps,
+                        eval_every=args.eval_every, **{**base, **imcl_only, **settings}))
+                gain = 100 * (_best_val_map(run_dir) - control)
+                gains[name][ratio].append(gain)
+                print(f"select {name:28s} ratio {ratio:.1f} seed {seed}: val mAP gain over the "
+                      f"control {gain:+.2f}", flush=True)
+    overall = {name: float(np.mean([g for cell in by_ratio.values() for g in cell]))
+               for name, by_ratio in gains.items()}
+    chosen = max(overall, key=overall.get)
+    lines = [f"Candidates of {os.path.basename(args.select)}: best validation mAP of IMCL minus "
+             f"that of the control (the baseline continued with masked BCE), in points; mean ± "
+             f"std over seeds {seeds}. The test split is not read.", "",
+             "| candidate | settings | " + " | ".join(f"{r:.0%} known" for r in ratios) +
+             " | mean |", "|---|---|" + "---:|" * (len(ratios) + 1)]
+    for name, by_ratio in gains.items():
+        cells = " | ".join(f"{np.mean(v):+.2f} ± {np.std(v):.2f}" for v in by_ratio.values())
+        settings = ", ".join(f"{k}={v}" for k, v in candidates[name].items()) or "(the base)"
+        lines.append(f"| {name} | {settings} | {cells} | {overall[name]:+.2f} |")
+    lines.append(f"\nChosen (highest mean): **{chosen}**.")
+    text = "\n".join(lines) + "\n"
+    with open(os.path.join(args.out, "selection.md"), "w") as f:
+        f.write(text)
+    print(text)
+
+
+def _load_candidates(parser, path):
+    """The --select file: {name: {option: value}}, or a usage error naming what is wrong."""
+    try:
+        with open(path) as f:
+            candidates = json.load(f)
+    except (OSError, ValueError) as error:
+        parser.error(f"--select {path}: cannot read it as JSON ({error}).")
+    if not isinstance(candidates, dict) or not candidates or not all(
+            isinstance(v, dict) for v in candidates.values()):
+        parser.error(f"--select {path}: expected a JSON object "
+                     '{"name": {"option": value, ...}, ...} with at least one candidate.')
+    return candidates
+
+
+def _best_val_map(run_dir) -> float:
+    with open(os.path.join(run_dir, "summary.json")) as f:
+        value = json.load(f).get("best_val_mAP")
+    if value is None:
+        raise SystemExit(f"quality: {run_dir} has no validation mAP; --select needs a val split.")
+    return float(value)
+
+
 def _run_pair(args, full_dir, results, variant, ratio, seed, base, imcl_only):
     """Logistic run (shared by all variants of a ratio and seed), then IMCL from it; cached."""
     key = f"{variant}|{ratio}|{seed}"
@@ -272,14 +363,7 @@ def _run_pair(args, full_dir, results, variant, ratio, seed, base, imcl_only):
     data_dir = _partial_dir(args, full_dir, protocol, ratio, seed)
     tag = cell_tag(protocol, ratio, seed)
     logistic_dir = _train_baseline(args, full_dir, protocol, ratio, seed, base)
-    # Control: the baseline trained for as many extra steps as IMCL gets, so that a gain cannot
-    # come from the extra steps alone.
-    control_dir = os.path.join(args.out, "runs", tag, "logistic_extra")
-    if not _completed_or_cleared(control_dir):
-        run(TrainConfig(
-            data_dir=data_dir, model_dir=control_dir, method="logistic", seed=seed,
-            warm_start=logistic_dir, train_steps=args.imcl_steps, eval_every=args.eval_every,
-            **{k: v for k, v in base.items()}))
+    control_dir = _train_control(args, full_dir, protocol, ratio, seed, base)
     imcl_dir = os.path.join(args.out, "runs", tag, "imcl_" + _slug(variant))
     # No result row, so an IMCL run folder here is a leftover of an interrupted run.
     _completed_or_cleared(imcl_dir)
@@ -290,8 +374,9 @@ def _run_pair(args, full_dir, results, variant, ratio, seed, base, imcl_only):
     imcl_seconds = time.time() - t0
     logistic_eval = evaluate.evaluate_model_dir(logistic_dir, data_dir, "test")
     control_eval = evaluate.evaluate_model_dir(control_dir, data_dir, "test")
+    # The frequency-group chart compares IMCL with the control (transfer_protocol.md, Metric).
     imcl_eval = evaluate.evaluate_model_dir(imcl_dir, data_dir, "test",
-                                            baseline_model_dir=logistic_dir)
+                                            baseline_model_dir=control_dir)
     result = {"variant": variant, "ratio": ratio, "seed": seed, "protocol": protocol,
               "logistic": {k: logistic_eval[k] for k in ("mAP", "mAP_all_classes", "CF1@0.5")},
               "imcl": {k: imcl_eval[k] for k in ("mAP", "mAP_all_classes", "CF1@0.5")},

@@ -29,6 +29,23 @@ def test_quick_quality_run_writes_table_plot_and_cached_results(tmp_path):
     again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads((out / "results.json").read_text()) == results
+    # --select trains candidate IMCL settings from the same baselines and controls and ranks
+    # them by validation mAP only.
+    candidates = tmp_path / "candidates.json"
+    candidates.write_text(json.dumps({"base": {}, "k one": {"k": 1}}))
+    select = subprocess.run(command + ["--select", str(candidates)], cwd=ROOT,
+                            capture_output=True, text=True)
+    assert select.returncode == 0, select.stderr[-3000:]
+    cell = out / "runs" / "uniform_30_seed0"
+    control = json.loads((cell / "logistic_extra" / "summary.json").read_text())["best_val_mAP"]
+    selection = (out / "selection.md").read_text()
+    for name, folder in (("base", "select_base"), ("k one", "select_k_one")):
+        summary = json.loads((cell / folder / "summary.json").read_text())
+        config = json.loads((cell / folder / "run_config.json").read_text())
+        assert config["config"]["k"] == (1 if name == "k one" else 3), config
+        gain = 100 * (summary["best_val_mAP"] - control)
+        assert f"| {name} |" in selection and f"{gain:+.2f} ± 0.00" in selection
+    assert "Chosen (highest mean): **" in selection and "test split is not read" in selection
     # The target diagnostic runs on the same baseline and dataset.
     report = tmp_path / "targets.md"
     diagnose = subprocess.run(
@@ -64,6 +81,19 @@ def test_other_sizes_in_an_existing_output_folder_are_refused(tmp_path):
     args = quality.argparse.Namespace(out=str(out), num_train=16, num_val=4, num_test=4)
     with pytest.raises(SystemExit, match="holds .* scenes but this run asks for"):
         quality._build_dataset(args)
+
+
+@pytest.mark.parametrize("content,message", [
+    ("{", "cannot read it as JSON"), ("[]", "expected a JSON object"),
+    ('{"a": 1}', "expected a JSON object"), ("{}", "expected a JSON object")])
+def test_a_bad_select_file_is_a_usage_error(tmp_path, content, message):
+    path = tmp_path / "candidates.json"
+    path.write_text(content)
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "quality.py"), "--out",
+                           str(tmp_path / "out"), "--select", str(path)],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 2 and message in done.stderr, done.stderr[-2000:]
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("flag,value,message", [
