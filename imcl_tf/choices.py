@@ -19,3 +19,5 @@ GRAPH_KINDS = ("identity", "cooccurrence")
 OPTIMIZERS = ("adam", "adamw", "rmsprop", "sgd")
 LR_SCHEDULES = ("constant", "plateau")
 STRATEGIES = ("default", "mirrored", "multi_worker")
+# The largest OMP sparsity k: exact NNLS enumerates all 2^k sub-supports per query (imcl_tf.omp).
+OMP_MAX_K = 8

@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+from imcl_tf.choices import OMP_MAX_K
+
 OMPResult = collections.namedtuple("OMPResult", ["indices", "valid", "coef_y", "coef_f"])
 OMPResult.__doc__ = """Output of `joint_nonnegative_omp`, every field [B, k] and gradient-free.
 
@@ -27,7 +29,7 @@ Fields:
 """
 
 # Exact NNLS enumerates all 2^k sub-supports of k x k systems per query and side at every step.
-MAX_K = 8
+MAX_K = OMP_MAX_K
 # A candidate must lower the two-sided loss by more than this fraction of the query's own
 # weighted energy (lambda_y |y|^2 + lambda_f |f|^2). In exact arithmetic the rule is "gain > 0";
 # in float32 an atom that is numerically a copy of a chosen one keeps a rounding-level gain

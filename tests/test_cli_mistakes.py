@@ -54,7 +54,7 @@ FAST_MISTAKES = [
     ("imcl-train", ["--flagfile=no_such_config"], ["does not exist", "demo"]),
     ("imcl-train", ["--lamda_y=0.5"], ["Unknown command line flag 'lamda_y'", "lambda_y"]),
     ("imcl-train", ["--flagfile=demo", "--k=0", "--data_dir=d", "--model_dir=m"],
-     ["--k: must be >= 1, received 0"]),
+     ["--k: must be in [1, 8]"]),
     ("imcl-train", ["--flagfile=demo", "--model_dir=m"], ["--data_dir: is required"]),
     ("imcl-train", ["--flagfile=demo", "--data_dir=d", "--model_dir=m", "extra"],
      ["unexpected positional arguments ['extra']"]),
@@ -93,7 +93,7 @@ def test_a_bad_flag_inside_a_flagfile_names_the_file_and_line(tmp_path):
     # A bad value found by validation (not by absl) is also traced to its line.
     out_of_range = write(tmp_path / "range.flags", "--data_dir=d\n--model_dir=m\n--k=-2\n")
     done = cli("imcl-train", f"--flagfile={out_of_range}", cwd=str(tmp_path))
-    assert_one_line_error(done, "imcl-train", f"{out_of_range}:3:", "--k: must be >= 1")
+    assert_one_line_error(done, "imcl-train", f"{out_of_range}:3:", "--k: must be in [1, 8]")
 
 
 def test_a_flagfile_that_includes_itself(tmp_path):

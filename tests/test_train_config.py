@@ -273,7 +273,8 @@ def test_paper_configs_carry_the_papers_recipe():
 @pytest.mark.parametrize("overrides, message", [
     (dict(backbone="resnet9"), r"--backbone: must be one of .*received 'resnet9'"),
     (dict(method="both"), r"--method: must be one of"),
-    (dict(k=0), r"--k: must be >= 1, received 0"),
+    (dict(k=0), r"--k: must be in \[1, 8\].*received 0"),
+    (dict(k=9), r"--k: must be in \[1, 8\].*received 9"),
     (dict(k=5, dictionary_size=3), r"--k: must be at most --dictionary_size=3"),
     (dict(data_dir=""), r"--data_dir: is required"),
     (dict(model_dir=""), r"--model_dir: is required"),
@@ -486,7 +487,7 @@ def test_cli_reports_bad_flags_and_help(dataset, tmp_path):
 
     bad = cli(f"--data_dir={dataset}", f"--model_dir={tmp_path / 'run'}", "--k=0")
     assert bad.returncode != 0
-    assert "--k: must be >= 1, received 0" in bad.stderr
+    assert "--k: must be in [1, 8]" in bad.stderr and "received 0" in bad.stderr
     assert not os.path.exists(tmp_path / "run")
     usage = cli("--helpfull")  # absl exits with status 1 after printing the help
     for name in ("--data_dir", "--warm_start", "--strategy", "--[no]mixed_precision", "--flagfile"):

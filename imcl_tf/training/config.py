@@ -222,8 +222,9 @@ class TrainConfig:
             bad_flag("data_dir", "is required (a dataset folder written by tfrecords_tools).")
         if not self.model_dir:
             bad_flag("model_dir", "is required (where checkpoints, logs and models go).")
-        if self.k < 1:
-            bad_flag("k", f"must be >= 1, received {self.k}.")
+        if not 1 <= self.k <= option_choices.OMP_MAX_K:
+            bad_flag("k", f"must be in [1, {option_choices.OMP_MAX_K}] (the OMP solves its "
+                          f"coefficients exactly over all 2^k sub-supports), received {self.k}.")
         if self.dictionary_size and self.k > self.dictionary_size:
             bad_flag("k", f"must be at most --dictionary_size={self.dictionary_size}, received "
                           f"{self.k}.")
