@@ -223,6 +223,14 @@ class DictionaryBank(keras.layers.Layer):
         """[M, L] float32 partial label rows."""
         return tf.cast(self.labels, tf.float32)
 
+    def features_value(self) -> tf.Tensor:
+        """The cached features [M, D] as a tensor, read without a copy (see `read_no_copy`)."""
+        return read_no_copy(self.features)
+
+    def labels_value(self) -> tf.Tensor:
+        """The label rows [M, L] int8 as a tensor, read without a copy (see `read_no_copy`)."""
+        return read_no_copy(self.labels)
+
     def exclusion_mask(self, query_ids: tf.Tensor) -> tf.Tensor:
         """[B, M] bool: True where the atom is the query image itself (it may not explain itself)."""
         return tf.equal(tf.cast(query_ids, tf.int64)[:, None], self.ids[None, :])
@@ -248,6 +256,24 @@ class DictionaryBank(keras.layers.Layer):
                       inputs_dtype=self.inputs_dtype, feature_dim=self.feature_dim,
                       num_classes=self.num_classes)
         return config
+
+
+def read_no_copy(variable) -> tf.Tensor:
+    """The value of a (Keras or TensorFlow) variable, sharing the variable's buffer.
+
+    A TensorFlow variable that a sparse op has touched (scatter_update, as `refresh` writes the
+    features, or a gather from the variable itself) is in copy-on-read mode: every later dense
+    read copies it whole ([M, D] float32 is 0.4 GB at 50,000 x 2,048). This read switches the
+    mode off first, so it returns the buffer itself; a later sparse write still copies the buffer
+    first if a read of it is alive (TensorFlow's copy-on-write), so the values read never change.
+    Gather rows from the tensor this returns, not from the variable: a gather from the variable
+    switches copy-on-read on again. Distributed variables are read the ordinary way.
+    """
+    value = variable.value if isinstance(variable, keras.Variable) else variable  # tf.Variable
+    reader = getattr(value, "read_value_no_copy", None)
+    if reader is None or isinstance(value, tf.distribute.DistributedValues):
+        return tf.convert_to_tensor(value)
+    return reader()
 
 
 class _HostInputs:

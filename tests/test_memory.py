@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from imcl_tf.memory import DictionaryBank, select_dictionary
+from imcl_tf.memory import DictionaryBank, read_no_copy, select_dictionary
 
 
 def _partial_labels(rng, num_images, num_classes, known=0.5):
@@ -134,3 +134,33 @@ def test_bank_fill_rejects_bad_chunks(rng):
     with pytest.raises(ValueError, match=r"0\.\.255.*chunk 1"):
         bank.fill([(images[:2], labels[:2], ids[:2]), (bad[2:], labels[2:], ids[2:])])
     assert not bank.has_inputs  # a failed fill leaves nothing half-written
+
+
+def test_reads_without_a_copy_see_partial_writes_and_keep_their_values(rng):
+    """read_no_copy after scatter writes (refresh) and slice writes: the variable's values, and a
+    value read before a later partial write keeps the values it had (copy-on-write)."""
+    bank = DictionaryBank(size=6, input_shape_=(3,), inputs_dtype="float32", feature_dim=2,
+                          num_classes=4)
+    inputs = rng.normal(size=(6, 3)).astype(np.float32)
+    labels = _partial_labels(rng, 6, 4)
+    bank.set_contents(inputs, labels, np.arange(6))
+    kernel = rng.normal(size=(3, 2)).astype(np.float32)
+    bank.refresh(lambda x: tf.matmul(x, kernel), batch_size=4)  # scatter writes, 4 + 2 rows
+    first = bank.features_value()
+    np.testing.assert_allclose(first.numpy(), inputs @ kernel, rtol=1e-5)
+    np.testing.assert_array_equal(bank.labels_value().numpy(), labels)
+    assert bank.labels_value().dtype == tf.int8
+    bank.refresh(lambda x: tf.matmul(x, 2 * kernel), batch_size=4)  # while `first` is alive
+    np.testing.assert_allclose(first.numpy(), inputs @ kernel, rtol=1e-5)
+    np.testing.assert_allclose(bank.features_value().numpy(), inputs @ (2 * kernel), rtol=1e-5)
+    # A plain tf.Variable, written in part by a slice assignment, inside a tf.function.
+    variable = tf.Variable(np.arange(12, dtype=np.float32).reshape(4, 3))
+    variable[1:3].assign(-np.ones((2, 3), np.float32))
+    expected = np.arange(12, dtype=np.float32).reshape(4, 3)
+    expected[1:3] = -1
+    np.testing.assert_array_equal(tf.function(lambda: read_no_copy(variable) * 1.0)(), expected)
+    before = read_no_copy(variable)
+    variable.scatter_update(tf.IndexedSlices(tf.zeros([1, 3]), tf.constant([0])))
+    np.testing.assert_array_equal(before.numpy(), expected)
+    expected[0] = 0
+    np.testing.assert_array_equal(read_no_copy(variable).numpy(), expected)

@@ -548,3 +548,40 @@ def test_atom_label_states_refresh_every_n_calls_and_after_a_bank_refresh(batche
     with pytest.raises(ValueError, match="label_state_refresh_every must be an integer >= 1"):
         IMCLModel(CLASSES, (SIZE, SIZE, 3), method="imcl", dictionary_size=16,
                   label_state_refresh_every=0)
+
+
+
+def _shares_buffer(a, b):
+    """True when two eager tensors are views of one buffer (a variable read without a copy)."""
+    return a._numpy().__array_interface__["data"][0] == b._numpy().__array_interface__["data"][0]
+
+
+def test_the_step_reads_the_bank_without_copying_it(batches):
+    """The bank's refresh writes its features in parts (scatter), which puts the variable in
+    TensorFlow's copy-on-read mode: every later read would copy the [M, D] features whole (15
+    copies of 0.4 GB per step at 50,000 x 2,048). The step reads them without a copy and leaves
+    the mode off; it never gathers from the bank's variables (a gather turns the mode on)."""
+    images, labels, ids, dataset = batches
+    for mode in ("cached", "forward"):
+        model = _model("imcl", images, labels, ids, balance="none", neighbour_mode=mode)
+        bank = model.method.bank
+        step = tf.function(lambda x, y, i: model._loss_terms(x, y, i, training=True)["loss"])
+        graph = step.get_concrete_function(images[16:24], labels[16:24], ids[16:24]).graph
+        watched = {id(bank.features.value.handle): "features",
+                   id(bank.labels.value.handle): "labels"}
+        internal = {id(inner): watched[id(outer)] for outer, inner in graph.captures
+                    if id(outer) in watched}
+        assert sorted(internal.values()) == ["features", "labels"]
+        sparse = [(op.type, internal[id(op.inputs[0])]) for op in graph.get_operations()
+                  if op.type.startswith(("ResourceGather", "ResourceScatter",
+                                         "ResourceStridedSliceAssign"))
+                  and op.inputs and id(op.inputs[0]) in internal]
+        assert not sparse, sparse
+        history = model.fit(dataset.take(2), epochs=1, verbose=0, shuffle=False)
+        assert np.isfinite(history.history["loss"][-1])
+        for variable in (bank.features, bank.labels):  # plain reads now share the buffer
+            assert _shares_buffer(tf.convert_to_tensor(variable), tf.convert_to_tensor(variable))
+        model.method.refresh_bank()
+        np.testing.assert_allclose(bank.features_value().numpy(),
+                                   model.extract_features(bank.inputs.astype(np.float32)).numpy(),
+                                   rtol=1e-5, atol=1e-6)  # the bank's uint8 images

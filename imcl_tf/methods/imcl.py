@@ -331,10 +331,14 @@ class IMCL(Method):
         # enter the loss, and their states are recomputed with gradient below.
         atoms_y = self.selection_atom_state_blocks()  # row blocks of [M, L]
         # The bank's features [M, D] with their bias coordinate 1 left implicit (joining it would
-        # copy the whole bank); constants until the next refresh.
+        # copy the whole bank); constants until the next refresh. Read without a copy: the
+        # refresh writes them in parts, and a plain read then copied all of them (here and at
+        # every chunk of the atom states: 16 copies of 0.4 GB per step at 50,000 x 2,048, see
+        # memory.read_no_copy); the neighbours are gathered from this tensor.
+        bank_features = self.bank.features_value()
         omp = joint_nonnegative_omp(
             tf.stop_gradient(query_y), tf.stop_gradient(query_f), atoms_y,
-            self.bank.features, self.k, lambda_y=lambda_y, lambda_f=lambda_f,
+            bank_features, self.k, lambda_y=lambda_y, lambda_f=lambda_f,
             exclude=self.bank.exclusion_mask(ids), jit_compile=self.omp_jit_compile,
             score_threshold=self.omp_score_threshold, balance_scores=self.omp_balance_scores,
             atoms_y_sq_norms=self._atom_states.value[2].read_value(),
@@ -343,13 +347,14 @@ class IMCL(Method):
         coef_y, coef_f = omp.coef_y, omp.coef_f
         batch = tf.shape(indices)[0]
         flat = tf.reshape(indices, [-1])  # [B*k]
-        neighbour_labels = tf.cast(tf.gather(self.bank.labels, flat), tf.float32)  # [B*k, L+C]
+        neighbour_labels = tf.cast(tf.gather(self.bank.labels_value(), flat),
+                                   tf.float32)  # [B*k, L+C]
         if self.neighbour_mode == "forward":
             # Neighbour inputs go through the backbone again, with gradient (docs/method.md §1).
             neighbour_features = self.owner().extract_features(self.bank(flat), training=training)
         else:
             # The cached features of the chosen atoms (constants until the next refresh).
-            neighbour_features = tf.gather(self.bank.features, flat)  # [B*k, D]
+            neighbour_features = tf.gather(bank_features, flat)  # [B*k, D]
         # The chosen neighbours' label states, with gradient to the classifier and the graph.
         neighbour_y = self._with_class_states(losses.atom_label_states(
             self.owner().head(neighbour_features), neighbour_labels[:, :self.num_classes],
@@ -418,8 +423,8 @@ class IMCL(Method):
             # ungated label read let every chunk's label-side tensors be computed at once:
             # about 3 [M, L] float32 arrays at the peak).
             with tf.control_dependencies(done):
-                features = tf.identity(self.bank.features[start:end])  # [c, D]
-                rows = tf.cast(self.bank.labels[start:end], tf.float32)  # [c, L (+ C)]
+                features = tf.identity(self.bank.features_value()[start:end])  # [c, D]
+                rows = tf.cast(self.bank.labels_value()[start:end], tf.float32)  # [c, L (+ C)]
             logits = self.owner().head(features)  # [c, L]
             values = tf.stop_gradient(self._with_class_states(losses.atom_label_states(
                 logits, rows[:, :self.num_classes], self.label_graph, self.asym_c), rows))
