@@ -60,8 +60,10 @@ TRANSFER = dict(num_train=2000, num_val=500, num_test=1000, scene_seed=1234,
 TRANSFER_MODES = {
     "fixed": dict(logistic_steps=2000, imcl_steps=300, eval_every=100,
                   config=dict(backbone="features", learning_rate=1e-2)),
-    "finetune": dict(logistic_steps=600, imcl_steps=200, eval_every=50,
-                     config=dict(backbone="small_cnn", freeze_batchnorm=True)),
+    # Fixed 2026-12-03 by baseline-only runs with per-part learning rates (transfer_protocol.md).
+    "finetune": dict(logistic_steps=1500, imcl_steps=300, eval_every=100,
+                     config=dict(backbone="small_cnn", freeze_batchnorm=True, learning_rate=1e-2,
+                                 backbone_learning_rate=1e-4)),
 }
 
 
