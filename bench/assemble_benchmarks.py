@@ -14,9 +14,9 @@ import re
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SECTIONS = ("quality", "transfer_protocol", "transfer_fixed", "compare_protocol",
-            "compare_methods_transfer", "compare_methods_demo", "demo", "omp", "step", "scale",
-            "scale_image", "input", "serving", "faults", "fault_serving")
+SECTIONS = ("quality", "transfer_protocol", "transfer_fixed", "transfer_finetune",
+            "compare_protocol", "compare_methods_transfer", "compare_methods_demo", "demo", "omp",
+            "step", "scale", "scale_image", "input", "serving", "faults", "fault_serving")
 
 
 def assemble(root: str = ROOT) -> str:
