@@ -127,6 +127,8 @@ def main(argv=None) -> int:
         base.update(TRANSFER_MODES[args.mode]["config"])
     base.update(_parse_sets(args.set))
     imcl_only = _parse_sets(args.imcl_set)
+    for name, settings in args.candidates.items():  # every option value, before any training
+        _check_candidate(parser, args.select, name, {**base, **imcl_only, **settings})
     os.makedirs(args.out, exist_ok=True)
     started = time.time()
     full_dir = _build_dataset(args) if not transfer else _build_transfer_dataset(args, base)
@@ -330,6 +332,11 @@ def _select(args, full_dir, ratios, seeds, base, imcl_only):
     print(text)
 
 
+# Options the protocol sets for every run; a --select candidate may not change them.
+HARNESS_OPTIONS = frozenset({"data_dir", "model_dir", "method", "seed", "warm_start",
+                             "train_steps", "eval_every"})
+
+
 def _load_candidates(parser, path):
     """The --select file: {name: {option: value}}, or a usage error naming what is wrong."""
     try:
@@ -341,7 +348,26 @@ def _load_candidates(parser, path):
             isinstance(v, dict) for v in candidates.values()):
         parser.error(f"--select {path}: expected a JSON object "
                      '{"name": {"option": value, ...}, ...} with at least one candidate.')
+    import dataclasses
+    from imcl_tf.training.config import TrainConfig  # no TensorFlow import
+    allowed = {f.name for f in dataclasses.fields(TrainConfig)} - HARNESS_OPTIONS
+    for name, settings in candidates.items():
+        unknown = sorted(set(settings) - allowed)
+        if unknown:
+            parser.error(f"--select {path}: candidate {name!r} sets {unknown}, which are not "
+                         f"training options this script lets a candidate change (see "
+                         f"`imcl-train --help`; {sorted(HARNESS_OPTIONS)} are set by the "
+                         "protocol).")
     return candidates
+
+
+def _check_candidate(parser, path, name, options):
+    """A usage error naming the candidate if TrainConfig refuses one of its option values."""
+    from imcl_tf.training.config import TrainConfig  # no TensorFlow import
+    try:
+        TrainConfig(data_dir="-", model_dir="-", method="imcl", **options).validate_options()
+    except ValueError as error:
+        parser.error(f"--select {path}: candidate {name!r}: {error}")
 
 
 def _best_val_map(run_dir) -> float:

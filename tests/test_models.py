@@ -550,7 +550,6 @@ def test_atom_label_states_refresh_every_n_calls_and_after_a_bank_refresh(batche
                   label_state_refresh_every=0)
 
 
-
 def _shares_buffer(a, b):
     """True when two eager tensors are views of one buffer (a variable read without a copy)."""
     return a._numpy().__array_interface__["data"][0] == b._numpy().__array_interface__["data"][0]

@@ -85,7 +85,11 @@ def test_other_sizes_in_an_existing_output_folder_are_refused(tmp_path):
 
 @pytest.mark.parametrize("content,message", [
     ("{", "cannot read it as JSON"), ("[]", "expected a JSON object"),
-    ('{"a": 1}', "expected a JSON object"), ("{}", "expected a JSON object")])
+    ('{"a": 1}', "expected a JSON object"), ("{}", "expected a JSON object"),
+    ('{"a": {"kk": 3}}', "candidate 'a' sets ['kk'], which are not training options"),
+    ('{"a": {"seed": 3}}', "candidate 'a' sets ['seed']"),
+    ('{"ok": {}, "too wide": {"k": 9}}', "candidate 'too wide': --k: must be in [1, 8]"),
+    ('{"a": {"label_graph": "cooc"}}', "candidate 'a': --label_graph")])
 def test_a_bad_select_file_is_a_usage_error(tmp_path, content, message):
     path = tmp_path / "candidates.json"
     path.write_text(content)
