@@ -6,7 +6,9 @@ a control (the baseline trained for the same extra steps), and evaluate all thre
 labelled test split. Writes a table (mean and std per method and of the paired differences), a
 PNG of mAP against known ratio, the 10-group frequency chart for one ratio, and every run's
 numbers as JSON (rows are cached: an interrupted run resumes where it stopped, and several
-processes may share --out, each with its own --ratios). `--ablations` adds the variants of the
+processes may share --out, each with its own --ratios). A cached run or row is reused only if it
+was trained with the options asked for; another IMCL setting in the same --out runs under its own
+`--variant` name, from the same baselines and controls. `--ablations` adds the variants of the
 issue at 30 % known.
 
   python bench/quality.py --out bench/out/quality            # the full table (18 rows)
@@ -88,6 +90,11 @@ def main(argv=None) -> int:
                         help="Override a training option for both methods, e.g. --set k=5.")
     parser.add_argument("--imcl_set", action="append", default=[],
                         help="Override a training option for IMCL only.")
+    parser.add_argument("--variant", default="main",
+                        help="Name of this IMCL setting's rows in results.json and of its run "
+                             "folders (imcl_<name>). A cached row must have been trained with the "
+                             "options asked for, so a new --imcl_set in the same --out needs a "
+                             "new name; the baselines and controls are shared.")
     parser.add_argument("--ablations", action="store_true", help="Also run the ablations.")
     parser.add_argument("--ablations_only", action="store_true")
     parser.add_argument("--ablation_seeds", default="0,1")
@@ -106,6 +113,9 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="Tiny sizes: a smoke test.")
     args = parser.parse_args(argv)
     args.candidates = _load_candidates(parser, args.select) if args.select else {}
+    if args.variant in ABLATIONS or not _slug(args.variant):
+        parser.error(f"--variant {args.variant!r}: give a name with letters or digits that is "
+                     f"not an ablation's ({sorted(ABLATIONS)}).")
     transfer = args.regime == "transfer"
     defaults = (dict(num_train=TRANSFER["num_train"], num_val=TRANSFER["num_val"],
                      num_test=TRANSFER["num_test"], **{k: v for k, v in
@@ -147,12 +157,12 @@ def main(argv=None) -> int:
     if not args.ablations_only:
         for ratio in ratios:
             for seed in seeds:
-                _run_pair(args, full_dir, results, "main", ratio, seed, base, imcl_only)
+                _run_pair(args, full_dir, results, args.variant, ratio, seed, base, imcl_only)
         _write_main_report(args, results, ratios, seeds)
     if args.ablations or args.ablations_only:
         ablation_seeds = [int(s) for s in args.ablation_seeds.split(",")]
         for seed in ablation_seeds:
-            _run_pair(args, full_dir, results, "main", 0.3, seed, base, imcl_only)
+            _run_pair(args, full_dir, results, args.variant, 0.3, seed, base, imcl_only)
             for name, change in ABLATIONS.items():
                 _run_pair(args, full_dir, results, name, 0.3, seed, base,
                           {**imcl_only, **change})
@@ -260,15 +270,13 @@ def _partial_dir(args, full_dir, protocol, ratio, seed) -> str:
 def _train_baseline(args, full_dir, protocol, ratio, seed, base) -> str:
     """The logistic run of a ratio and seed (shared by every variant); cached. Returns its dir."""
     from imcl_tf.training.config import TrainConfig
-    from imcl_tf.training.trainer import run
     data_dir = _partial_dir(args, full_dir, protocol, ratio, seed)
     tag = cell_tag(protocol, ratio, seed)
     logistic_dir = os.path.join(args.out, "runs", tag, "logistic")
-    if not _completed_or_cleared(logistic_dir):
-        run(TrainConfig(
-            data_dir=data_dir, model_dir=logistic_dir, method="logistic", seed=seed,
-            train_steps=args.logistic_steps, eval_every=args.eval_every,
-            **{k: v for k, v in base.items()}))
+    _reuse_or_train(TrainConfig(
+        data_dir=data_dir, model_dir=logistic_dir, method="logistic", seed=seed,
+        train_steps=args.logistic_steps, eval_every=args.eval_every, **base),
+        "the baselines are shared by every variant: use another --out")
     return logistic_dir
 
 
@@ -276,15 +284,13 @@ def _train_control(args, full_dir, protocol, ratio, seed, base) -> str:
     """The control of a ratio and seed: the baseline trained for as many extra steps as IMCL gets,
     so that a gain cannot come from the extra steps alone; cached. Returns its dir."""
     from imcl_tf.training.config import TrainConfig
-    from imcl_tf.training.trainer import run
     data_dir = _partial_dir(args, full_dir, protocol, ratio, seed)
     logistic_dir = _train_baseline(args, full_dir, protocol, ratio, seed, base)
     control_dir = os.path.join(args.out, "runs", cell_tag(protocol, ratio, seed), "logistic_extra")
-    if not _completed_or_cleared(control_dir):
-        run(TrainConfig(
-            data_dir=data_dir, model_dir=control_dir, method="logistic", seed=seed,
-            warm_start=logistic_dir, train_steps=args.imcl_steps, eval_every=args.eval_every,
-            **{k: v for k, v in base.items()}))
+    _reuse_or_train(TrainConfig(
+        data_dir=data_dir, model_dir=control_dir, method="logistic", seed=seed,
+        warm_start=logistic_dir, train_steps=args.imcl_steps, eval_every=args.eval_every, **base),
+        "the controls are shared by every variant: use another --out")
     return control_dir
 
 
@@ -293,7 +299,6 @@ def _select(args, full_dir, ratios, seeds, base, imcl_only):
     baseline as the control, and writes <out>/selection.md: best validation mAP, IMCL - control,
     per ratio and overall. The test split is never read, so the choice cannot favour test."""
     from imcl_tf.training.config import TrainConfig
-    from imcl_tf.training.trainer import run
     candidates = args.candidates
     gains = {name: {ratio: [] for ratio in ratios} for name in candidates}
     for ratio in ratios:
@@ -304,11 +309,11 @@ def _select(args, full_dir, ratios, seeds, base, imcl_only):
             for name, settings in candidates.items():
                 run_dir = os.path.join(args.out, "runs", cell_tag("uniform", ratio, seed),
                                        "select_" + _slug(name))
-                if not _completed_or_cleared(run_dir):
-                    run(TrainConfig(
-                        data_dir=data_dir, model_dir=run_dir, method="imcl", seed=seed,
-                        warm_start=logistic_dir, train_steps=args.imcl_steps,
-                        eval_every=args.eval_every, **{**base, **imcl_only, **settings}))
+                _reuse_or_train(TrainConfig(
+                    data_dir=data_dir, model_dir=run_dir, method="imcl", seed=seed,
+                    warm_start=logistic_dir, train_steps=args.imcl_steps,
+                    eval_every=args.eval_every, **{**base, **imcl_only, **settings}),
+                    "rename the candidate (its runs are select_<name>) or use another --out")
                 gain = 100 * (_best_val_map(run_dir) - control)
                 gains[name][ratio].append(gain)
                 print(f"select {name:28s} ratio {ratio:.1f} seed {seed}: val mAP gain over the "
@@ -380,9 +385,6 @@ def _best_val_map(run_dir) -> float:
 
 def _run_pair(args, full_dir, results, variant, ratio, seed, base, imcl_only):
     """Logistic run (shared by all variants of a ratio and seed), then IMCL from it; cached."""
-    key = f"{variant}|{ratio}|{seed}"
-    if key in results:
-        return results[key]
     from imcl_tf import evaluate
     from imcl_tf.training.config import TrainConfig
     from imcl_tf.training.trainer import run
@@ -393,12 +395,18 @@ def _run_pair(args, full_dir, results, variant, ratio, seed, base, imcl_only):
     logistic_dir = _train_baseline(args, full_dir, protocol, ratio, seed, base)
     control_dir = _train_control(args, full_dir, protocol, ratio, seed, base)
     imcl_dir = os.path.join(args.out, "runs", tag, "imcl_" + _slug(variant))
+    imcl_config = TrainConfig(
+        data_dir=data_dir, model_dir=imcl_dir, method="imcl", seed=seed, warm_start=logistic_dir,
+        train_steps=args.imcl_steps, eval_every=args.eval_every, **{**base, **imcl_only})
+    key = f"{variant}|{ratio}|{seed}"
+    if key in results:
+        _check_same_options(imcl_dir, imcl_config, f"give this setting another --variant "
+                                                   f"than {variant!r}, or use another --out")
+        return results[key]
     # No result row, so an IMCL run folder here is a leftover of an interrupted run.
     _completed_or_cleared(imcl_dir)
     t0 = time.time()
-    run(TrainConfig(
-        data_dir=data_dir, model_dir=imcl_dir, method="imcl", seed=seed, warm_start=logistic_dir,
-        train_steps=args.imcl_steps, eval_every=args.eval_every, **{**base, **imcl_only}))
+    run(imcl_config)
     imcl_seconds = time.time() - t0
     logistic_eval = evaluate.evaluate_model_dir(logistic_dir, data_dir, "test")
     control_eval = evaluate.evaluate_model_dir(control_dir, data_dir, "test")
@@ -420,6 +428,42 @@ def _run_pair(args, full_dir, results, variant, ratio, seed, base, imcl_only):
     results[key] = result
     _save_results(args.out, results)
     return result
+
+
+# TrainConfig options that do not change what a run computes: where its files are, how it logs.
+# Every other option of a cached run must equal the one asked for.
+NOT_COMPARED = frozenset({"data_dir", "model_dir", "warm_start", "backbone_weights", "export_dir",
+                          "control_model_dir", "verbose", "log_every", "checkpoint_every",
+                          "verify_data"})
+
+
+def _reuse_or_train(config, remedy):
+    """Trains `config` into its model_dir, or reuses the completed run there if it was trained
+    with the same options (`_check_same_options`; `remedy` says what to do if not)."""
+    from imcl_tf.training.trainer import run
+    if _completed_or_cleared(config.model_dir):
+        _check_same_options(config.model_dir, config, remedy)
+    else:
+        run(config)
+
+
+def _check_same_options(run_dir, config, remedy):
+    """Exits with a message naming the differing options if the completed run in `run_dir` was
+    trained with other options than `config` (outside NOT_COMPARED): a cached run or row must
+    never stand for another setting. Runs without a recorded configuration are not checked."""
+    import dataclasses
+    try:
+        with open(os.path.join(run_dir, "run_config.json")) as f:
+            before = json.load(f).get("config", {})
+    except (OSError, ValueError):
+        before = {}
+    now = json.loads(json.dumps(dataclasses.asdict(config)))
+    changed = sorted(name for name in now if name not in NOT_COMPARED and name in before
+                     and before[name] != now[name])
+    if changed:
+        details = ", ".join(f"{name}={before[name]!r} (asked: {now[name]!r})" for name in changed)
+        raise SystemExit(f"quality: {run_dir} was trained with {details}; its results cannot "
+                         f"stand for the options asked for. To keep both, {remedy}.")
 
 
 def _completed_or_cleared(run_dir):
@@ -469,7 +513,7 @@ def _write_main_report(args, results, ratios, seeds):
     curve = {"logistic": [], "logistic_extra": [], "imcl": []}
     deltas_below_full = []
     for ratio in ratios:
-        rows = [results[f"main|{ratio}|{seed}"] for seed in seeds]
+        rows = [results[f"{args.variant}|{ratio}|{seed}"] for seed in seeds]
         lo = np.array([100 * r["logistic"]["mAP"] for r in rows])
         ex = np.array([100 * r["logistic_extra"]["mAP"] for r in rows])
         im = np.array([100 * r["imcl"]["mAP"] for r in rows])
@@ -508,7 +552,7 @@ def _write_main_report(args, results, ratios, seeds):
     figure.tight_layout()
     figure.savefig(os.path.join(args.out, "map_vs_known.png"), dpi=120)
     plt.close(figure)
-    chart = results.get(f"main|0.3|{seeds[0]}", {}).get("frequency_png")
+    chart = results.get(f"{args.variant}|0.3|{seeds[0]}", {}).get("frequency_png")
     if chart and os.path.exists(chart):
         import shutil
         shutil.copyfile(chart, os.path.join(args.out, "frequency_groups_known30.png"))
@@ -517,7 +561,7 @@ def _write_main_report(args, results, ratios, seeds):
 def _write_ablation_report(args, results, seeds):
     lines = ["| variant (30 % known) | logistic + extra steps | IMCL mAP | IMCL - (logistic + extra) |",
              "|---|---|---|---|"]
-    for variant in ["main"] + list(ABLATIONS):
+    for variant in [args.variant] + list(ABLATIONS):
         rows = [results.get(f"{variant}|0.3|{seed}") for seed in seeds]
         rows = [r for r in rows if r]
         if not rows:
@@ -525,7 +569,8 @@ def _write_ablation_report(args, results, seeds):
         lo = np.array([100 * r["logistic_extra"]["mAP"] for r in rows])
         im = np.array([100 * r["imcl"]["mAP"] for r in rows])
         d = im - lo
-        name = "default (cached, k=3, co-occurrence, learned)" if variant == "main" else variant
+        name = ("default (cached, k=3, co-occurrence, learned)" if variant == "main" else
+                variant)
         lines.append(f"| {name} | {lo.mean():.2f} | {im.mean():.2f} | {d.mean():+.2f} ± "
                      f"{d.std():.2f} |")
     table = "\n".join(lines)

@@ -29,6 +29,21 @@ def test_quick_quality_run_writes_table_plot_and_cached_results(tmp_path):
     again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads((out / "results.json").read_text()) == results
+    # Another IMCL setting may not reuse the rows of the cached one ...
+    other = subprocess.run(command + ["--imcl_set", "k=1"], cwd=ROOT, capture_output=True,
+                           text=True)
+    assert other.returncode != 0
+    assert "was trained with k=3 (asked: 1)" in other.stderr and "--variant" in other.stderr
+    # ... but runs under its own name, beside it, from the same baseline and control.
+    named = subprocess.run(command + ["--imcl_set", "k=1", "--variant", "k one"], cwd=ROOT,
+                           capture_output=True, text=True)
+    assert named.returncode == 0, named.stderr[-3000:]
+    both = json.loads((out / "results.json").read_text())
+    assert both["main|0.3|0"] == row and both["k one|0.3|0"]["variant"] == "k one"
+    assert both["k one|0.3|0"]["logistic_extra"] == row["logistic_extra"]
+    k_one = json.loads((out / "runs" / "uniform_30_seed0" / "imcl_k_one" / "run_config.json")
+                       .read_text())
+    assert k_one["config"]["k"] == 1
     # --select trains candidate IMCL settings from the same baselines and controls and ranks
     # them by validation mAP only.
     candidates = tmp_path / "candidates.json"
@@ -148,6 +163,42 @@ def test_quick_transfer_regime_fixed_features_end_to_end(tmp_path):
                            text=True)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "baseline ready:" in again.stdout and "uniform_30_seed0" in again.stdout
+
+
+def _quality_module():
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    try:
+        import quality
+    finally:
+        sys.path.pop(0)
+    return quality
+
+
+def test_a_cached_run_with_other_options_is_refused_by_name(tmp_path):
+    import dataclasses
+    from imcl_tf.training.config import TrainConfig
+    quality = _quality_module()
+    run_dir = tmp_path / "cell" / "imcl_main"
+    run_dir.mkdir(parents=True)
+    trained = TrainConfig(data_dir=str(tmp_path / "data"), model_dir=str(run_dir), method="imcl",
+                          k=3, lambda_y=0.1)
+    (run_dir / "run_config.json").write_text(json.dumps({"config": dataclasses.asdict(trained)}))
+    same_elsewhere = dataclasses.replace(trained, data_dir="/moved/data", verbose=2, log_every=7)
+    quality._check_same_options(str(run_dir), same_elsewhere, "do X")  # paths and logging only
+    asked = dataclasses.replace(trained, k=1, lambda_y=0.5)
+    with pytest.raises(SystemExit) as raised:
+        quality._check_same_options(str(run_dir), asked, "use --variant NEW")
+    message = str(raised.value)
+    assert "k=3 (asked: 1)" in message and "lambda_y=0.1 (asked: 0.5)" in message
+    assert str(run_dir) in message and message.endswith("To keep both, use --variant NEW.")
+
+
+@pytest.mark.parametrize("name", ["k=1", "+-"])
+def test_a_variant_name_that_clashes_or_has_no_letters_is_a_usage_error(tmp_path, name):
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "quality.py"), "--out",
+                           str(tmp_path), "--variant", name], cwd=ROOT, capture_output=True,
+                          text=True)
+    assert done.returncode == 2 and "--variant" in done.stderr, done.stderr[-2000:]
 
 
 def test_transfer_pretrained_weights_must_follow_the_protocol(tmp_path):
