@@ -412,7 +412,8 @@ def _run_pair(args, full_dir, results, variant, ratio, seed, base, imcl_only):
     control_eval = evaluate.evaluate_model_dir(control_dir, data_dir, "test")
     # The frequency-group chart compares IMCL with the control (transfer_protocol.md, Metric).
     imcl_eval = evaluate.evaluate_model_dir(imcl_dir, data_dir, "test",
-                                            baseline_model_dir=control_dir)
+                                            baseline_model_dir=control_dir,
+                                            baseline_name="Logistic (control)")
     result = {"variant": variant, "ratio": ratio, "seed": seed, "protocol": protocol,
               "logistic": {k: logistic_eval[k] for k in ("mAP", "mAP_all_classes", "CF1@0.5")},
               "imcl": {k: imcl_eval[k] for k in ("mAP", "mAP_all_classes", "CF1@0.5")},

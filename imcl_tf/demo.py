@@ -85,7 +85,8 @@ def main(argv):
     baseline = evaluate.evaluate_model_dir(logistic_dir, partial_dir, "test")
     control = evaluate.evaluate_model_dir(control_dir, partial_dir, "test")
     result = evaluate.evaluate_model_dir(imcl_dir, partial_dir, "test",
-                                         baseline_model_dir=control_dir)
+                                         baseline_model_dir=control_dir,
+                                         baseline_name="Logistic (control)")
     print()
     print(comparison_table(baseline, control, result))
     print()

@@ -135,7 +135,8 @@ def training_positive_counts(data_dir: str, split: str = "train") -> np.ndarray:
 def evaluate_model_dir(model_dir: str, data_dir: str, split: str = "test",
                        output_dir: str | None = None, baseline_model_dir: str | None = None,
                        checkpoint: str = "best", num_groups: int = 10, batch_size: int = 64,
-                       train_split: str = "train", output: str | None = None) -> dict[str, Any]:
+                       train_split: str = "train", output: str | None = None,
+                       baseline_name: str | None = None) -> dict[str, Any]:
     """Evaluates a training run (and optionally a baseline run) on `split` and writes the results.
 
     Args:
@@ -152,6 +153,8 @@ def evaluate_model_dir(model_dir: str, data_dir: str, split: str = "test",
         the dataset has no such split the training counts are left out and no groups are made).
       output: which of the run's method outputs to score with (Latent Noise: "relevant" or
         "visual"); None: the one the run saved (its method's first). The baseline keeps its own.
+      baseline_name: the baseline's name on the frequency chart, e.g. "Logistic (control)" for a
+        baseline trained on for as many steps as the run; None: its method's name.
 
     Returns:
       The contents of metrics.json: the metrics of `compute_metrics`, what was evaluated
@@ -201,6 +204,8 @@ def evaluate_model_dir(model_dir: str, data_dir: str, split: str = "test",
         names = metrics_lib.comparison_names(
             models.read_model_info(model_dir).get("method", ""),
             models.read_model_info(baseline_model_dir).get("method", ""))
+        if baseline_name:
+            names = (names[0], baseline_name)
         result["frequency_groups"] = _frequency_groups(
             ap, baseline_ap, train_counts, train_pairs, train_split, num_groups, output_dir, files,
             names)

@@ -35,6 +35,8 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
            "<model_dir>/eval/<split>.")
     define(flags.DEFINE_string, "baseline_model_dir", None, "A baseline run (e.g. "
            "--method=logistic) evaluated the same way: adds deltas and frequency groups.")
+    define(flags.DEFINE_string, "baseline_name", None, "The baseline's name on the frequency "
+           "chart (e.g. 'Logistic (control)'); default its method's name.")
     define(flags.DEFINE_enum, "checkpoint", "best", "Which saved model of the run(s).",
            enum_values=["best", "latest"])
     define(flags.DEFINE_integer, "num_groups", 10, "Frequency groups (5 in the paper, 10 in its "
@@ -65,7 +67,7 @@ def main(argv: Sequence[str]) -> None:
         FLAGS.model_dir, FLAGS.data_dir, split=FLAGS.split, output_dir=FLAGS.output_dir,
         baseline_model_dir=FLAGS.baseline_model_dir, checkpoint=FLAGS.checkpoint,
         num_groups=FLAGS.num_groups, batch_size=FLAGS.batch_size, train_split=FLAGS.train_split,
-        output=FLAGS.output)
+        output=FLAGS.output, baseline_name=FLAGS.baseline_name)
     print(evaluate.format_summary(result))
 
 

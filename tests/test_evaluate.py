@@ -304,12 +304,15 @@ def test_frequency_groups_fewer_classes_than_groups(evaluated, setup):
     _check_groups(evaluated["output_dir"], evaluated, setup, NUM_CLASSES)
 
 
-@pytest.mark.parametrize("methods, names", [
-    (("imcl", "logistic"), ("IMCL", "Logistic")),
-    (("logistic", "logistic"), ("Logistic", "Logistic (control)")),
-    ((None, None), ("model", "baseline")),  # runs written before the method was recorded
+@pytest.mark.parametrize("methods, names, baseline_name", [
+    (("imcl", "logistic"), ("IMCL", "Logistic"), None),
+    (("logistic", "logistic"), ("Logistic", "Logistic (control)"), None),
+    ((None, None), ("model", "baseline"), None),  # runs written before the method was recorded
+    # A logistic baseline trained on for the run's extra steps is the control, when told so.
+    (("imcl", "logistic"), ("IMCL", "Logistic (control)"), "Logistic (control)"),
 ])
-def test_frequency_chart_names_the_real_methods(setup, tmp_path, monkeypatch, methods, names):
+def test_frequency_chart_names_the_real_methods(setup, tmp_path, monkeypatch, methods, names,
+                                                baseline_name):
     runs = []
     for index, method in enumerate(methods):
         run_dir = str(tmp_path / f"run{index}")
@@ -327,7 +330,8 @@ def test_frequency_chart_names_the_real_methods(setup, tmp_path, monkeypatch, me
 
     monkeypatch.setattr(metrics, "plot_frequency_groups", watched_plot)
     evaluate.evaluate_model_dir(runs[0], setup["data_dir"], baseline_model_dir=runs[1],
-                                output_dir=str(tmp_path / "eval"), batch_size=16)
+                                output_dir=str(tmp_path / "eval"), batch_size=16,
+                                baseline_name=baseline_name)
     assert drawn == [names]
 
 
