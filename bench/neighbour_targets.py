@@ -10,7 +10,9 @@ classes of the AP on the training entries that are unknown to training, for
 - the model's own prediction sigma_c(z);
 - the IMCL reconstruction, exactly as the training step forms it (label states, graph, joint
   nonnegative OMP with the given k, dictionary and lambdas, the query itself excluded);
-- the reconstruction divided by sum_s c_s (a convex version);
+- the reconstruction divided by sum_s c_s (a convex version), alone and averaged with the model's
+  own label state (the two that the label loss pulls together: the target adds information only
+  if the average beats the model alone);
 - the fraction of known positives among the image's n nearest training images in feature space
   (cosine), a plain kNN label propagation, alone and averaged with the model's probability.
 
@@ -115,8 +117,12 @@ def main(argv=None) -> int:
                            f"{graph_name} graph, lambda_f {lambda_f:g}; sum c = "
                            f"{float(total.mean()):.2f}")
                 rows.append(("IMCL reconstruction", setting, hidden_map(target)))
-                rows.append(("IMCL reconstruction / sum c", setting,
-                             hidden_map(target / np.maximum(total, 1e-6))))
+                convex = target / np.maximum(total, 1e-6)
+                rows.append(("IMCL reconstruction / sum c", setting, hidden_map(convex)))
+                # What the label loss moves an unknown state towards: the model's own state and
+                # the reconstruction together. Above the model alone, the target adds something.
+                rows.append(("mean of the model's state and the reconstruction / sum c", setting,
+                             hidden_map(0.5 * predicted + 0.5 * convex)))
     unit = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
     similarity = unit @ unit.T
     np.fill_diagonal(similarity, -np.inf)

@@ -72,6 +72,7 @@ def test_quick_quality_run_writes_table_plot_and_cached_results(tmp_path):
     assert diagnose.returncode == 0, diagnose.stderr[-3000:]
     text = report.read_text()
     assert "model prediction" in text and "IMCL reconstruction" in text and "kNN" in text
+    assert "| mean of the model's state and the reconstruction / sum c |" in text
     # More kNN neighbours than training images is an error, not a silently missing row.
     too_many = subprocess.run(
         [sys.executable, os.path.join(ROOT, "bench", "neighbour_targets.py"), "--model_dir",
