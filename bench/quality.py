@@ -269,29 +269,40 @@ def _partial_dir(args, full_dir, protocol, ratio, seed) -> str:
 
 def _train_baseline(args, full_dir, protocol, ratio, seed, base) -> str:
     """The logistic run of a ratio and seed (shared by every variant); cached. Returns its dir."""
-    from imcl_tf.training.config import TrainConfig
     data_dir = _partial_dir(args, full_dir, protocol, ratio, seed)
-    tag = cell_tag(protocol, ratio, seed)
-    logistic_dir = os.path.join(args.out, "runs", tag, "logistic")
-    _reuse_or_train(TrainConfig(
-        data_dir=data_dir, model_dir=logistic_dir, method="logistic", seed=seed,
-        train_steps=args.logistic_steps, eval_every=args.eval_every, **base),
-        "the baselines are shared by every variant: use another --out")
-    return logistic_dir
+    config = _baseline_config(args, cell_tag(protocol, ratio, seed), data_dir, seed, base)
+    _reuse_or_train(config, BASELINE_REMEDY)
+    return config.model_dir
 
 
 def _train_control(args, full_dir, protocol, ratio, seed, base) -> str:
     """The control of a ratio and seed: the baseline trained for as many extra steps as IMCL gets,
     so that a gain cannot come from the extra steps alone; cached. Returns its dir."""
-    from imcl_tf.training.config import TrainConfig
     data_dir = _partial_dir(args, full_dir, protocol, ratio, seed)
-    logistic_dir = _train_baseline(args, full_dir, protocol, ratio, seed, base)
-    control_dir = os.path.join(args.out, "runs", cell_tag(protocol, ratio, seed), "logistic_extra")
-    _reuse_or_train(TrainConfig(
-        data_dir=data_dir, model_dir=control_dir, method="logistic", seed=seed,
-        warm_start=logistic_dir, train_steps=args.imcl_steps, eval_every=args.eval_every, **base),
-        "the controls are shared by every variant: use another --out")
-    return control_dir
+    _train_baseline(args, full_dir, protocol, ratio, seed, base)
+    config = _control_config(args, cell_tag(protocol, ratio, seed), data_dir, seed, base)
+    _reuse_or_train(config, CONTROL_REMEDY)
+    return config.model_dir
+
+
+BASELINE_REMEDY = "the baselines are shared by every variant: use another --out"
+CONTROL_REMEDY = "the controls are shared by every variant: use another --out"
+
+
+def _baseline_config(args, tag, data_dir, seed, base):
+    from imcl_tf.training.config import TrainConfig
+    return TrainConfig(data_dir=data_dir, model_dir=os.path.join(args.out, "runs", tag, "logistic"),
+                       method="logistic", seed=seed, train_steps=args.logistic_steps,
+                       eval_every=args.eval_every, **base)
+
+
+def _control_config(args, tag, data_dir, seed, base):
+    from imcl_tf.training.config import TrainConfig
+    return TrainConfig(data_dir=data_dir,
+                       model_dir=os.path.join(args.out, "runs", tag, "logistic_extra"),
+                       method="logistic", seed=seed,
+                       warm_start=os.path.join(args.out, "runs", tag, "logistic"),
+                       train_steps=args.imcl_steps, eval_every=args.eval_every, **base)
 
 
 def _select(args, full_dir, ratios, seeds, base, imcl_only):
@@ -390,19 +401,25 @@ def _run_pair(args, full_dir, results, variant, ratio, seed, base, imcl_only):
     from imcl_tf.training.trainer import run
     imcl_only = dict(imcl_only)
     protocol = imcl_only.pop("_protocol", "uniform")
-    data_dir = _partial_dir(args, full_dir, protocol, ratio, seed)
     tag = cell_tag(protocol, ratio, seed)
-    logistic_dir = _train_baseline(args, full_dir, protocol, ratio, seed, base)
-    control_dir = _train_control(args, full_dir, protocol, ratio, seed, base)
+    data_dir = os.path.join(args.out, "data", tag)  # _partial_dir's folder
     imcl_dir = os.path.join(args.out, "runs", tag, "imcl_" + _slug(variant))
     imcl_config = TrainConfig(
-        data_dir=data_dir, model_dir=imcl_dir, method="imcl", seed=seed, warm_start=logistic_dir,
-        train_steps=args.imcl_steps, eval_every=args.eval_every, **{**base, **imcl_only})
+        data_dir=data_dir, model_dir=imcl_dir, method="imcl", seed=seed,
+        warm_start=os.path.join(args.out, "runs", tag, "logistic"), train_steps=args.imcl_steps,
+        eval_every=args.eval_every, **{**base, **imcl_only})
     key = f"{variant}|{ratio}|{seed}"
-    if key in results:
-        _check_same_options(imcl_dir, imcl_config, f"give this setting another --variant "
-                                                   f"than {variant!r}, or use another --out")
+    if key in results:  # reused without training anything, once its runs' options are checked
+        for config, remedy in (
+                (_baseline_config(args, tag, data_dir, seed, base), BASELINE_REMEDY),
+                (_control_config(args, tag, data_dir, seed, base), CONTROL_REMEDY),
+                (imcl_config, f"give this setting another --variant than {variant!r}, or use "
+                              "another --out")):
+            _check_same_options(config.model_dir, config, remedy)
         return results[key]
+    _partial_dir(args, full_dir, protocol, ratio, seed)
+    logistic_dir = _train_baseline(args, full_dir, protocol, ratio, seed, base)
+    control_dir = _train_control(args, full_dir, protocol, ratio, seed, base)
     # No result row, so an IMCL run folder here is a leftover of an interrupted run.
     _completed_or_cleared(imcl_dir)
     t0 = time.time()
