@@ -77,6 +77,10 @@ def main(argv=None) -> int:
         raise SystemExit(f"neighbour_targets: {len(missing)} training ids of {args.data_dir} are "
                          f"not in {full_dir}; is it the right source?")
     full_labels = full_labels[[row_of[int(i)] for i in ids]]
+    if max(knn_sizes) >= len(inputs):
+        raise SystemExit(f"neighbour_targets: --knn {args.knn} asks for {max(knn_sizes)} "
+                         f"neighbours, but the training split has only {len(inputs)} images "
+                         "(the image itself excluded); give smaller sizes.")
     # Score only the entries training never saw; their true value comes from the full labels.
     hidden = np.where(labels == 0, full_labels, 0.0)
     if not (hidden != 0).any():
@@ -128,10 +132,6 @@ def main(argv=None) -> int:
     np.fill_diagonal(similarity, -np.inf)
     probability = tf.sigmoid(logits).numpy()
     base_rate = float((labels > 0).sum() / max((labels != 0).sum(), 1))
-    if max(knn_sizes) >= len(features):
-        raise SystemExit(f"neighbour_targets: --knn {args.knn} asks for {max(knn_sizes)} "
-                         f"neighbours, but the training split has only {len(features)} images "
-                         "(the image itself excluded); give smaller sizes.")
     for n in knn_sizes:
         nearest = np.argsort(-similarity, axis=1)[:, :n]
         neighbour_labels = labels[nearest]  # [N, n, L]
