@@ -285,8 +285,8 @@ def _train_control(args, full_dir, protocol, ratio, seed, base) -> str:
     return config.model_dir
 
 
-BASELINE_REMEDY = "the baselines are shared by every variant: use another --out"
-CONTROL_REMEDY = "the controls are shared by every variant: use another --out"
+BASELINE_REMEDY = "use another --out (the baselines are shared by every variant)"
+CONTROL_REMEDY = "use another --out (the controls are shared by every variant)"
 
 
 def _baseline_config(args, tag, data_dir, seed, base):
@@ -587,8 +587,7 @@ def _write_ablation_report(args, results, seeds):
         lo = np.array([100 * r["logistic_extra"]["mAP"] for r in rows])
         im = np.array([100 * r["imcl"]["mAP"] for r in rows])
         d = im - lo
-        name = ("default (cached, k=3, co-occurrence, learned)" if variant == "main" else
-                variant)
+        name = "default (cached, k=3, co-occurrence, learned)" if variant == "main" else variant
         lines.append(f"| {name} | {lo.mean():.2f} | {im.mean():.2f} | {d.mean():+.2f} ± "
                      f"{d.std():.2f} |")
     table = "\n".join(lines)

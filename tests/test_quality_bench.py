@@ -86,11 +86,7 @@ def test_quick_quality_run_writes_table_plot_and_cached_results(tmp_path):
 
 def test_other_sizes_in_an_existing_output_folder_are_refused(tmp_path):
     out = tmp_path / "quality"
-    sys.path.insert(0, os.path.join(ROOT, "bench"))
-    try:
-        import quality
-    finally:
-        sys.path.pop(0)
+    quality = _quality_module()
     from tfrecords_tools import fashion_scenes
     fashion_scenes.build(str(out / "data" / "full"), seed=1234, num_shards=1,
                          num_examples={"train": 8, "val": 4, "test": 4})
@@ -167,6 +163,7 @@ def test_quick_transfer_regime_fixed_features_end_to_end(tmp_path):
 
 
 def _quality_module():
+    """bench/quality.py as a module (bench/ is not a package)."""
     sys.path.insert(0, os.path.join(ROOT, "bench"))
     try:
         import quality
@@ -203,11 +200,7 @@ def test_a_variant_name_that_clashes_or_has_no_letters_is_a_usage_error(tmp_path
 
 
 def test_transfer_pretrained_weights_must_follow_the_protocol(tmp_path):
-    sys.path.insert(0, os.path.join(ROOT, "bench"))
-    try:
-        import quality
-    finally:
-        sys.path.pop(0)
+    quality = _quality_module()
     weights = tmp_path / "w.weights.h5"
     weights.write_bytes(b"")
     args = quality.argparse.Namespace(
