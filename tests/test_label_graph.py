@@ -198,6 +198,34 @@ def _numpy_support(graph):
     return rows, columns
 
 
+@pytest.mark.parametrize("kind", ["sparse", "dense", "diagonal", "identity"])
+def test_label_graph_constant_product_matches_the_layer_without_gradient(rng, monkeypatch, kind):
+    import imcl_tf.label_graph as label_graph_lib
+    monkeypatch.setattr(label_graph_lib, "DENSE_PRODUCT_RATIO", 10**6 if kind == "dense" else 0)
+    if kind in ("sparse", "dense"):
+        graph = normalize_graph(sparse_nonnegative(rng, 7) + np.eye(7))
+    elif kind == "diagonal":
+        graph = np.diag(rng.random(7) + 0.5).astype(np.float32)
+    else:
+        graph = np.eye(7, dtype=np.float32)
+    layer = LabelGraph(graph, learnable=kind != "identity")
+    assert layer.structure == {"sparse": "general", "dense": "general", "diagonal": "diagonal",
+                               "identity": "identity"}[kind]
+    for values in (layer.trainable_weights if kind != "identity" else []):  # trained-looking
+        values.assign(values + 0.1 * rng.random(values.shape).astype(np.float32))
+    matrix = layer.matrix.numpy()
+    states = tf.constant(rng.normal(size=(2, 5, 7)).astype(np.float32))
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(states)
+        product = layer.constant_product(states)
+    np.testing.assert_allclose(product.numpy(), states.numpy() @ matrix, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(product.numpy(), layer(states).numpy(), rtol=1e-5, atol=1e-6)
+    assert tape.gradient(product, states) is None
+    assert all(tape.gradient(product, v) is None for v in layer.trainable_weights)
+    in_graph = tf.function(layer.constant_product)(states)  # as the step runs it
+    np.testing.assert_allclose(in_graph.numpy(), states.numpy() @ matrix, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("product", ["sparse", "dense"])
 def test_label_graph_call_is_row_vector_product_on_either_path(rng, monkeypatch, product):
     import imcl_tf.label_graph as label_graph_lib

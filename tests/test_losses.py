@@ -193,6 +193,33 @@ def test_atom_label_states_with_a_label_graph_layer_sends_gradient_to_its_suppor
     assert np.any(gradient != 0)
 
 
+@pytest.mark.parametrize("jit_compile", [True, False])
+def test_bank_atom_label_states_match_reference_without_gradient(rng, jit_compile):
+    num_labels, c = 9, 2.0
+    labels = random_labels(rng, (6, num_labels)).astype(np.int8)  # a bank's int8 rows
+    logits = rng.normal(scale=3.0, size=(6, num_labels)).astype(np.float32)
+    raw = rng.random((num_labels, num_labels)) * (rng.random((num_labels, num_labels)) < 0.4)
+    graph = normalize_graph(raw + np.eye(num_labels))
+    unknown = 1.0 - np.abs(labels)
+    observed = np.clip(labels, -1.0 / c, 10)
+    for given, matrix in ((None, np.eye(num_labels)), (graph, graph),
+                          (LabelGraph(graph).constant_product, graph)):
+        expected = unknown * (reference_asym_tanh(logits, c) @ matrix) + observed
+        logits_tensor = tf.constant(logits)
+        with tf.GradientTape() as tape:
+            tape.watch(logits_tensor)
+            got = losses.bank_atom_label_states(logits_tensor, labels, given, c,
+                                                jit_compile=jit_compile)
+        np.testing.assert_allclose(got.numpy(), expected, atol=1e-6)
+        assert tape.gradient(got, logits_tensor) is None
+    # Inside a tf.function, as the step calls it.
+    fused = tf.function(lambda z, l: losses.bank_atom_label_states(z, l, graph, c,
+                                                                   jit_compile=jit_compile))
+    np.testing.assert_allclose(fused(logits, labels).numpy(),
+                               unknown * (reference_asym_tanh(logits, c) @ graph) + observed,
+                               atol=1e-6)
+
+
 def test_label_states_reject_bad_values_and_shapes():
     with pytest.raises(tf.errors.InvalidArgumentError, match="query_label_states: labels must be"):
         losses.query_label_states([[0.0, 0.0]], [[0.5, 0.0]], 2.0)

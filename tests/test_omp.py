@@ -324,6 +324,41 @@ def test_unknown_batch_size_in_a_graph(rng):
         graph_omp(problem[0], bad_f, problem[2], problem[3], exclude)
 
 
+def test_check_atoms_false_skips_only_the_atoms_check(rng):
+    """In a graph the atoms' finiteness check is a pass over the dictionary; check_atoms=False
+    skips it (the result on finite atoms is unchanged) and still checks the queries."""
+    problem = random_problem(rng, 5, 30, 6, 8)
+
+    @tf.function
+    def graph_omp(query_y, query_f, atoms_y, atoms_f, check_atoms):
+        return joint_nonnegative_omp(query_y, query_f, atoms_y, atoms_f, 3,
+                                     check_atoms=check_atoms)
+
+    assert_matches_reference(graph_omp(*problem, False), problem, 3)
+    bad_atoms = problem[2].copy()
+    bad_atoms[4, 1] = np.inf
+    with pytest.raises(tf.errors.InvalidArgumentError, match="atoms_y contains non-finite"):
+        graph_omp(problem[0], problem[1], bad_atoms, problem[3], True)
+    # Unchecked, the non-finite atom is never chosen: the same as excluding it for everyone.
+    exclude = np.zeros((5, 30), bool)
+    exclude[:, 4] = True
+    expected = joint_nonnegative_omp(*problem, 3, exclude=exclude)
+    for jit_compile in (False, True):
+        got = joint_nonnegative_omp(*[tf.constant(x) for x in (problem[0], problem[1],
+                                                               bad_atoms, problem[3])], 3,
+                                    check_atoms=False, jit_compile=jit_compile)
+        np.testing.assert_array_equal(got.valid, expected.valid)
+        np.testing.assert_array_equal(np.where(got.valid, got.indices, -1),
+                                      np.where(expected.valid, expected.indices, -1))
+        np.testing.assert_allclose(got.coef_y, expected.coef_y, rtol=1e-5, atol=1e-6)
+    graph_result = graph_omp(problem[0], problem[1], bad_atoms, problem[3], False)
+    np.testing.assert_array_equal(graph_result.valid, expected.valid)
+    bad_query = problem[0].copy()
+    bad_query[0, 0] = np.nan
+    with pytest.raises(tf.errors.InvalidArgumentError, match="query_y contains non-finite"):
+        graph_omp(bad_query, problem[1], problem[2], problem[3], False)
+
+
 def test_outputs_carry_no_gradient(rng):
     problem = [tf.constant(x) for x in random_problem(rng, 3, 20, 5, 7)]
     lambda_y = tf.Variable(0.7)

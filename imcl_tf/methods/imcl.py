@@ -65,8 +65,9 @@ class IMCL(Method):
         fitted, so there is nothing to refit. The official code's "official_pool_rerun" (a
         second OMP over the union of the batch's neighbours) is not implemented.
       feature_loss: add lambda_f * L_f to the loss (the feature side always drives selection).
-      omp_jit_compile: run the OMP XLA-compiled inside the step (docs/architecture.md);
-        False runs it as ordinary TensorFlow ops (a fallback where XLA is unavailable).
+      omp_jit_compile: run the OMP XLA-compiled inside the step (docs/architecture.md), and
+        fuse the elementwise work of the atoms' selection label states with XLA; False runs
+        both as ordinary TensorFlow ops (a fallback where XLA is unavailable).
       label_state_refresh_every: recompute the atoms' selection label states (the classifier
         and graph over all M bank atoms, 2 M D L multiply-adds) every this many steps and reuse
         them in between; 1 (the default) recomputes them every step, which is exact. Larger
@@ -342,7 +343,12 @@ class IMCL(Method):
             exclude=self.bank.exclusion_mask(ids), jit_compile=self.omp_jit_compile,
             score_threshold=self.omp_score_threshold, balance_scores=self.omp_balance_scores,
             atoms_y_sq_norms=self._atom_states.value[2].read_value(),
-            atoms_f_sq_norms=self._atom_states.value[3].read_value(), atoms_f_constant=1.0)
+            atoms_f_sq_norms=self._atom_states.value[3].read_value(), atoms_f_constant=1.0,
+            # The atoms are finite whenever the queries are (checked): the bank's inputs were
+            # checked when it was filled, its features and states come from the same network
+            # as the queries', and a label state is bounded for any finite or infinite logit.
+            # Checking them would be a pass over the whole bank at every step.
+            check_atoms=False)
         indices = tf.maximum(omp.indices, 0)  # invalid slots are masked by `valid` below
         coef_y, coef_f = omp.coef_y, omp.coef_f
         batch = tf.shape(indices)[0]
@@ -424,10 +430,11 @@ class IMCL(Method):
             # about 3 [M, L] float32 arrays at the peak).
             with tf.control_dependencies(done):
                 features = tf.identity(self.bank.features_value()[start:end])  # [c, D]
-                rows = tf.cast(self.bank.labels_value()[start:end], tf.float32)  # [c, L (+ C)]
+                rows = self.bank.labels_value()[start:end]  # [c, L (+ C)] int8, checked
             logits = self.owner().head(features)  # [c, L]
-            values = tf.stop_gradient(self._with_class_states(losses.atom_label_states(
-                logits, rows[:, :self.num_classes], self.label_graph, self.asym_c), rows))
+            values = tf.stop_gradient(self._with_class_states(losses.bank_atom_label_states(
+                logits, rows[:, :self.num_classes], self.label_graph.constant_product,
+                self.asym_c, jit_compile=self.omp_jit_compile), rows))
             # Squared norms of the states and of the features with their bias coordinate.
             parts = (values, tf.reduce_sum(tf.square(values), 1),
                      tf.reduce_sum(tf.square(features), 1) + 1.0)

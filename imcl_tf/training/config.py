@@ -86,8 +86,10 @@ class TrainConfig:
     label_state_refresh_every: int = _field(1, "Recompute the bank atoms' label states that the "
                                                "OMP selects with (classifier + graph over all "
                                                "atoms) every this many steps; 1 is exact.")
-    omp_jit_compile: bool = _field(True, "Run the OMP XLA-compiled inside the step (false: "
-                                         "plain TensorFlow ops, where XLA is unavailable).")
+    omp_jit_compile: bool = _field(True, "Run the OMP, and the elementwise work of the "
+                                         "bank atoms' label states, XLA-compiled inside the "
+                                         "step (false: plain TensorFlow ops, where XLA is "
+                                         "unavailable).")
     neighbour_mode: str = _field("cached", "cached: neighbour features from the bank; forward: "
                                            "neighbours re-run through the backbone.",
                                  option_choices.NEIGHBOUR_MODES)
