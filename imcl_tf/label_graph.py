@@ -291,7 +291,7 @@ class LabelGraph(keras.layers.Layer):
         every bank atom at every step. A general sparse graph is multiplied there by a CSR product
         of G^T (`tf.raw_ops.SparseMatrixMatMul`), about 3 times faster on CPU than the layer's
         `sparse_dense_matmul`, which is kept for calls that need gradients (bench/results/scale.md,
-        "The label graph's product"). Other structures take the layer's own product.
+        "The selection pass"). Other structures take the layer's own product.
         """
         states = tf.stop_gradient(tf.cast(states, tf.float32))
         if self.structure != "general" or self.dense_product:

@@ -144,7 +144,7 @@ def bank_atom_label_states(logits, labels, graph, asym_c, a_max: float = 10.0,
     the bank checked its rows when it was filled (`memory.DictionaryBank`), so they are not
     checked again here, and the elementwise work before and after the graph product is fused by
     XLA when jit_compile is True (on CPU about 4 times faster than the separate operations at
-    [3,355, 5,000]; bench/results/scale.md, "The selection states"). No gradient flows.
+    [3,355, 5,000]; bench/results/scale.md, "The selection pass"). No gradient flows.
 
     Args:
       logits: [N, L] logits of the atoms.
