@@ -25,6 +25,11 @@ import statistics
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# OpenBLAS's idle worker threads spin for about 2^28 cycles after each NumPy call, taking cores
+# from whatever runs next: on the idle 2-core VM the XLA OMP timed right after the NumPy loop took
+# 0.133-0.141 s per batch instead of 0.093-0.096 s (2026-12-04, bench/results/omp.md). 2^4 cycles
+# lets them sleep at once; NumPy keeps its threads (read before NumPy loads OpenBLAS).
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
