@@ -153,7 +153,9 @@ def bank_atom_label_states(logits, labels, graph, asym_c, a_max: float = 10.0,
       jit_compile: fuse with XLA; False runs the same operations unfused.
     """
     c = _checked_asymmetry("bank_atom_label_states", asym_c)
-    logits = tf.stop_gradient(tf.cast(logits, tf.float32))
+    logits = tf.stop_gradient(tf.cast(tf.convert_to_tensor(logits), tf.float32))
+    labels = tf.convert_to_tensor(labels)
+    _check_same_shape("bank_atom_label_states", "labels", labels, "logits", logits)
     predict = _fused_asym_tanh if jit_compile else _asym_tanh_value
     overwrite = _fused_observed_overwrite if jit_compile else _observed_overwrite
     predicted = predict(logits, c)

@@ -218,6 +218,11 @@ def test_bank_atom_label_states_match_reference_without_gradient(rng, jit_compil
     np.testing.assert_allclose(fused(logits, labels).numpy(),
                                unknown * (reference_asym_tanh(logits, c) @ graph) + observed,
                                atol=1e-6)
+    with pytest.raises(ValueError, match="bank_atom_label_states: labels and logits must have "
+                                         "the same shape"):
+        losses.bank_atom_label_states(logits, labels[:, :-1], None, c, jit_compile=jit_compile)
+    with pytest.raises(ValueError, match="asymmetry c must be a finite number >= 1"):
+        losses.bank_atom_label_states(logits, labels, None, 0.5, jit_compile=jit_compile)
 
 
 def test_label_states_reject_bad_values_and_shapes():
